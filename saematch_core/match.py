@@ -1,0 +1,514 @@
+"""The one entry point for matching the features of two SAEs (the paper's SAE Match).
+
+``match(a, b, config)`` folds both SAEs (JumpReLU only), builds one vector per feature from the
+chosen parameters (encoder column, decoder row, encoder bias), and solves the linear assignment
+problem that minimises the summed squared distance (or cosine distance) between matched features.
+Because ``‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩`` and the norms do not depend on the assignment, the
+solvers see the inner-product form and maximise ``Σ ⟨a_i, b_P(i)⟩``; the per-pair costs reported in
+:class:`MatchResult` are recomputed directly in float64 from the matched vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+from saematch_core.cost import (
+    DEFAULT_PARAMS,
+    DTYPES,
+    PARAMS,
+    feature_vectors,
+    normalize_rows,
+    pair_costs,
+    resolve_device,
+)
+from saematch_core.errors import SAEValidationError
+from saematch_core.lap import solve
+from saematch_core.sae import SAE
+
+__all__ = ["MATCH_RESULT_KIND", "MATCH_SCHEMA_VERSION", "MatchConfig", "MatchResult", "match"]
+
+logger = logging.getLogger(__name__)
+
+MATCH_RESULT_KIND = "match_result"
+"""Value of the ``kind`` key in a :class:`MatchResult` JSON file."""
+MATCH_SCHEMA_VERSION = 1
+"""Version of the :class:`MatchResult` JSON / safetensors-metadata layout."""
+
+Metric = Literal["mse", "cosine"]
+Solver = Literal["scipy", "sparse", "greedy", "identity"]
+_METRICS: tuple[str, ...] = get_args(Metric)
+_SOLVERS: tuple[str, ...] = get_args(Solver)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatchConfig:
+    """How to match two SAEs. Every default runs on CPU and follows the paper.
+
+    Examples
+    --------
+    >>> MatchConfig(params=("W_dec",), metric="cosine").to_dict()["params"]
+    ['W_dec']
+    >>> MatchConfig.from_dict({"solver": "greedy"}).solver
+    'greedy'
+    """
+
+    params: tuple[str, ...] = DEFAULT_PARAMS
+    """Which parameters form each feature's vector, concatenated in this order: any non-empty subset of
+    ``("W_enc", "W_dec", "b_enc")`` (encoder column ``W_enc[:, i]``, decoder row ``W_dec[i]``, bias
+    ``b_enc[i]``). The paper's default is all three, folded."""
+    metric: Metric = "mse"
+    """``"mse"``: per-pair cost is the mean squared difference over the concatenated vector (length D);
+    ``"cosine"``: per-pair cost is ``1 − cos(a_i, b_j)``; a feature whose vector is all zeros has no
+    direction and raises an error."""
+    fold: bool = True
+    """Fold JumpReLU thresholds into the weights before matching (paper Eq. 4). Folding is only defined
+    for JumpReLU: ReLU/TopK SAEs are used as they are, which :attr:`MatchResult.folded` records."""
+    solver: Solver = "scipy"
+    """``"scipy"``: exact, ``scipy.optimize.linear_sum_assignment`` on the dense float64 score matrix
+    (the reference; needs F_A × F_B × 8 bytes of host memory, 34 GB at F = 65536). ``"sparse"``: exact,
+    certified sparse solver (``saematch_core.lap_sparse``) that never holds the dense matrix.
+    ``"greedy"``: every feature of A takes its best partner in B under :attr:`metric`; several A features
+    may share one partner, so the result is a mapping, not a permutation (Feature Flow is
+    ``params=("W_dec",), metric="cosine", fold=False, solver="greedy"``). ``"identity"``: feature i ↔ i
+    (the unmatched, "vanilla" baseline)."""
+    device: str | None = None
+    """Where the cost algebra runs: ``None`` (the device of SAE ``a``), ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"``, or ``"auto"`` (CUDA when available, else CPU). Asking for CUDA without it is an error."""
+    dtype: str = "float32"
+    """Floating dtype of the feature vectors and score chunks: ``"float32"``, ``"float64"``,
+    ``"float16"`` or ``"bfloat16"``. The scipy solver always works in float64 on the host, and reported
+    per-pair costs are always recomputed in float64 from the parameters in at least their own precision
+    (half-precision settings only affect the search)."""
+    chunk_size: int = 4096
+    """Rows of the score matrix computed at once (memory ~ chunk_size × F_B × itemsize)."""
+    sparse_k: int = 8
+    """Initial number of candidate partners per feature; used only by the ``"sparse"`` solver."""
+
+    def __post_init__(self) -> None:
+        params = self.params
+        if isinstance(params, str) or not isinstance(params, (tuple, list)):
+            raise TypeError(
+                f"MatchConfig.params: expected a tuple of names from {list(PARAMS)}, got {params!r}"
+            )
+        params = tuple(params)
+        bad = [p for p in params if p not in PARAMS]
+        if not params or bad:
+            raise ValueError(
+                f"MatchConfig.params: expected a non-empty subset of {list(PARAMS)}, got {list(params)}"
+            )
+        if len(set(params)) != len(params):
+            raise ValueError(f"MatchConfig.params: expected no duplicates, got {list(params)}")
+        object.__setattr__(self, "params", params)
+        if self.metric not in _METRICS:
+            raise ValueError(f"MatchConfig.metric: expected one of {list(_METRICS)}, got {self.metric!r}")
+        if not isinstance(self.fold, bool):
+            raise TypeError(f"MatchConfig.fold: expected a bool, got {self.fold!r}")
+        if self.solver not in _SOLVERS:
+            raise ValueError(f"MatchConfig.solver: expected one of {list(_SOLVERS)}, got {self.solver!r}")
+        if self.device is not None:
+            if not isinstance(self.device, str):
+                raise TypeError(
+                    f"MatchConfig.device: expected a str or None, got {type(self.device).__name__}"
+                )
+            if self.device != "auto":
+                try:
+                    torch.device(self.device)
+                except (RuntimeError, ValueError) as exc:
+                    raise ValueError(
+                        f"MatchConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+                    ) from exc
+        if self.dtype not in DTYPES:
+            raise ValueError(f"MatchConfig.dtype: expected one of {list(DTYPES)}, got {self.dtype!r}")
+        for name in ("chunk_size", "sparse_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MatchConfig.{name}: expected an int >= 1, got {value!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """:attr:`dtype` as a ``torch.dtype``."""
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``params`` as a list)."""
+        out = asdict(self)
+        out["params"] = list(self.params)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MatchConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"MatchConfig: expected a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MatchConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        kwargs = dict(data)
+        if "params" in kwargs and isinstance(kwargs["params"], list):
+            kwargs["params"] = tuple(kwargs["params"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class MatchResult:
+    """The matching of SAE A's features to SAE B's features.
+
+    Semantics for different widths (``F_A ≠ F_B``): every feature of the smaller side gets a distinct
+    partner on the larger side (exact solvers and ``"identity"``); the extra features of the larger side
+    stay unmatched. When A is the larger side, its unmatched features have ``perm == -1`` and
+    ``cost == nan``. For ``"greedy"`` every feature of A gets a partner and partners may repeat.
+    """
+
+    perm: Tensor
+    """LongTensor, shape (F_A,): feature ``i`` of A ↔ feature ``perm[i]`` of B; ``-1`` where unmatched."""
+    cost: Tensor
+    """Float64 tensor, shape (F_A,): per-pair cost under :attr:`MatchConfig.metric` (MSE: mean squared
+    difference over the concatenated vector; cosine: ``1 − cos``), ``nan`` where unmatched."""
+    total_cost: float
+    """Sum of :attr:`cost` over matched pairs (float64)."""
+    solver: str
+    """Name of the solver that produced :attr:`perm`."""
+    is_permutation: bool
+    """True when no feature of B is used twice (a one-to-one, possibly partial, matching). Exact solvers
+    and ``"identity"`` always give True; ``"greedy"`` usually False."""
+    shape: tuple[int, int]
+    """``(F_A, F_B)``."""
+    timings: Mapping[str, float] = field(default_factory=dict)
+    """Wall-clock seconds per stage: ``vectors`` (folding included), ``solve``, ``rescore``, ``total``."""
+    config: MatchConfig = field(default_factory=MatchConfig)
+    """The configuration that produced this result."""
+    folded: tuple[bool, bool] = (False, False)
+    """Whether A and B were folded (False for non-JumpReLU SAEs or ``fold=False``)."""
+    info: Mapping[str, float] = field(default_factory=dict)
+    """Solver diagnostics (e.g. ``max_violation``, ``rounds``, ``n_candidates`` of the sparse solver)."""
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Unique id of the run that produced this result."""
+    created_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    """Creation time, milliseconds since the epoch."""
+
+    def __post_init__(self) -> None:
+        f_a, f_b = (int(s) for s in self.shape)
+        object.__setattr__(self, "shape", (f_a, f_b))
+        if not isinstance(self.perm, Tensor) or self.perm.dtype != torch.long or self.perm.shape != (f_a,):
+            raise ValueError(
+                f"MatchResult.perm: expected a LongTensor of shape ({f_a},), got {_describe(self.perm)}"
+            )
+        if not isinstance(self.cost, Tensor) or self.cost.dtype != torch.float64 or self.cost.shape != (f_a,):
+            raise ValueError(
+                f"MatchResult.cost: expected a float64 tensor of shape ({f_a},), got {_describe(self.cost)}"
+            )
+        if f_a and (int(self.perm.min()) < -1 or int(self.perm.max()) >= f_b):
+            raise ValueError(f"MatchResult.perm: expected entries in [-1, {f_b}), got values outside")
+        object.__setattr__(self, "timings", {str(k): float(v) for k, v in self.timings.items()})
+        object.__setattr__(self, "info", {str(k): float(v) for k, v in self.info.items()})
+        object.__setattr__(self, "folded", (bool(self.folded[0]), bool(self.folded[1])))
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def n_matched(self) -> int:
+        """Number of features of A with a partner."""
+        return int((self.perm >= 0).sum())
+
+    @property
+    def mean_cost(self) -> float:
+        """Mean per-pair cost over matched pairs (``nan`` when nothing is matched)."""
+        n = self.n_matched
+        return self.total_cost / n if n else math.nan
+
+    def metrics(self) -> dict[str, float]:
+        """Flat ``str → float`` summary used in the JSON file."""
+        out = {
+            "total_cost": float(self.total_cost),
+            "mean_cost": float(self.mean_cost),
+            "n_matched": float(self.n_matched),
+        }
+        out.update({f"time_{k}_s": v for k, v in self.timings.items()})
+        out.update({f"solver_{k}": v for k, v in self.info.items()})
+        return out
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self, *, git_commit: str | None = None) -> dict[str, Any]:
+        """The JSON layout of STYLE.md; ``details`` lists the matched pairs ``{a, b, cost}`` only."""
+        matched = (self.perm >= 0).nonzero().flatten().tolist()
+        perm, cost = self.perm.tolist(), self.cost.tolist()
+        return {
+            "kind": MATCH_RESULT_KIND,
+            "schema_version": MATCH_SCHEMA_VERSION,
+            "saematch_version": _saematch_version(),
+            "git_commit": git_commit,
+            "git_commit_reason": None if git_commit else "not provided by the caller",
+            "run_id": self.run_id,
+            "created_ms": self.created_ms,
+            "config": self.config.to_dict(),
+            "solver": self.solver,
+            "shape": list(self.shape),
+            "is_permutation": self.is_permutation,
+            "folded": list(self.folded),
+            "timings": dict(self.timings),
+            "info": dict(self.info),
+            "metrics": {k: (None if math.isnan(v) else v) for k, v in self.metrics().items()},
+            "details": [{"a": i, "b": perm[i], "cost": cost[i]} for i in matched],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "MatchResult") -> MatchResult:
+        """Inverse of :meth:`to_dict`. ``source`` names the file in error messages."""
+        if data.get("kind") != MATCH_RESULT_KIND:
+            raise ValueError(f"{source}: expected kind {MATCH_RESULT_KIND!r}, got {data.get('kind')!r}")
+        if data.get("schema_version") != MATCH_SCHEMA_VERSION:
+            got = data.get("schema_version")
+            raise ValueError(f"{source}: expected schema_version {MATCH_SCHEMA_VERSION}, got {got!r}")
+        try:
+            f_a, f_b = (int(s) for s in data["shape"])
+            perm = torch.full((f_a,), -1, dtype=torch.long)
+            cost = torch.full((f_a,), math.nan, dtype=torch.float64)
+            for rec in data.get("details", []):
+                perm[int(rec["a"])] = int(rec["b"])
+                cost[int(rec["a"])] = float(rec["cost"])
+            return cls(
+                perm=perm,
+                cost=cost,
+                total_cost=float(data["metrics"]["total_cost"]),
+                solver=str(data["solver"]),
+                is_permutation=bool(data["is_permutation"]),
+                shape=(f_a, f_b),
+                timings=data.get("timings", {}),
+                config=MatchConfig.from_dict(data["config"]),
+                folded=tuple(data.get("folded", (False, False))),  # type: ignore[arg-type]
+                info=data.get("info", {}),
+                run_id=str(data["run_id"]),
+                created_ms=int(data["created_ms"]),
+            )
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"{source}: malformed match result ({type(exc).__name__}: {exc})") from exc
+
+    def to_json(self, path: str | os.PathLike[str], *, git_commit: str | None = None) -> Path:
+        """Write :meth:`to_dict` as JSON, atomically (temp file + rename). Returns the path."""
+        data = self.to_dict(git_commit=git_commit)
+        details = data.pop("details")
+        # One line per matched pair: readable headers without 5 lines per pair at F = 65536.
+        head = json.dumps(data, indent=1, allow_nan=False)
+        rows = ",\n".join("  " + json.dumps(rec, allow_nan=False) for rec in details)
+        text = (
+            head[: head.rindex("}")].rstrip()
+            + ',\n "details": [\n'
+            + rows
+            + ("\n" if rows else "")
+            + " ]\n}\n"
+        )
+        return _atomic_write(Path(path), text.encode())
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> MatchResult:
+        """Read a file written by :meth:`to_json`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such match-result file")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    # ------------------------------------------------------------------ safetensors
+    def save(self, path: str | os.PathLike[str], *, git_commit: str | None = None) -> Path:
+        """Write ``perm`` and ``cost`` tensors plus the JSON layout (without ``details``) as metadata
+        of one ``.safetensors`` file, atomically. Returns the path."""
+        from safetensors.torch import save
+
+        meta = self.to_dict(git_commit=git_commit)
+        del meta["details"]
+        blob = save(
+            {"perm": self.perm.detach().cpu().contiguous(), "cost": self.cost.detach().cpu().contiguous()},
+            metadata={"saematch": json.dumps(meta, allow_nan=False)},
+        )
+        return _atomic_write(Path(path), blob)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MatchResult:
+        """Read a file written by :meth:`save`."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such match-result file")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta_text = (fh.metadata() or {}).get("saematch")
+                keys = set(fh.keys())
+                if meta_text is None or not {"perm", "cost"} <= keys:
+                    raise ValueError(
+                        f"{path}: expected tensors 'perm', 'cost' and metadata 'saematch', "
+                        f"got tensors {sorted(keys)}"
+                    )
+                perm, cost = fh.get_tensor("perm"), fh.get_tensor("cost")
+        except SafetensorError as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+        try:
+            meta = json.loads(meta_text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: metadata 'saematch' is not valid JSON ({exc})") from exc
+        meta["details"] = []
+        base = cls.from_dict(meta, source=str(path))
+        return replace(base, perm=perm, cost=cost)
+
+
+def match(a: SAE, b: SAE, config: MatchConfig | None = None, **overrides: Any) -> MatchResult:
+    """Match the features of SAE ``a`` to those of SAE ``b``.
+
+    Parameters
+    ----------
+    a, b : SAE
+        Same ``d_in``; widths ``F_A = a.d_sae`` and ``F_B = b.d_sae`` may differ.
+    config : MatchConfig, optional
+        Defaults to ``MatchConfig()`` (folded W_enc + W_dec + b_enc, MSE, exact scipy solver).
+    **overrides
+        Fields of :class:`MatchConfig` to replace, e.g. ``match(a, b, solver="greedy")``.
+
+    Returns
+    -------
+    MatchResult
+        ``perm`` (F_A,) maps A's features to B's; see :class:`MatchResult` for unequal widths.
+
+    Notes
+    -----
+    The exact solvers minimise ``Σ_i cost(a_i, b_P(i))`` over one-to-one assignments covering the smaller
+    side. For MSE on equal widths this equals maximising ``Σ ⟨a_i, b_P(i)⟩``; for unequal widths the
+    norms of the larger side's chosen features matter, and the solver adds them to the inner product
+    (one extra coordinate) so the optimum is still the minimum-MSE assignment.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from saematch_core.sae import SAE
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = SAE(W_enc=torch.randn(4, 6, generator=g), b_enc=torch.zeros(6),
+    ...         W_dec=torch.randn(6, 4, generator=g), b_dec=torch.zeros(4), threshold=torch.full((6,), 0.5))
+    >>> perm = torch.tensor([2, 0, 1, 5, 3, 4])
+    >>> match(a, a.permute(perm)).perm[perm].tolist()
+    [0, 1, 2, 3, 4, 5]
+    """
+    t_start = time.perf_counter()
+    if config is None:
+        config = MatchConfig()
+    elif not isinstance(config, MatchConfig):
+        raise TypeError(f"config: expected a MatchConfig or None, got {type(config).__name__}")
+    if overrides:
+        known = {f.name for f in fields(MatchConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(
+                f"match: unknown MatchConfig fields {unknown}; expected a subset of {sorted(known)}"
+            )
+        config = replace(config, **overrides)
+    for name, sae in (("a", a), ("b", b)):
+        if not isinstance(sae, SAE):
+            raise TypeError(f"{name}: expected an SAE, got {type(sae).__name__}")
+    if a.d_in != b.d_in:
+        raise SAEValidationError(
+            f"a, b: expected the same d_in, got a.d_in={a.d_in} and b.d_in={b.d_in} "
+            "(different models or sites?)"
+        )
+    device = resolve_device(config.device, fallback=a.device)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    folded = (config.fold and a.activation == "jumprelu", config.fold and b.activation == "jumprelu")
+    if config.fold and not all(folded):
+        logger.info(
+            "fold=True but folding is JumpReLU-only: a=%s, b=%s; non-JumpReLU SAEs are matched unfolded",
+            a.activation,
+            b.activation,
+        )
+    a_vecs = feature_vectors(a, config.params, fold=folded[0], device=device, dtype=config.torch_dtype)
+    b_vecs = feature_vectors(b, config.params, fold=folded[1], device=device, dtype=config.torch_dtype)
+    timings["vectors"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    x, y = a_vecs, b_vecs
+    if config.metric == "cosine":
+        x, y = normalize_rows(x, name="a"), normalize_rows(y, name="b")
+    assignment = solve(
+        config.solver,
+        x,
+        y,
+        metric=config.metric,
+        chunk_size=config.chunk_size,
+        k=config.sparse_k,
+    )
+    timings["solve"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if config.torch_dtype in (torch.float16, torch.bfloat16):
+        # Rescore from the parameters in their own precision, not the half-precision search copies.
+        a_vecs = feature_vectors(a, config.params, fold=folded[0], device=device)
+        b_vecs = feature_vectors(b, config.params, fold=folded[1], device=device)
+    perm = torch.as_tensor(assignment.cols, dtype=torch.long)
+    cost = pair_costs(a_vecs, b_vecs, perm, metric=config.metric)
+    matched = perm >= 0
+    total = float(cost[matched].sum()) if bool(matched.any()) else 0.0
+    timings["rescore"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    used = perm[matched]
+    is_perm = bool(torch.unique(used).numel() == used.numel())
+    return MatchResult(
+        perm=perm,
+        cost=cost,
+        total_cost=total,
+        solver=config.solver,
+        is_permutation=is_perm,
+        shape=(a.d_sae, b.d_sae),
+        timings=timings,
+        config=config,
+        folded=folded,
+        info=assignment.info,
+    )
+
+
+# ---------------------------------------------------------------------- helpers
+def _describe(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"{t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__
+
+
+def _saematch_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("saematch")
+    except PackageNotFoundError:
+        import saematch_core
+
+        return getattr(saematch_core, "__version__", None)
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
