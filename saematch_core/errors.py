@@ -19,4 +19,4 @@ class SAEFormatError(ValueError):
 
 
 class InfeasibleMatchError(ValueError):
-    """No assignment covers every feature of the smaller side (e.g. a sparse graph without a full matching)."""
+    """No assignment covers every feature of the smaller side (e.g. a sparse graph without one)."""

@@ -65,8 +65,8 @@ def fold(sae: SAE) -> SAE:
     """
     if sae.activation != "jumprelu" or sae.threshold is None:
         raise SAEValidationError(
-            f"activation: folding is defined for JumpReLU SAEs (per-feature threshold), got {sae.activation!r}; "
-            "for other families use rescale_features(sae, scale) with a scale of your choice"
+            "activation: folding is defined for JumpReLU SAEs (per-feature threshold), "
+            f"got {sae.activation!r}; for other families use rescale_features(sae, scale)"
         )
     folded = rescale_features(sae, sae.threshold)
     # θ/θ is 1 up to rounding; make it exactly 1 so folding is idempotent bit for bit.

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from saematch_core.cache import atomic_write_bytes
 from saematch_core.cost import (
     DEFAULT_PARAMS,
     DTYPES,
@@ -501,14 +501,5 @@ def _saematch_version() -> str | None:
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
     return path

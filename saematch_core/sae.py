@@ -90,7 +90,9 @@ class SAE:
             if not t.is_floating_point():
                 raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
         if self.W_dec.ndim != 2:
-            raise SAEValidationError(f"W_dec: expected 2-D (d_sae, d_in), got shape {tuple(self.W_dec.shape)}")
+            raise SAEValidationError(
+                f"W_dec: expected 2-D (d_sae, d_in), got shape {tuple(self.W_dec.shape)}"
+            )
         d_sae, d_in = self.W_dec.shape
         if self.W_enc.shape != (d_in, d_sae):
             hint = " (transposed?)" if self.W_enc.shape == (d_sae, d_in) else ""
@@ -113,11 +115,15 @@ class SAE:
         _check_finite("W_dec", self.W_dec)
 
         if self.activation not in _ACTIVATIONS:
-            raise SAEValidationError(f"activation: expected one of {list(_ACTIVATIONS)}, got {self.activation!r}")
+            raise SAEValidationError(
+                f"activation: expected one of {list(_ACTIVATIONS)}, got {self.activation!r}"
+            )
         if self.activation == "jumprelu":
             self._init_threshold(d_sae, dtype, device)
         elif self.threshold is not None:
-            raise SAEValidationError(f"threshold: only valid for activation='jumprelu', got {self.activation!r}")
+            raise SAEValidationError(
+                f"threshold: only valid for activation='jumprelu', got {self.activation!r}"
+            )
         if self.activation == "topk":
             if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= d_sae:
                 raise SAEValidationError(f"k: expected an int in [1, d_sae={d_sae}] for topk, got {self.k!r}")
@@ -128,13 +134,17 @@ class SAE:
     def _init_threshold(self, d_sae: int, dtype: torch.dtype, device: torch.device) -> None:
         theta = self.threshold
         if theta is None:
-            raise SAEValidationError("threshold: required for activation='jumprelu' (shape (d_sae,) or scalar)")
+            raise SAEValidationError(
+                "threshold: required for activation='jumprelu' (shape (d_sae,) or scalar)"
+            )
         if not isinstance(theta, Tensor):
             theta = torch.tensor(float(theta))
         if theta.ndim == 0 or theta.shape == (1,):
             theta = theta.reshape(()).expand(d_sae).clone()
         if theta.shape != (d_sae,):
-            raise SAEValidationError(f"threshold: expected shape ({d_sae},) or a scalar, got {tuple(theta.shape)}")
+            raise SAEValidationError(
+                f"threshold: expected shape ({d_sae},) or a scalar, got {tuple(theta.shape)}"
+            )
         theta = theta.to(dtype=dtype, device=device)
         _check_finite("threshold", theta)
         bad = theta <= 0
@@ -186,7 +196,9 @@ class SAE:
         if perm.shape != (self.d_sae,) or not torch.equal(
             torch.sort(perm).values, torch.arange(self.d_sae, device=self.device)
         ):
-            raise SAEValidationError(f"perm: expected a permutation of range({self.d_sae}), got shape {tuple(perm.shape)}")
+            raise SAEValidationError(
+                f"perm: expected a permutation of range({self.d_sae}), got shape {tuple(perm.shape)}"
+            )
         theta = None if self.threshold is None else self.threshold[perm]
         return replace(
             self, W_enc=self.W_enc[:, perm], b_enc=self.b_enc[perm], W_dec=self.W_dec[perm], threshold=theta

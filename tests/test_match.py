@@ -302,7 +302,7 @@ def test_safetensors_round_trip(tmp_path) -> None:
 
 def test_result_io_errors(tmp_path) -> None:
     res = match(make_sae(d_in=4, d_sae=4), make_sae(d_in=4, d_sae=4, seed=1))
-    with pytest.raises(FileNotFoundError, match=r"output folder .*missing does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"missing: output folder does not exist"):
         res.to_json(tmp_path / "missing" / "perm.json")
     with pytest.raises(FileNotFoundError, match="no such match-result file"):
         MatchResult.from_json(tmp_path / "nope.json")

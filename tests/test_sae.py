@@ -53,12 +53,21 @@ def test_permute_keeps_reconstruction() -> None:
         ({"b_enc": torch.zeros(63)}, r"b_enc: expected shape \(64,\)"),
         ({"b_dec": torch.zeros(15)}, r"b_dec: expected shape \(16,\)"),
         ({"W_dec": torch.zeros(64)}, r"W_dec: expected 2-D"),
-        ({"threshold": torch.full((64,), 0.1).index_fill(0, torch.tensor([7]), 0.0)}, r"threshold.*first at feature 7"),
+        (
+            {"threshold": torch.full((64,), 0.1).index_fill(0, torch.tensor([7]), 0.0)},
+            r"threshold.*first at feature 7",
+        ),
         ({"threshold": -torch.ones(())}, r"threshold: expected every entry > 0"),
         ({"threshold": torch.ones(5)}, r"threshold: expected shape \(64,\)"),
         ({"threshold": None}, r"threshold: required"),
-        ({"b_enc": torch.zeros(64).index_fill(0, torch.tensor([3]), float("nan"))}, r"b_enc: 1 non-finite.*\(3,\)"),
-        ({"W_dec": torch.ones(64, 16).index_fill(1, torch.tensor([2]), float("inf"))}, r"W_dec: 64 non-finite"),
+        (
+            {"b_enc": torch.zeros(64).index_fill(0, torch.tensor([3]), float("nan"))},
+            r"b_enc: 1 non-finite.*\(3,\)",
+        ),
+        (
+            {"W_dec": torch.ones(64, 16).index_fill(1, torch.tensor([2]), float("inf"))},
+            r"W_dec: 64 non-finite",
+        ),
         ({"b_dec": torch.zeros(16, dtype=torch.float64)}, r"b_dec: expected dtype torch.float32"),
         ({"activation": "gelu"}, r"activation: expected one of"),
         ({"k": 3}, r"k: only valid for activation='topk'"),
@@ -70,7 +79,7 @@ def test_bad_input_names_the_field(override: dict, pattern: str) -> None:
 
 
 def test_bad_types() -> None:
-    with pytest.raises(TypeError, match="W_enc: expected a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"W_enc: expected a torch\.Tensor"):
         make_sae(W_enc=[[0.0]])
     with pytest.raises(TypeError, match="b_enc: expected a floating dtype"):
         make_sae(b_enc=torch.zeros(64, dtype=torch.long))
@@ -89,6 +98,8 @@ def test_bad_forward_input() -> None:
 def test_to_changes_dtype_and_keeps_values() -> None:
     sae = make_sae()
     half = sae.to(dtype=torch.float64)
-    assert half.dtype == torch.float64 and half.threshold is not None and half.threshold.dtype == torch.float64
+    assert (
+        half.dtype == torch.float64 and half.threshold is not None and half.threshold.dtype == torch.float64
+    )
     torch.testing.assert_close(half.W_enc.float(), sae.W_enc)
     assert isinstance(half, SAE)

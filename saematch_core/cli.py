@@ -1,0 +1,413 @@
+"""The ``saematch`` command: ``info``, ``fold`` and ``match`` on SAE files, folders or ``hub:`` paths.
+
+Every SAE argument accepts a local file or folder in any known format (see
+:func:`saematch_core.formats.detect_format`) or ``hub:repo_id/path/inside/repo@revision``.
+Bad input prints one line ``saematch: error: ...`` to stderr and exits with status 2; outputs are
+written atomically and an existing output is only replaced with ``--force``.
+
+The flags of ``saematch match`` are generated from the fields of
+:class:`~saematch_core.match.MatchConfig` (names, types, choices and help text), so the two cannot
+drift apart. New subcommands are added with :func:`register_command`.
+
+Examples
+--------
+::
+
+    saematch info hub:google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71
+    saematch fold sae_dir --out folded.safetensors
+    saematch match a.safetensors b.safetensors --objective W_dec --metric cosine --out perm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import itertools
+import json
+import logging
+import re
+import sys
+import textwrap
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields, replace
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, NoReturn, Union, get_args, get_origin, get_type_hints
+
+import torch
+
+from saematch_core.errors import InfeasibleMatchError, SAEFormatError, SAEValidationError
+from saematch_core.fold import fold
+from saematch_core.formats import HUB_PREFIX, detect_format, fetch_hub, load_sae, save_sae
+from saematch_core.formats.registry import FORMATS
+from saematch_core.match import MatchConfig, MatchResult, match
+from saematch_core.sae import SAE
+
+__all__ = [
+    "MATCH_FLAG_ALIASES",
+    "add_match_config_flags",
+    "build_parser",
+    "main",
+    "match_config_from_args",
+    "register_command",
+    "sae_summary",
+]
+
+logger = logging.getLogger(__name__)
+
+PROG = "saematch"
+EXIT_USAGE = 2
+"""Exit status for bad input (argparse's convention)."""
+
+MATCH_FLAG_ALIASES: dict[str, tuple[str, ...]] = {"params": ("--objective",)}
+"""Extra flag spellings per MatchConfig field (``--objective`` is the issue's name for ``--params``)."""
+
+# Errors that mean "bad input", reported in one line with exit status 2 (bugs still show a traceback).
+_USER_ERRORS = (
+    SAEFormatError,
+    SAEValidationError,
+    InfeasibleMatchError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    ValueError,
+    TypeError,
+)
+
+
+class _UsageError(Exception):
+    """Raised by the parser instead of exiting, so :func:`main` prints one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------------------ commands
+class _Command(NamedTuple):
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+_COMMANDS: dict[str, _Command] = {}
+
+
+def register_command(
+    name: str,
+    *,
+    help: str,
+    configure: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
+    """Add a subcommand: ``configure(parser)`` adds its arguments, ``run(args)`` returns the exit status.
+
+    Raise one of the usual errors (``ValueError``, ``FileNotFoundError``, ``SAEFormatError``, ...)
+    for bad input; :func:`main` prints it in one line and exits with status 2.
+    """
+    if name in _COMMANDS:
+        raise ValueError(f"name: command {name!r} is already registered")
+    _COMMANDS[name] = _Command(help, configure, run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``saematch`` argument parser (every registered subcommand)."""
+    from saematch_core import __version__
+
+    parser = _Parser(prog=PROG, description="Match sparse-autoencoder features across layers (SAE Match).")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in _COMMANDS.items():
+        sp = sub.add_parser(name, help=command.help, description=command.help)
+        command.configure(sp)
+        sp.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``saematch`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s"
+        )
+        return int(args._run(args))
+    except _UsageError as exc:
+        return _fail(str(exc))
+    except _USER_ERRORS as exc:
+        logger.debug("traceback (shown with -vv)", exc_info=True)
+        return _fail(str(exc) or type(exc).__name__)
+    except OSError as exc:  # network / hub errors, disk full, ...
+        logger.debug("traceback (shown with -vv)", exc_info=True)
+        return _fail(f"{type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> int:
+    one_line = " ".join(message.split())
+    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------------ shared args
+def _add_sae_arg(parser: argparse.ArgumentParser, name: str, what: str) -> None:
+    parser.add_argument(name, help=f"{what}: a file, a folder or hub:repo_id/path@revision")
+
+
+def _add_load_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=sorted(FORMATS),
+        default=None,
+        help="file format of the SAE(s); detected from the content when omitted",
+    )
+
+
+def _add_out_args(parser: argparse.ArgumentParser, suffixes: str) -> None:
+    parser.add_argument(
+        "--out", required=True, type=Path, help=f"output file ({suffixes}); its folder must exist"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def _check_out(path: Path, force: bool, suffixes: tuple[str, ...]) -> None:
+    """Refuse before any work: wrong suffix, missing folder, existing file without --force."""
+    if path.suffix not in suffixes:
+        raise ValueError(f"--out: expected a file ending in {' or '.join(suffixes)}, got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"--out: {path} is a folder")
+    if path.exists() and not force:
+        raise FileExistsError(f"--out: {path} exists; pass --force to overwrite")
+
+
+def _load(spec: str, fmt: str | None) -> tuple[SAE, str]:
+    """Load an SAE and say which format it was in."""
+    if spec.startswith(HUB_PREFIX):
+        local, found = fetch_hub(spec, fmt)
+        return load_sae(local, format=found), found
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: no such file or folder")
+    found = fmt or detect_format(path)
+    return load_sae(path, format=found), found
+
+
+# ------------------------------------------------------------------------------------ info
+def _stats(t: torch.Tensor) -> dict[str, float]:
+    t = t.detach().double()
+    return {"min": float(t.min()), "mean": float(t.mean()), "max": float(t.max())}
+
+
+def sae_summary(sae: SAE, fmt: str, source: str) -> dict[str, Any]:
+    """What ``saematch info`` reports, as a JSON-ready dict."""
+    out: dict[str, Any] = {
+        "source": source,
+        "format": fmt,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "activation": sae.activation,
+        "k": sae.k,
+        "dtype": str(sae.dtype).removeprefix("torch."),
+        "threshold": None if sae.threshold is None else _stats(sae.threshold),
+        "decoder_norm": _stats(sae.W_dec.double().norm(dim=1)),
+        "encoder_norm": _stats(sae.W_enc.double().norm(dim=0)),
+        "meta": dict(sae.meta),
+    }
+    return out
+
+
+def _configure_info(p: argparse.ArgumentParser) -> None:
+    _add_sae_arg(p, "sae", "the SAE")
+    _add_load_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def _fmt_stats(stats: dict[str, float] | None) -> str:
+    if stats is None:
+        return "-"
+    return "  ".join(f"{k} {v:.6g}" for k, v in stats.items())
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    sae, fmt = _load(args.sae, args.format)
+    summary = sae_summary(sae, fmt, args.sae)
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return 0
+    for key in ("source", "format", "d_in", "d_sae", "activation", "k", "dtype"):
+        if summary[key] is not None:
+            print(f"{key + ':':14}{summary[key]}")
+    print(f"{'threshold:':14}{_fmt_stats(summary['threshold'])}")
+    print(f"{'decoder_norm:':14}{_fmt_stats(summary['decoder_norm'])}")
+    print(f"{'encoder_norm:':14}{_fmt_stats(summary['encoder_norm'])}")
+    print(f"{'meta:':14}{json.dumps(summary['meta'], default=str, sort_keys=True)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ fold
+def _configure_fold(p: argparse.ArgumentParser) -> None:
+    _add_sae_arg(p, "sae", "the JumpReLU SAE to fold")
+    _add_load_args(p)
+    _add_out_args(p, ".safetensors, saematch's native format")
+
+
+def _run_fold(args: argparse.Namespace) -> int:
+    _check_out(args.out, args.force, (".safetensors",))
+    sae, _ = _load(args.sae, args.format)
+    folded = fold(sae)
+    path = save_sae(
+        replace(folded, meta={**folded.meta, "folded_from": args.sae}), args.out, force=args.force
+    )
+    print(path)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ match
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the class source (one source of truth)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            text = " ".join(nxt.value.value.split())
+            # Plain text for --help: drop reST roles and literal markers.
+            docs[node.target.id] = re.sub(r":\w+:`([^`]*)`", r"\1", text).replace("``", "")
+    return docs
+
+
+def _comma_tuple(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(s.strip() for s in text.split(",") if s.strip())
+        bad = [s for s in items if s not in choices]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {list(choices)}, got {text!r}"
+            )
+        return items
+
+    return parse
+
+
+def _flag_kwargs(name: str, hint: Any, default: Any) -> dict[str, Any]:
+    """argparse keyword arguments for one MatchConfig field, from its type."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {"choices": list(args)}
+    if hint is int:
+        return {"type": int, "metavar": "N"}
+    if hint is str:
+        return {"type": str}
+    if origin in (Union, types.UnionType) and set(args) == {str, type(None)}:
+        return {"type": str}
+    if origin is tuple and args and args[0] is str:
+        from saematch_core.cost import PARAMS
+
+        return {"type": _comma_tuple(PARAMS if name == "params" else ()), "metavar": "A,B,..."}
+    raise TypeError(f"MatchConfig.{name}: no command-line flag for type {hint!r}; extend cli._flag_kwargs")
+
+
+def _describe_default(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def add_match_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`MatchConfig` field (``--chunk-size`` for ``chunk_size``, ...).
+
+    Every flag defaults to "not given", so only the flags on the command line override the
+    configuration (``--config`` file or MatchConfig's defaults).
+    """
+    hints = get_type_hints(MatchConfig)
+    docs = _field_docs(MatchConfig)
+    group = parser.add_argument_group("matching options (fields of MatchConfig)")
+    for f in fields(MatchConfig):
+        flags = (f"--{f.name.replace('_', '-')}", *MATCH_FLAG_ALIASES.get(f.name, ()))
+        kwargs = _flag_kwargs(f.name, hints[f.name], f.default)
+        default = f.default if f.default is not MISSING else None
+        doc = docs.get(f.name, f"MatchConfig.{f.name}")
+        help_text = f"{doc} (default: {_describe_default(default)})".replace("%", "%%")
+        group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
+
+
+def match_config_from_args(args: argparse.Namespace) -> MatchConfig:
+    """``--config`` file (if any) with the given flags on top."""
+    base = MatchConfig()
+    if getattr(args, "config", None) is not None:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config: {path} not found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--config: {path} is not valid JSON ({exc})") from exc
+        base = MatchConfig.from_dict(data)
+    overrides = {f.name: getattr(args, f.name) for f in fields(MatchConfig) if hasattr(args, f.name)}
+    return replace(base, **overrides)
+
+
+def _configure_match(p: argparse.ArgumentParser) -> None:
+    _add_sae_arg(p, "a", "SAE A (its features are the rows of the result)")
+    _add_sae_arg(p, "b", "SAE B (same d_in as A)")
+    _add_load_args(p)
+    _add_out_args(p, ".json: header + list of {a, b, cost}; .safetensors: perm and cost tensors")
+    p.add_argument("--config", type=Path, default=None, help="MatchConfig as a JSON file; flags override it")
+    add_match_config_flags(p)
+
+
+def _run_match(args: argparse.Namespace) -> int:
+    _check_out(args.out, args.force, (".json", ".safetensors"))
+    config = match_config_from_args(args)
+    a, _ = _load(args.a, args.format)
+    b, _ = _load(args.b, args.format)
+    result: MatchResult = match(a, b, config)
+    if args.out.suffix == ".json":
+        result.to_json(args.out)
+    else:
+        result.save(args.out)
+    logger.info(
+        "matched %d of %d features, total cost %.6g", result.n_matched, result.shape[0], result.total_cost
+    )
+    print(f"{args.out}  total_cost {result.total_cost:.6g}  matched {result.n_matched}/{result.shape[0]}")
+    return 0
+
+
+register_command(
+    "info",
+    help="describe an SAE: format, sizes, activation, dtype, threshold and norm statistics, meta",
+    configure=_configure_info,
+    run=_run_info,
+)
+register_command(
+    "fold",
+    help="fold a JumpReLU SAE's thresholds into its weights (paper Eq. 4) and save it in native format",
+    configure=_configure_fold,
+    run=_run_fold,
+)
+register_command(
+    "match",
+    help="match the features of SAE A to those of SAE B and save the permutation",
+    configure=_configure_match,
+    run=_run_match,
+)
