@@ -13,7 +13,7 @@ APT_PACKAGES ?= r-cran-janeaustenr chromium
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saematch-installed
 
-.PHONY: setup system-deps lint format typecheck test test-all check prepare notebooks notebook book bench clean
+.PHONY: setup system-deps lint format typecheck test test-all check prepare notebook book bench clean
 
 setup: $(STAMP) system-deps
 
@@ -55,6 +55,14 @@ check: test
 
 prepare: setup
 	$(VENV)/bin/saematch prepare --profile $(PROFILE)
+
+# The book: substrate first (cached after the first run), then papermill + Jupyter Book (see book/rebuild.md).
+book: prepare
+	$(PY) -m saematch_core.book --profile $(PROFILE) --build-dir build
+
+# Rerun one section with overrides and rebuild: make notebook NB=06 PARAMS="-p layer 20"
+notebook: prepare
+	$(PY) -m saematch_core.book --profile $(PROFILE) --build-dir build --only $(NB) $(PARAMS)
 
 bench: setup
 	$(PY) -m benchmarks.run

@@ -1,0 +1,279 @@
+"""The book pipeline: jupytext → papermill → Jupyter Book, and the smoke-profile book end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from _bookbuild import REPO, smoke_book
+
+from saematch_core.book import (
+    BookBuildError,
+    BookConfig,
+    build_book,
+    convert_notebook,
+    discover_notebooks,
+    environment_table,
+    main,
+    parse_param_value,
+    setup,
+    stage_site,
+    toc_files,
+)
+
+_HEADER = (
+    "# ---\n# jupyter:\n"
+    '#   jupytext: {formats: "py:percent"}\n'
+    "#   kernelspec: {name: python3, display_name: Python 3, language: python}\n"
+    "# ---\n"
+)
+
+
+def _write_notebook(path: Path, body: str, *, params: str = 'profile = "smoke"\n') -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f'{_HEADER}\n# %% [markdown]\n# # A title\n\n# %% tags=["parameters"]\n{params}\n# %%\n{body}\n'
+    )
+    return path
+
+
+def _fake_repo(root: Path, notebooks: dict[str, str]) -> Path:
+    """A minimal repository: the real _config.yml, a one-page book/, a TOC listing ``notebooks``."""
+    root.mkdir(parents=True)
+    shutil.copy2(REPO / "_config.yml", root / "_config.yml")
+    (root / "book").mkdir()
+    (root / "book" / "intro.md").write_text("# Intro\n\nA page.\n")
+    chapters = "".join(f"      - file: notebooks/{stem}\n" for stem in notebooks)
+    (root / "_toc.yml").write_text(
+        f"format: jb-book\nroot: book/intro\nparts:\n  - caption: S\n    chapters:\n{chapters}"
+    )
+    for stem, body in notebooks.items():
+        _write_notebook(root / "notebooks" / f"{stem}.py", body)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- units
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("20", 20),
+        ("-1.5", -1.5),
+        ("None", None),
+        ("True", True),
+        ("[1, 2]", [1, 2]),
+        ("smoke", "smoke"),
+        ("", ""),
+    ],
+)
+def test_parse_param_value(text: str, value: object) -> None:
+    assert parse_param_value(text) == value
+
+
+def test_book_config_rejects_bad_fields() -> None:
+    with pytest.raises(ValueError, match=r"BookConfig.profile: expected one of .*got 'smok'"):
+        BookConfig(profile="smok")
+    with pytest.raises(ValueError, match=r"BookConfig\.params: 'profile' is set by the pipeline"):
+        BookConfig(params={"profile": "default"})
+    with pytest.raises(ValueError, match="expected Python identifiers"):
+        BookConfig(params={"not a name": 1})
+    with pytest.raises(TypeError, match=r"BookConfig\.only"):
+        BookConfig(only="06")  # type: ignore[arg-type]  # a bare string is the mistake under test
+    with pytest.raises(ValueError, match=r"BookConfig\.cell_timeout_s"):
+        BookConfig(cell_timeout_s=0)
+
+
+def test_discover_notebooks_sorts_filters_and_rejects_duplicate_numbers(tmp_path: Path) -> None:
+    for name in ("06_b.py", "02_a.py", "notes.py", "2_x.py", "03_Bad.py", "04_c.txt"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in discover_notebooks(tmp_path)] == ["02_a.py", "06_b.py"]
+    (tmp_path / "02_again.py").write_text("")
+    with pytest.raises(ValueError, match="notebook number 02 is already used"):
+        discover_notebooks(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        discover_notebooks(tmp_path / "missing")
+
+
+def test_convert_notebook_checks_the_parameters_cell(tmp_path: Path) -> None:
+    src = _write_notebook(tmp_path / "01_ok.py", "x = 1", params='profile = "smoke"\nseed = 0')
+    out = convert_notebook(src, tmp_path / "out" / "01_ok.ipynb")
+    nb = json.loads(out.read_text())
+    tagged = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assert len(tagged) == 1 and "seed = 0" in "".join(tagged[0]["source"])
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+
+    none = tmp_path / "02_none.py"
+    none.write_text(f"{_HEADER}\n# %%\nx = 1\n")
+    with pytest.raises(ValueError, match="exactly one cell tagged 'parameters', got 0"):
+        convert_notebook(none, tmp_path / "02.ipynb")
+    two = tmp_path / "03_two.py"
+    two.write_text(f'{_HEADER}\n# %% tags=["parameters"]\na = 1\n\n# %% tags=["parameters"]\nb = 2\n')
+    with pytest.raises(ValueError, match="got 2"):
+        convert_notebook(two, tmp_path / "03.ipynb")
+    assert not (tmp_path / "02.ipynb").exists() and not (tmp_path / "03.ipynb").exists()
+
+
+def test_toc_files_lists_every_file_in_order(tmp_path: Path) -> None:
+    toc = tmp_path / "_toc.yml"
+    toc.write_text(
+        "format: jb-book\nroot: book/intro\nparts:\n  - caption: A\n    chapters:\n      - file: x/one\n"
+        "        sections:\n          - file: x/two\n  - caption: B\n    chapters:\n      - file: x/three\n"
+    )
+    assert toc_files(toc) == ["book/intro", "x/one", "x/two", "x/three"]
+    toc.write_text("- just a list\n")
+    with pytest.raises(ValueError, match="'root'"):
+        toc_files(toc)
+
+
+def test_repository_toc_lists_exactly_the_notebooks() -> None:
+    stems = {f"notebooks/{p.stem}" for p in discover_notebooks(REPO / "notebooks")}
+    in_toc = {f for f in toc_files(REPO / "_toc.yml") if f.startswith("notebooks/")}
+    assert stems and in_toc == stems
+    for doc in toc_files(REPO / "_toc.yml"):
+        if not doc.startswith("notebooks/"):
+            assert (REPO / f"{doc}.md").is_file(), doc
+
+
+def test_every_notebook_converts_and_declares_profile(tmp_path: Path) -> None:
+    import papermill
+
+    for src in discover_notebooks(REPO / "notebooks"):
+        nb = convert_notebook(src, tmp_path / f"{src.stem}.ipynb")
+        assert "profile" in papermill.inspect_notebook(str(nb)), src.name
+
+
+def test_stage_site_refuses_a_toc_that_disagrees_with_the_notebooks(tmp_path: Path) -> None:
+    root = _fake_repo(tmp_path / "repo", {"01_a": "x = 1"})
+    (tmp_path / "executed").mkdir()
+    other = tmp_path / "executed" / "02_b.ipynb"
+    other.write_text("{}")
+    with pytest.raises(
+        ValueError,
+        match=r"missing from the TOC: \['notebooks/02_b'\].*without a notebook: \['notebooks/01_a'\]",
+    ):
+        stage_site(root, tmp_path / "site", [other])
+
+
+def test_stage_site_copies_plotly_js_and_the_static_files(tmp_path: Path) -> None:
+    root = _fake_repo(tmp_path / "repo", {"01_a": "x = 1"})
+    (root / "book" / "_static").mkdir()
+    (root / "book" / "_static" / "plotly.min.js").write_text("stale")
+    executed = tmp_path / "01_a.ipynb"
+    executed.write_text("{}")
+    site = stage_site(root, tmp_path / "site", [executed])
+    js = (site / "book" / "_static" / "plotly.min.js").read_text()
+    assert js != "stale" and "plotly" in js[:2000].lower()
+    assert (site / "notebooks" / "01_a.ipynb").is_file()
+    assert (site / "_config.yml").read_text() == (root / "_config.yml").read_text()
+
+
+def test_unknown_override_is_an_error_before_anything_runs(tmp_path: Path) -> None:
+    root = _fake_repo(tmp_path / "repo", {"01_a": "x = 1"})
+    with pytest.raises(ValueError, match=r"\['layr'\] not declared by any notebook"):
+        build_book(BookConfig(root=root, build_dir=tmp_path / "build", params={"layr": 20}))
+    assert not (tmp_path / "build" / "executed").exists()
+
+
+def test_main_reports_bad_input_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _fake_repo(tmp_path / "repo", {"01_a": "x = 1"})
+    code = main(["--root", str(root), "--build-dir", str(tmp_path / "b"), "--only", "09"])
+    assert code == 2
+    assert "no notebook '09'" in capsys.readouterr().err
+
+
+def test_environment_table_lists_python_and_packages() -> None:
+    rows = dict(environment_table(("saematch", "surely-not-a-package")))
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", rows["python"])
+    assert rows["surely-not-a-package"] == "not installed"
+    assert rows["saematch"] != "not installed"
+
+
+def test_sphinx_extension_adds_plotly_js_only_to_pages_with_a_figure() -> None:
+    class FakeApp:
+        def __init__(self) -> None:
+            self.handlers: dict[str, object] = {}
+            self.js: list[str] = []
+
+        def connect(self, event: str, handler: object) -> None:
+            self.handlers[event] = handler
+
+        def add_js_file(self, name: str) -> None:
+            self.js.append(name)
+
+    app = FakeApp()
+    meta = setup(app)
+    assert meta["parallel_read_safe"] and meta["parallel_write_safe"]
+    handler = app.handlers["html-page-context"]
+    assert callable(handler)
+    handler(app, "text", "page.html", {"body": "<p>no figure</p>"}, None)
+    assert app.js == []
+    handler(app, "fig", "page.html", {"body": '<div id="x" class="plotly-graph-div" style=""></div>'}, None)
+    assert app.js == ["plotly.min.js"]
+
+
+# ------------------------------------------------------------------------------------ with a kernel
+def test_a_failing_notebook_stops_the_build(tmp_path: Path) -> None:
+    root = _fake_repo(
+        tmp_path / "repo",
+        {"01_fails": 'raise RuntimeError("planted failure")', "02_after": "open('ran.txt', 'w').write('x')"},
+    )
+    build = tmp_path / "build"
+    stale = build / "executed" / "01_fails.ipynb"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    with pytest.raises(
+        BookBuildError,
+        match=r"01_fails\.ipynb: execution failed, cell \[\d+\] raised RuntimeError: planted failure; "
+        r".*01_fails\.failed\.ipynb",
+    ):
+        build_book(BookConfig(root=root, build_dir=build))
+    failed = json.loads((build / "executed" / "01_fails.failed.ipynb").read_text())
+    assert "planted failure" in json.dumps(failed)
+    assert not stale.exists(), "a stale executed notebook must not survive a failed run"
+    assert not (build / "executed" / "02_after.ipynb").exists() and not (build / "ran.txt").exists()
+    assert not (build / "_build").exists()
+
+
+# ------------------------------------------------------------------------------------- the whole book
+def test_smoke_book_builds_end_to_end(request: pytest.FixtureRequest) -> None:
+    build_dir, result = smoke_book(request)
+    assert result.html_dir == build_dir / "_build" / "html"
+    html = result.html_dir
+    assert (html / "index.html").is_file()
+    stems = [p.stem for p in discover_notebooks(REPO / "notebooks")]
+    assert sorted(p.stem for p in result.executed) == sorted(stems)
+    for doc in toc_files(REPO / "_toc.yml"):
+        assert (html / f"{doc}.html").is_file(), f"{doc} has no page"
+    for stem in stems:
+        nb = json.loads((build_dir / "executed" / f"{stem}.ipynb").read_text())
+        assert nb["metadata"]["papermill"]["parameters"]["profile"] == "smoke"
+        outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o["output_type"] == "error"], stem
+    # the pipeline hands each notebook that declares `out_dir` a folder under the build directory
+    assert (build_dir / "results" / "02_folding_vs_cosine" / "match_00_01.json").is_file()
+    log = (build_dir / "jupyter-book.log").read_text()
+    assert "WARNING" not in log and "build succeeded" in log
+
+
+def test_smoke_book_references_nothing_outside_the_site(request: pytest.FixtureRequest) -> None:
+    _, result = smoke_book(request)
+    assert result.html_dir is not None
+    pages = sorted(result.html_dir.rglob("*.html"))
+    assert pages
+    resource = re.compile(
+        r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)=[\"']((?:https?:)?//[^\"']+)", re.I
+    )
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert not resource.findall(text), f"{page.relative_to(result.html_dir)} loads a remote resource"
+        assert "cdn.plot.ly" not in text
+    figures = (result.html_dir / "notebooks" / "02_folding_vs_cosine.html").read_text()
+    assert figures.count("Plotly.newPlot(") >= 2
+    # plotly.js is loaded in the head of pages with figures, before their inline drawing scripts
+    assert figures.index("_static/plotly.min.js") < figures.index("Plotly.newPlot(")
+    for plain in ("search.html", "book/intro.html"):
+        assert "plotly.min.js" not in (result.html_dir / plain).read_text(), plain
+    assert (result.html_dir / "_static" / "plotly.min.js").is_file()
+    assert (result.html_dir / "_static" / "mathjax" / "tex-chtml.js").is_file()
