@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -21,7 +19,6 @@ from saematch_core.lap import (
 )
 
 DENSE_SOLVERS = [linear_assignment, brute_force_assignment]
-HAS_SPARSE = importlib.util.find_spec("saematch_core.lap_sparse") is not None
 
 
 def _check_assignment(cost: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> float:
@@ -173,15 +170,8 @@ def test_identity_solver_rectangular() -> None:
     assert solve("identity", torch.zeros(5, 2), torch.zeros(3, 2)).cols.tolist() == [0, 1, 2, -1, -1]
 
 
-@pytest.mark.skipif(HAS_SPARSE, reason="saematch_core.lap_sparse exists")
-def test_sparse_unavailable_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="solver: 'sparse' unavailable"):
-        solve("sparse", torch.zeros(3, 2), torch.zeros(3, 2))
-
-
 @pytest.mark.parametrize(("n", "m"), [(12, 12), (8, 13), (13, 8)])
 def test_sparse_solver_matches_scipy_objective(n, m) -> None:
-    pytest.importorskip("saematch_core.lap_sparse")
     g = torch.Generator().manual_seed(n + m)
     for metric in ("mse", "cosine"):
         x = torch.randn(n, 6, generator=g, dtype=torch.float64)

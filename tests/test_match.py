@@ -216,7 +216,6 @@ def test_cuda_equals_cpu() -> None:
 
 
 def test_sparse_solver_equals_scipy() -> None:
-    pytest.importorskip("saematch_core.lap_sparse")
     for noise in (0.01, 2.0):
         a, b, _ = planted(noise=noise)
         ref = match(a, b, dtype="float64")

@@ -1,0 +1,1 @@
+"""Benchmarks for saematch (run with ``python -m benchmarks.run``)."""

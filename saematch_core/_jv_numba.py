@@ -1,0 +1,398 @@
+"""Numba kernels behind :mod:`saematch_core.lap_sparse` (private).
+
+* :func:`sparse_sap` — a shortest-augmenting-path (Jonker–Volgenant style) solver for the
+  minimisation assignment problem on a CSR graph. It keeps LP dual potentials ``u`` (rows) and ``v``
+  (columns) with ``u_i + v_j <= c_ij`` on every edge, tight on matched edges, and — for rectangular
+  problems — ``v_j <= 0`` with ``v_j = 0`` on unmatched columns. It warm-starts from any previous
+  state (matching, ``u``, ``v``) on a *superset* of the previous edges: a repair pass restores dual
+  feasibility, unmatching the rows whose potential had to drop, and then augments every free row.
+* :func:`exact_dots` — float64 dot products of selected (row, column) pairs.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+__all__ = ["capped_envelope", "exact_dots", "line_envelope", "sparse_sap", "topk2"]
+
+
+@nb.njit(cache=True, fastmath=True)
+def exact_dots(X, Y, ii, jj, out):  # pragma: no cover - compiled
+    """``out[e] = Σ_k float64(X[ii[e], k]) · float64(Y[jj[e], k])`` for every pair ``e``."""
+    d = X.shape[1]
+    for e in range(ii.shape[0]):
+        a = ii[e]
+        b = jj[e]
+        acc = 0.0
+        for t in range(d):
+            acc += np.float64(X[a, t]) * np.float64(Y[b, t])
+        out[e] = acc
+
+
+@nb.njit(cache=True)
+def _push(hk, hc, size, key, col):  # pragma: no cover - compiled
+    pos = size
+    while pos > 0:
+        parent = (pos - 1) >> 1
+        if hk[parent] <= key:
+            break
+        hk[pos] = hk[parent]
+        hc[pos] = hc[parent]
+        pos = parent
+    hk[pos] = key
+    hc[pos] = col
+    return size + 1
+
+
+@nb.njit(cache=True)
+def _pop(hk, hc, size):  # pragma: no cover - compiled
+    size -= 1
+    if size == 0:
+        return 0
+    key = hk[size]
+    col = hc[size]
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and hk[child + 1] < hk[child]:
+            child += 1
+        if hk[child] >= key:
+            break
+        hk[pos] = hk[child]
+        hc[pos] = hc[child]
+        pos = child
+    hk[pos] = key
+    hc[pos] = col
+    return size
+
+
+@nb.njit(cache=True)
+def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_tol, stuck):  # pragma: no cover
+    """Solve ``min Σ c_{i, col4row[i]}`` over full row matchings of the CSR graph, in place.
+
+    Parameters
+    ----------
+    indptr, indices : int64 arrays, CSR structure (n + 1,), (nnz,); column indices sorted per row.
+    cost : float64 (nnz,), edge costs (minimisation form).
+    u, v : float64 (n,), (m,), dual potentials, updated in place (warm start: previous values).
+    col4row, row4col : int64 (n,), (m,), matching (-1 = free), updated in place.
+    rect : bool, enforce the rectangular dual conditions (``v <= 0``, ``v = 0`` on free columns).
+    feas_tol : float, violations of ``u_i + v_j <= c_ij`` up to this are float noise and kept.
+    stuck : bool (n,), set True for every row of an alternating tree that found no free column.
+
+    Returns
+    -------
+    int, the number of rows that could not be matched (0 = a full row matching was found).
+    """
+    n = indptr.shape[0] - 1
+    m = v.shape[0]
+    nnz = indices.shape[0]
+    inf = np.inf
+
+    # Repair: restore u_i <= min_j (c_ij - v_j) on the (possibly grown) graph. A matched row whose
+    # potential must drop loses tightness, so it is unmatched; in the rectangular case its column
+    # must then satisfy v_j = 0, and raising v_j can break the rows adjacent to j (cascade; each
+    # column is raised at most once because nothing lowers v during the repair).
+    if n > 0:
+        csc_ptr = np.zeros(m + 1, np.int64)
+        csc_rows = np.empty(nnz if rect else 0, np.int64)
+        if rect:
+            for e in range(nnz):
+                csc_ptr[indices[e] + 1] += 1
+            for j in range(m):
+                csc_ptr[j + 1] += csc_ptr[j]
+            fill = csc_ptr[:-1].copy()
+            for i in range(n):
+                for e in range(indptr[i], indptr[i + 1]):
+                    j = indices[e]
+                    csc_rows[fill[j]] = i
+                    fill[j] += 1
+        queue = np.arange(n).astype(np.int64)
+        inq = np.ones(n, np.bool_)
+        head = 0
+        count = n
+        while count > 0:
+            i = queue[head]
+            head = (head + 1) % n
+            count -= 1
+            inq[i] = False
+            best = inf
+            for e in range(indptr[i], indptr[i + 1]):
+                val = cost[e] - v[indices[e]]
+                if val < best:
+                    best = val
+            j0 = col4row[i]
+            if j0 < 0:
+                u[i] = best
+                continue
+            if u[i] > best + feas_tol:
+                u[i] = best
+                col4row[i] = -1
+                row4col[j0] = -1
+                if rect and v[j0] < 0.0:
+                    v[j0] = 0.0
+                    for p in range(csc_ptr[j0], csc_ptr[j0 + 1]):
+                        k2 = csc_rows[p]
+                        if not inq[k2]:
+                            inq[k2] = True
+                            queue[(head + count) % n] = k2
+                            count += 1
+
+    dist = np.full(m, inf)
+    done = np.zeros(m, np.bool_)
+    pred = np.full(m, -1, np.int64)
+    touched = np.empty(m, np.int64)
+    final = np.empty(m, np.int64)
+    hk = np.empty(nnz + 1, np.float64)
+    hc = np.empty(nnz + 1, np.int64)
+    n_fail = 0
+    for i0 in range(n):
+        if col4row[i0] >= 0:
+            continue
+        best = inf
+        jb = -1
+        for e in range(indptr[i0], indptr[i0 + 1]):
+            val = cost[e] - v[indices[e]]
+            if val < best:
+                best = val
+                jb = indices[e]
+        if jb < 0:
+            stuck[i0] = True
+            n_fail += 1
+            continue
+        u[i0] = best
+        if row4col[jb] < 0:
+            col4row[i0] = jb
+            row4col[jb] = i0
+            continue
+        # Dijkstra on reduced costs c_ij - u_i - v_j >= 0 from the free row i0.
+        ntouch = 0
+        nfinal = 0
+        size = 0
+        i = i0
+        di = 0.0
+        sink = -1
+        while True:
+            ui = u[i]
+            for e in range(indptr[i], indptr[i + 1]):
+                j = indices[e]
+                if done[j]:
+                    continue
+                r = cost[e] - ui - v[j]
+                if r < 0.0:
+                    r = 0.0
+                nd = di + r
+                if nd < dist[j]:
+                    if dist[j] == inf:
+                        touched[ntouch] = j
+                        ntouch += 1
+                    dist[j] = nd
+                    pred[j] = i
+                    size = _push(hk, hc, size, nd, j)
+            j = -1
+            while size > 0:
+                dj = hk[0]
+                jc = hc[0]
+                size = _pop(hk, hc, size)
+                if not done[jc] and dj <= dist[jc]:
+                    j = jc
+                    break
+            if j < 0:
+                break
+            done[j] = True
+            final[nfinal] = j
+            nfinal += 1
+            if row4col[j] < 0:
+                sink = j
+                break
+            i = row4col[j]
+            di = dist[j]
+        if sink < 0:
+            stuck[i0] = True
+            for t in range(nfinal):
+                stuck[row4col[final[t]]] = True
+            n_fail += 1
+        else:
+            minv = dist[sink]
+            u[i0] += minv
+            for t in range(nfinal):
+                j = final[t]
+                if j == sink:
+                    continue
+                delta = minv - dist[j]
+                u[row4col[j]] += delta
+                v[j] -= delta
+            j = sink
+            while True:
+                i = pred[j]
+                row4col[j] = i
+                jn = col4row[i]
+                col4row[i] = j
+                if i == i0:
+                    break
+                j = jn
+        for t in range(ntouch):
+            j = touched[t]
+            dist[j] = inf
+            done[j] = False
+    return n_fail
+
+
+@nb.njit(cache=True)
+def line_envelope(slopes, intercepts, xs):  # pragma: no cover - compiled
+    """``out[q] = max_j (slopes[j] · xs[q] + intercepts[j])`` for every query, in O((m + Q) log m)."""
+    m = slopes.shape[0]
+    out = np.full(xs.shape[0], -np.inf)
+    if m == 0:
+        return out
+    order = np.argsort(slopes, kind="mergesort")
+    hs = np.empty(m, np.float64)
+    hb = np.empty(m, np.float64)
+    h = 0
+    for t in range(m):
+        a = slopes[order[t]]
+        b = intercepts[order[t]]
+        if h > 0 and hs[h - 1] == a:
+            if hb[h - 1] >= b:
+                continue
+            h -= 1
+        # drop the last line while it is never the maximum between its neighbours
+        while h >= 2 and (hb[h - 2] - b) * (hs[h - 1] - hs[h - 2]) <= (hb[h - 2] - hb[h - 1]) * (
+            a - hs[h - 2]
+        ):
+            h -= 1
+        hs[h] = a
+        hb[h] = b
+        h += 1
+    qorder = np.argsort(xs, kind="mergesort")
+    p = 0
+    for t in range(xs.shape[0]):
+        x = xs[qorder[t]]
+        while p + 1 < h and hs[p + 1] * x + hb[p + 1] >= hs[p] * x + hb[p]:
+            p += 1
+        out[qorder[t]] = hs[p] * x + hb[p]
+    return out
+
+
+@nb.njit(cache=True, parallel=True, fastmath=True)
+def topk2(S, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma: no cover - compiled
+    """Per row of ``S`` (r, m): the top-``k`` columns of ``S`` and of ``S · inv`` (column scaling).
+
+    One pass over the block; ``idx_*`` (r, k) int64 and ``val_*`` (r, k) float64 are filled in place
+    (unsorted). With ``inv`` of length 0 the scaled outputs are left untouched.
+    """
+    r, m = S.shape
+    scaled = inv.shape[0] == m
+    for i in nb.prange(r):
+        bv = np.empty(k, np.float64)
+        bi = np.empty(k, np.int64)
+        cv = np.empty(k, np.float64)
+        ci = np.empty(k, np.int64)
+        for t in range(k):
+            x = np.float64(S[i, t])
+            bv[t] = x
+            bi[t] = t
+            if scaled:
+                cv[t] = x * inv[t]
+                ci[t] = t
+        bmin = 0
+        cmin = 0
+        for t in range(1, k):
+            if bv[t] < bv[bmin]:
+                bmin = t
+            if scaled and cv[t] < cv[cmin]:
+                cmin = t
+        bth = bv[bmin]
+        cth = cv[cmin] if scaled else 0.0
+        for j in range(k, m):
+            x = np.float64(S[i, j])
+            if x > bth:
+                bv[bmin] = x
+                bi[bmin] = j
+                for t in range(k):
+                    if bv[t] < bv[bmin]:
+                        bmin = t
+                bth = bv[bmin]
+            if scaled:
+                y = x * inv[j]
+                if y > cth:
+                    cv[cmin] = y
+                    ci[cmin] = j
+                    for t in range(k):
+                        if cv[t] < cv[cmin]:
+                            cmin = t
+                    cth = cv[cmin]
+        for t in range(k):
+            idx_raw[i, t] = bi[t]
+            val_raw[i, t] = bv[t]
+            if scaled:
+                idx_scaled[i, t] = ci[t]
+                val_scaled[i, t] = cv[t]
+
+
+@nb.njit(cache=True)
+def capped_envelope(ny, negv, kth, alpha):  # pragma: no cover - compiled
+    """``out[i] = max_j (min(kth[i], alpha[i] · ny[j]) + negv[j])`` for rows with ``alpha[i] > 0``.
+
+    Columns with ``ny_j >= kth_i / alpha_i`` contribute ``kth_i + negv_j`` (a suffix maximum over
+    columns sorted by ``ny``); the others ``alpha_i · ny_j + negv_j`` (an upper envelope of the
+    prefix, built incrementally while rows are visited in increasing ``kth_i / alpha_i``). Rows with
+    ``alpha[i] <= 0`` or a non-finite input get ``+inf`` (no bound).
+    """
+    m = ny.shape[0]
+    n = kth.shape[0]
+    out = np.full(n, np.inf)
+    if m == 0:
+        return out
+    corder = np.argsort(ny, kind="mergesort")
+    sny = ny[corder]
+    snv = negv[corder]
+    sufmax = np.empty(m + 1)
+    sufmax[m] = -np.inf
+    for t in range(m - 1, -1, -1):
+        sufmax[t] = max(sufmax[t + 1], snv[t])
+    tau = np.full(n, np.inf)
+    for i in range(n):
+        if alpha[i] > 0 and np.isfinite(alpha[i]) and np.isfinite(kth[i]):
+            tau[i] = kth[i] / alpha[i]
+    rorder = np.argsort(tau, kind="mergesort")
+    hs = np.empty(m)
+    hb = np.empty(m)
+    h = 0
+    p = 0
+    for q in range(n):
+        i = rorder[q]
+        if not np.isfinite(tau[i]):
+            break
+        while p < m and sny[p] < tau[i]:
+            a = sny[p]
+            b = snv[p]
+            p += 1
+            if h > 0 and hs[h - 1] == a:
+                if hb[h - 1] >= b:
+                    continue
+                h -= 1
+            while h >= 2 and (hb[h - 2] - b) * (hs[h - 1] - hs[h - 2]) <= (hb[h - 2] - hb[h - 1]) * (
+                a - hs[h - 2]
+            ):
+                h -= 1
+            hs[h] = a
+            hb[h] = b
+            h += 1
+        best = kth[i] + sufmax[p]
+        if h > 0:
+            x = alpha[i]
+            lo = 0
+            hi = h - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if hs[mid] * x + hb[mid] <= hs[mid + 1] * x + hb[mid + 1]:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            best = max(best, hs[lo] * x + hb[lo])
+        out[i] = best
+    return out

@@ -1,0 +1,286 @@
+"""The certified sparse solver against scipy's dense ``linear_sum_assignment`` (the reference).
+
+Totals are compared, not indices: with ties several assignments are optimal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+from saematch_core._jv_numba import capped_envelope, exact_dots, line_envelope, sparse_sap, topk2
+from saematch_core.lap_sparse import SparseLAPResult, solve_inner_product, solve_scores
+
+TOL = 1e-9
+
+
+def _reference_total(S: np.ndarray) -> float:
+    r, c = linear_sum_assignment(S, maximize=True)
+    return float(S[r, c].sum())
+
+
+def _check(res: SparseLAPResult, S: np.ndarray) -> None:
+    n = S.shape[0]
+    assert res.cols.shape == (n,) and res.cols.dtype == np.int64
+    assert len(set(res.cols.tolist())) == n, "columns must be distinct"
+    assert res.max_violation <= TOL
+    ref = _reference_total(S)
+    scale = max(1.0, float(np.abs(S).max()))
+    assert float(S[np.arange(n), res.cols].sum()) == pytest.approx(ref, abs=1e-9 * n * scale)
+    assert res.total == pytest.approx(ref, abs=1e-9 * n * scale)
+
+
+def _random_instances() -> list[tuple[str, np.ndarray, int]]:
+    rng = np.random.default_rng(0)
+    cases = []
+    for t in range(60):
+        n = int(rng.integers(1, 30))
+        m = n + [0, 1, int(rng.integers(2, 25))][t % 3]
+        k = int(rng.integers(1, 5))
+        kind = t % 5
+        if kind == 0:
+            S = rng.standard_normal((n, m))
+        elif kind == 1:
+            S = rng.integers(0, 3, (n, m)).astype(float)  # many exact ties
+        elif kind == 2:
+            S = np.full((n, m), 1.5)  # every assignment ties (scipy #11602)
+        elif kind == 3:
+            # popular columns: every row ranks the same few columns first, so top-k misses the optimum
+            S = 3.0 * rng.standard_normal((1, m)) + 0.2 * rng.standard_normal((n, m))
+        else:
+            S = -rng.random((n, m)) * 1e6
+        cases.append((f"t{t}-kind{kind}-{n}x{m}-k{k}", S, k))
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("name", "S", "k"), _random_instances(), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_scores_match_scipy(name: str, S: np.ndarray, k: int) -> None:
+    _check(solve_scores(S, k=k), S)
+
+
+def test_minimize_and_transposed_reference() -> None:
+    rng = np.random.default_rng(1)
+    C = rng.random((12, 20))
+    res = solve_scores(C, maximize=False, k=2)
+    r, c = linear_sum_assignment(C)
+    assert res.total == pytest.approx(float(C[r, c].sum()), abs=1e-12)
+    assert float(C[np.arange(12), res.cols].sum()) == pytest.approx(res.total, abs=1e-12)
+
+
+def test_k_larger_than_m() -> None:
+    S = np.random.default_rng(2).standard_normal((5, 7))
+    res = solve_scores(S, k=50)
+    _check(res, S)
+    assert res.rounds == 1 and res.n_candidates == 35
+
+
+def _popular_columns(n: int, m: int, seed: int) -> np.ndarray:
+    # Every row ranks columns 0, 1, ... first, but in a square problem the popularity term adds the
+    # same constant to every assignment: the optimum is decided by the small noise, far down the lists.
+    rng = np.random.default_rng(seed)
+    return 100.0 * np.arange(m, 0, -1)[None, :] + rng.standard_normal((n, m))
+
+
+@pytest.mark.parametrize(("n", "m"), [(40, 40), (25, 30), (40, 50)])
+def test_adversarial_topk_misses_optimum_needs_rounds(n: int, m: int) -> None:
+    S = _popular_columns(n, m, seed=n + m)
+    res = solve_scores(S, k=2)
+    _check(res, S)
+    assert res.rounds > 1
+
+
+def test_adversarial_inner_product_small_norm_partners() -> None:
+    # Planted pairs whose partner has a small norm rank below many big-norm strangers by inner
+    # product; the cosine-ordered candidates and the certificate must still find the optimum.
+    g = torch.Generator().manual_seed(4)
+    n, d = 120, 24
+    A = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    perm = torch.randperm(n, generator=g)
+    B = torch.empty_like(A)
+    scale = torch.where(torch.arange(n) % 3 == 0, 0.2, 3.0)[:, None]
+    B[perm] = (A + 0.8 * torch.randn(n, d, generator=g) / d**0.5) * scale
+    res = solve_inner_product(A, B, k=1)
+    S = (A.double() @ B.double().T).numpy()
+    _check(res, S)
+    assert res.rounds > 1
+
+
+def test_max_rounds_reports_uncertified_result_honestly() -> None:
+    S = _popular_columns(40, 40, seed=0)
+    res = solve_scores(S, k=2, max_rounds=1)
+    assert res.max_violation > TOL
+    assert res.total <= _reference_total(S) + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize(("n", "m"), [(30, 30), (25, 40), (1, 17), (60, 61)])
+def test_inner_product_matches_scipy(seed: int, n: int, m: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 8, generator=g)
+    Y = torch.randn(m, 8, generator=g) * (0.3 + torch.rand(m, 1, generator=g))
+    res = solve_inner_product(X, Y, k=1 + seed % 3, chunk_size=7)
+    _check(res, (X.double() @ Y.double().T).numpy())
+
+
+@pytest.mark.parametrize("noise", [0.1, 1.0, 3.0])
+def test_planted_instances(noise: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    F, d = 300, 32
+    A = torch.randn(F, d, generator=g) * torch.exp(torch.rand(F, 1, generator=g) - 0.5)
+    perm = torch.randperm(F, generator=g)
+    B = torch.empty_like(A)
+    B[perm] = (A + noise * A.norm(dim=1, keepdim=True) * torch.randn(F, d, generator=g) / d**0.5) * torch.exp(
+        torch.rand(F, 1, generator=g) - 0.5
+    )
+    res = solve_inner_product(A, B)
+    _check(res, (A.double() @ B.double().T).numpy())
+    if noise <= 0.1:
+        assert (res.cols == perm.numpy()).all()
+
+
+def test_integer_and_float64_inputs() -> None:
+    X = torch.tensor([[1, 0], [0, 1], [1, 1]])
+    Y = torch.tensor([[0, 2], [2, 0], [1, 1], [0, 0]])
+    res = solve_inner_product(X, Y)
+    _check(res, (X.double() @ Y.double().T).numpy())
+    Xd = torch.randn(20, 5, dtype=torch.float64)
+    Yd = Xd[torch.randperm(20)] * 1e-3
+    res = solve_inner_product(Xd, Yd, k=1)
+    _check(res, (Xd @ Yd.T).numpy())
+
+
+def test_reference_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    S = np.random.default_rng(6).standard_normal((9, 11))
+    res = solve_scores(S, reference=True)
+    assert res.rounds == 0 and res.n_candidates == 99
+    _check(res, S)
+    monkeypatch.setenv("SAEMATCH_REFERENCE", "1")
+    X, Y = torch.randn(6, 3), torch.randn(8, 3)
+    res = solve_inner_product(X, Y)
+    assert res.rounds == 0
+    _check(res, (X.double() @ Y.double().T).numpy())
+
+
+def test_empty() -> None:
+    res = solve_inner_product(torch.zeros(0, 4), torch.zeros(3, 4))
+    assert res.cols.shape == (0,) and res.total == 0.0 and res.max_violation == 0.0
+
+
+@pytest.mark.parametrize(
+    ("X", "Y", "match"),
+    [
+        (torch.zeros(5, 3), torch.zeros(4, 3), "n <= m"),
+        (torch.zeros(3, 3), torch.zeros(4, 2), "same dimension"),
+        (torch.zeros(3), torch.zeros(4, 3), "2-D"),
+        (
+            torch.tensor([[0.0, float("nan")]]),
+            torch.zeros(2, 2),
+            r"X: 1 non-finite entries, first at \(0, 1\)",
+        ),
+    ],
+)
+def test_bad_input(X: torch.Tensor, Y: torch.Tensor, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        solve_inner_product(X, Y)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"), [({"k": 0}, "k:"), ({"chunk_size": 0}, "chunk_size:"), ({"tol": -1.0}, "tol:")]
+)
+def test_bad_options(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        solve_inner_product(torch.zeros(2, 2), torch.zeros(2, 2), **kw)
+    with pytest.raises(ValueError, match="scores: expected n <= m"):
+        solve_scores(np.zeros((3, 2)))
+
+
+# --- kernels against obviously-correct references -------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sparse_sap_matches_scipy_sparse_matching(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, m = 25, 25 + 5 * (seed % 2)
+    dense = np.where(rng.random((n, m)) < 0.3, rng.integers(1, 20, (n, m)).astype(float), 0.0)
+    dense[np.arange(n), rng.permutation(m)[:n]] = 30.0 + rng.random(n)  # guarantees a full matching
+    G = csr_array(dense)
+    G.sort_indices()
+    u, v = np.zeros(n), np.zeros(m)
+    c4r, r4c = np.full(n, -1, np.int64), np.full(m, -1, np.int64)
+    stuck = np.zeros(n, np.bool_)
+    nf = sparse_sap(
+        G.indptr.astype(np.int64), G.indices.astype(np.int64), G.data, u, v, c4r, r4c, n < m, 0.0, stuck
+    )
+    assert nf == 0
+    r, c = min_weight_full_bipartite_matching(G)
+    assert dense[np.arange(n), c4r].sum() == pytest.approx(dense[r, c].sum())
+    # duals: feasible on every edge, tight on matched edges, rectangular conditions on columns
+    rows = np.repeat(np.arange(n), np.diff(G.indptr))
+    assert (G.data - u[rows] - v[G.indices] >= -1e-9).all()
+    assert np.allclose(dense[np.arange(n), c4r] - u - v[c4r], 0.0)
+    assert (v <= 1e-12).all() and np.allclose(v[r4c < 0], 0.0)
+
+
+def test_sparse_sap_reports_stuck_rows() -> None:
+    # rows 0, 1, 2 only see columns 0 and 1: no full matching
+    indptr = np.array([0, 2, 4, 6, 7], np.int64)
+    indices = np.array([0, 1, 0, 1, 0, 1, 2], np.int64)
+    cost = np.ones(7)
+    u, v = np.zeros(4), np.zeros(4)
+    c4r, r4c = np.full(4, -1, np.int64), np.full(4, -1, np.int64)
+    stuck = np.zeros(4, np.bool_)
+    assert sparse_sap(indptr, indices, cost, u, v, c4r, r4c, True, 0.0, stuck) == 1
+    assert stuck[:3].all() and not stuck[3]
+
+
+def test_line_envelope_vs_brute_force() -> None:
+    rng = np.random.default_rng(7)
+    for t in range(50):
+        m, q = int(rng.integers(1, 30)), int(rng.integers(1, 20))
+        a = rng.integers(-3, 4, m).astype(float) if t % 2 else rng.standard_normal(m)
+        b = rng.integers(-3, 4, m).astype(float) if t % 2 else rng.standard_normal(m)
+        x = 3.0 * rng.standard_normal(q)
+        np.testing.assert_allclose(line_envelope(a, b, x), (a[None] * x[:, None] + b[None]).max(axis=1))
+
+
+def test_capped_envelope_vs_brute_force() -> None:
+    rng = np.random.default_rng(9)
+    for t in range(50):
+        m, n = int(rng.integers(1, 30)), int(rng.integers(1, 20))
+        ny = 3.0 * rng.random(m) if t % 2 else rng.integers(0, 4, m).astype(float)
+        negv = -2.0 * rng.random(m)
+        kth = rng.standard_normal(n) + 1.0
+        alpha = 2.0 * rng.random(n) - 0.3
+        got = capped_envelope(ny, negv, kth, alpha)
+        ref = (np.minimum(kth[:, None], alpha[:, None] * ny[None]) + negv[None]).max(axis=1)
+        np.testing.assert_allclose(got[alpha > 0], ref[alpha > 0])
+        assert np.isinf(got[alpha <= 0]).all()
+
+
+def test_topk2_and_exact_dots_vs_torch() -> None:
+    g = torch.Generator().manual_seed(8)
+    S = torch.randn(13, 50, generator=g)
+    inv = np.random.default_rng(8).random(50) + 0.5
+    k = 4
+    ir, vr, isc, vsc = (
+        np.empty((13, k), np.int64),
+        np.empty((13, k)),
+        np.empty((13, k), np.int64),
+        np.empty((13, k)),
+    )
+    topk2(S.numpy(), inv, k, ir, vr, isc, vsc)
+    np.testing.assert_allclose(np.sort(vr, 1), np.sort(torch.topk(S, k).values.double().numpy(), 1))
+    scaled = S.double() * torch.from_numpy(inv)
+    np.testing.assert_allclose(np.sort(vsc, 1), np.sort(torch.topk(scaled, k).values.numpy(), 1))
+    np.testing.assert_array_equal(np.sort(ir, 1), np.sort(torch.topk(S, k).indices.numpy(), 1))
+    X, Y = torch.randn(5, 7, generator=g), torch.randn(6, 7, generator=g)
+    ii, jj = np.array([0, 4, 2], np.int64), np.array([5, 0, 3], np.int64)
+    out = np.empty(3)
+    exact_dots(X.numpy(), Y.numpy(), ii, jj, out)
+    np.testing.assert_allclose(out, (X.double() @ Y.double().T).numpy()[ii, jj], rtol=1e-12)
