@@ -1,0 +1,181 @@
+"""Feature persistence across layers (paper Fig. 8, hypothesis H3).
+
+From a start layer ``s``, each feature is followed forward by composing the consecutive matchings
+``P(s→s+1), P(s+1→s+2), …`` (:func:`saematch_core.compose.compose_chain`). At every distance ``d``
+the composed matching ``s→s+d`` is compared with the direct matching of SAE ``s`` to SAE ``s+d``:
+
+- ``agreement``: fraction of start features whose composed partner equals the direct partner
+  (features without a partner in either are not compared; :func:`saematch_core.compose.agreement`);
+- with activations, the data-based check: the Matching Score (mean ``P(reached feature active |
+  start feature active)``, see :mod:`saematch_core.evaluate`) of the composed matching, of the direct
+  matching, and of random partners, over the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saematch_core.compose import agreement, compose_chain
+from saematch_core.evaluate import coactivation, pair_metrics, random_partners
+from saematch_core.match import MatchConfig, match
+from saematch_core.results import ArrayLike, JsonResult, acts_digest, finite_mean, load_or_compute, sae_digest
+from saematch_core.sae import SAE
+
+__all__ = ["PersistenceResult", "PersistenceRow", "default_starts", "persistence"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersistenceRow:
+    """Composed vs direct matching from ``start`` to ``target``."""
+
+    start: int
+    target: int
+    distance: int
+    """``target − start`` (in layers)."""
+    agreement: float
+    """Fraction of compared start features with the same partner under both matchings."""
+    n_compared: int
+    """Start features with a partner in both."""
+    n_lost: int
+    """Start features whose composed path hit ``−1`` (no partner somewhere on the way)."""
+    score_composed: float
+    """Matching Score of the composed matching (``nan`` without activations)."""
+    score_direct: float
+    """Matching Score of the direct matching."""
+    score_random: float
+    """Matching Score of random partners (the null)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersistenceResult(JsonResult):
+    """Rows per (start, target), starts ascending then distance ascending."""
+
+    kind: ClassVar[str] = "persistence"
+    rows: tuple[PersistenceRow, ...]
+
+    def curve(self, start: int, metric: str = "agreement") -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(distances, values of ``metric``) for one start layer."""
+        rows = [r for r in self.rows if r.start == start]
+        return tuple(r.distance for r in rows), tuple(float(getattr(r, metric)) for r in rows)
+
+
+def default_starts(layers: Sequence[int]) -> tuple[int, ...]:
+    """Start layers at about a third, half and three quarters of the available layers.
+
+    >>> default_starts(range(26))
+    (8, 13, 19)
+    """
+    ls = sorted(int(x) for x in layers)
+    if len(ls) < 2:
+        raise ValueError(f"layers: expected at least 2 layers, got {ls}")
+    picks = [ls[min(len(ls) - 2, int(f * len(ls)))] for f in (1 / 3, 1 / 2, 3 / 4)]
+    return tuple(dict.fromkeys(picks))
+
+
+def persistence(
+    saes: Mapping[int, SAE],
+    starts: Sequence[int] | None = None,
+    max_distance: int = 5,
+    config: MatchConfig | None = None,
+    *,
+    activations: Mapping[int, ArrayLike] | None = None,
+    keep: ArrayLike | None = None,
+    seed: int = 0,
+    chunk_size: int = 4096,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> PersistenceResult:
+    """Composed vs direct matching over distance from each start layer (Fig. 8).
+
+    Parameters
+    ----------
+    saes : layer → SAE; targets stop where a consecutive layer is missing.
+    starts : start layers; default :func:`default_starts`.
+    max_distance : follow at most this many layers.
+    config : matching used for both the consecutive and the direct matchings (default: the paper's).
+    activations : layer → (n_tokens, d_in) on the same tokens, optional (data-based check).
+    keep : BoolTensor (n_tokens,), optional; tokens counted by the data-based check.
+    seed : for the random null.
+    """
+    cfg = MatchConfig() if config is None else config
+    starts = default_starts(list(saes)) if starts is None else tuple(int(s) for s in starts)
+    if not isinstance(max_distance, int) or max_distance < 1:
+        raise ValueError(f"max_distance: expected an int >= 1, got {max_distance!r}")
+    plan: list[tuple[int, list[int]]] = []
+    for s in starts:
+        if s not in saes:
+            raise ValueError(f"starts: no SAE for start layer {s}; have {sorted(saes)}")
+        targets = []
+        for t in range(s + 1, s + max_distance + 1):
+            if t not in saes:
+                break
+            targets.append(t)
+        plan.append((s, targets))
+    used = sorted({s for s, ts in plan} | {t for _, ts in plan for t in ts})
+    spec: dict[str, Any] = {
+        "saes": {str(layer): sae_digest(saes[layer]) for layer in used},
+        "starts": list(starts),
+        "max_distance": max_distance,
+        "config": cfg.to_dict(),
+        "activations": None
+        if activations is None
+        else {str(layer): acts_digest(activations[layer]) for layer in used if layer in activations},
+        "keep": None if keep is None else acts_digest(keep),
+        "seed": seed,
+    }
+
+    def compute() -> PersistenceResult:
+        step: dict[int, Tensor] = {}
+        rows = []
+        g = torch.Generator().manual_seed(seed)
+        total = sum(len(ts) for _, ts in plan)
+        bar = tqdm(total=total, desc="persistence", disable=not progress)
+        for s, targets in plan:
+            for t in targets:
+                if t - 1 not in step:
+                    step[t - 1] = match(saes[t - 1], saes[t], cfg).perm
+                composed = compose_chain([step[i] for i in range(s, t)])
+                direct = composed if t == s + 1 else match(saes[s], saes[t], cfg).perm
+                both = (composed >= 0) & (direct >= 0)
+                scores = (math.nan, math.nan, math.nan)
+                if activations is not None and s in activations and t in activations:
+                    null = random_partners(saes[s].d_sae, saes[t].d_sae, g)
+                    perms = {"composed": composed, "direct": direct, "random": null}
+                    stats = coactivation(
+                        saes[s],
+                        saes[t],
+                        activations[s],
+                        activations[t],
+                        perms,
+                        keep=keep,
+                        chunk_size=chunk_size,
+                    )
+                    s_c, s_d, s_r = (finite_mean(pair_metrics(stats, k)["p_partner"]) for k in perms)
+                    scores = (s_c, s_d, s_r)
+                rows.append(
+                    PersistenceRow(
+                        start=s,
+                        target=t,
+                        distance=t - s,
+                        agreement=agreement(composed, direct),
+                        n_compared=int(both.sum()),
+                        n_lost=int((composed < 0).sum()),
+                        score_composed=scores[0],
+                        score_direct=scores[1],
+                        score_random=scores[2],
+                    )
+                )
+                bar.update()
+        bar.close()
+        return PersistenceResult(rows=tuple(rows))
+
+    return load_or_compute(PersistenceResult, spec, compute, cache_dir=cache_dir, force=force)

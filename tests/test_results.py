@@ -1,0 +1,178 @@
+"""Result JSON round trips, fingerprints and the on-disk result cache."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_sae
+
+from saematch_core.results import (
+    JsonResult,
+    acts_digest,
+    finite_mean,
+    load_or_compute,
+    map_layer_pairs,
+    pair_spec,
+    result_path,
+    sae_digest,
+    tensor_digest,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Inner:
+    x: float
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Demo(JsonResult):
+    kind: ClassVar[str] = "demo"
+    value: float
+    count: int
+    maybe: float | None
+    inner: tuple[_Inner, ...]
+    table: dict[str, float]
+
+
+def _demo() -> _Demo:
+    return _Demo(
+        value=math.nan,
+        count=3,
+        maybe=None,
+        inner=(_Inner(x=math.inf, tags=("a", "nan")), _Inner(x=-1.5, tags=())),
+        table={"k": -math.inf},
+    )
+
+
+def test_json_round_trip_keeps_nan_inf_and_nesting(tmp_path) -> None:
+    res = _demo()
+    path = tmp_path / "r.json"
+    res.to_json(path, config={"seed": 1})
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == "demo" and doc["config"] == {"seed": 1} and doc["schema_version"] == 1
+    back = _Demo.from_json(path)
+    assert math.isnan(back.value) and back.count == 3 and back.maybe is None
+    assert back.inner[0] == _Inner(x=math.inf, tags=("a", "nan"))  # a str field keeps "nan" as text
+    assert back.table == {"k": -math.inf}
+    with pytest.raises(ValueError, match="fields mismatch"):
+        _Demo.from_dict({**res.to_dict(), "extra": 1})
+    with pytest.raises(FileNotFoundError, match="no such result file"):
+        _Demo.from_json(tmp_path / "missing.json")
+
+
+def test_load_or_compute_caches_and_recovers_from_corrupt_files(tmp_path) -> None:
+    calls = []
+
+    def compute() -> _Demo:
+        calls.append(1)
+        return _demo()
+
+    spec = {"a": 1}
+    load_or_compute(_Demo, spec, compute, cache_dir=tmp_path)
+    load_or_compute(_Demo, spec, compute, cache_dir=tmp_path)
+    assert len(calls) == 1
+    (path,) = (tmp_path / "demo").glob("*.json")
+    path.write_text("{not json")
+    load_or_compute(_Demo, spec, compute, cache_dir=tmp_path)
+    assert len(calls) == 2
+    load_or_compute(_Demo, spec, compute, cache_dir=tmp_path, force=True)
+    load_or_compute(_Demo, {"a": 2}, compute, cache_dir=tmp_path)
+    assert len(calls) == 4
+
+
+def test_digests_see_values_dtypes_and_shapes() -> None:
+    x = torch.arange(6.0)
+    assert tensor_digest(x) == tensor_digest(x.numpy()) == tensor_digest(np.arange(6.0, dtype=np.float32))
+    assert tensor_digest(x) != tensor_digest(x.reshape(2, 3))
+    assert tensor_digest(x) != tensor_digest(x.double())
+    a = make_sae(8, 16)
+    assert sae_digest(a) == sae_digest(make_sae(8, 16))
+    assert sae_digest(a) != sae_digest(a.permute(torch.arange(16).flip(0)))
+
+
+def test_large_arrays_are_sampled_but_still_distinguished(tmp_path) -> None:
+    n = (64 * 2**20) // (16 * 2) + 10  # just over the full-hash limit in float16
+    arr = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float16, shape=(n, 16))
+    arr[:] = 1
+    first = tensor_digest(arr)
+    arr[-1, 0] = 2  # the last row is always part of the sample
+    assert tensor_digest(arr) != first
+    assert tensor_digest(arr[: n // 2]) != tensor_digest(arr)
+
+
+def test_acts_digest_is_the_same_for_tensor_array_and_memory_map(tmp_path) -> None:
+    x = torch.randn(10, 4)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(10, 4))
+    mm[:] = x.numpy()
+    assert acts_digest(x) == acts_digest(x.numpy()) == acts_digest(mm) == tensor_digest(x)
+    assert acts_digest([True, False]) == tensor_digest(np.array([True, False]))
+    assert acts_digest(x) != acts_digest(x[:9])
+
+
+def test_finite_mean_skips_nan_and_inf_for_sequences_and_tensors() -> None:
+    values = [1.0, math.nan, 3.0, math.inf, -math.inf]
+    assert finite_mean(values) == 2.0
+    assert finite_mean(torch.tensor(values)) == 2.0
+    assert finite_mean(np.array(values)) == 2.0
+    for empty in ([], [math.nan], torch.zeros(0), torch.tensor([math.nan], dtype=torch.float16)):
+        assert math.isnan(finite_mean(empty))
+    # float64 whatever the input dtype, like a reference mean over the defined values.
+    t = torch.rand(1000, dtype=torch.float32)
+    assert finite_mean(t) == pytest.approx(sum(t.double().tolist()) / 1000, rel=1e-12)
+
+
+def test_pair_spec_records_activations_only_when_given() -> None:
+    a, b = make_sae(8, 16, seed=0), make_sae(8, 16, seed=1)
+    x, keep = torch.randn(5, 8), torch.tensor([True, False, True, True, True])
+    bare = pair_spec(a, b, (3, 4))
+    assert bare == {"a": sae_digest(a), "b": sae_digest(b), "layers": [3, 4]}
+    assert pair_spec(a, b, (3, 4), keep=keep) == bare  # keep alone changes nothing computed
+    full = pair_spec(a, b, (3, 4), acts=(x, x + 1), keep=keep)
+    assert full["acts"] == [acts_digest(x), acts_digest(x + 1)] and full["keep"] == acts_digest(keep)
+    assert pair_spec(a, b, (3, 4), acts=(x, x + 1))["keep"] is None
+    assert pair_spec(b, a, (3, 4))["a"] == sae_digest(b)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PairDemo(JsonResult):
+    kind: ClassVar[str] = "pair_demo"
+    layers: tuple[int, int]
+    d_sae: int
+
+
+def test_map_layer_pairs_caches_each_pair_under_its_spec(tmp_path) -> None:
+    saes = {0: make_sae(8, 16, seed=0), 1: make_sae(8, 16, seed=1), 2: make_sae(8, 8, seed=2)}
+    acts = {0: torch.randn(5, 8), 1: torch.randn(5, 8)}
+    calls: list[tuple[int, int]] = []
+
+    def compute(la: int, lb: int) -> _PairDemo:
+        calls.append((la, lb))
+        return _PairDemo(layers=(la, lb), d_sae=saes[lb].d_sae)
+
+    def run(**kw) -> list[_PairDemo]:
+        kw.setdefault("spec", {"seed": 0})
+        return map_layer_pairs(
+            _PairDemo, saes, [(1, 2), (0, 1)], compute, desc="demo", cache_dir=tmp_path, progress=False, **kw
+        )
+
+    first = run(activations=acts)
+    assert [r.layers for r in first] == [(1, 2), (0, 1)] and first[0].d_sae == 8
+    assert calls == [(1, 2), (0, 1)]
+    assert run(activations=acts) == first and len(calls) == 2  # both read from the cache
+    # Pair (0, 1) has activations: its spec records them; (1, 2) lacks layer 2's, so it does not.
+    with_acts = pair_spec(saes[0], saes[1], (0, 1), acts=(acts[0], acts[1])) | {"seed": 0}
+    assert result_path(_PairDemo, with_acts, tmp_path).is_file()
+    assert result_path(_PairDemo, pair_spec(saes[1], saes[2], (1, 2)) | {"seed": 0}, tmp_path).is_file()
+    run()  # without activations only (0, 1) changes key
+    assert calls == [(1, 2), (0, 1), (0, 1)]
+    run(spec=lambda la, lb: {"seed": la})  # a per-pair spec: (1, 2) gets seed 1, (0, 1) seed 0
+    assert calls == [(1, 2), (0, 1), (0, 1), (1, 2)]
+    run(force=True)
+    assert len(calls) == 6
