@@ -393,6 +393,40 @@ def _run_match(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_prepare(p: argparse.ArgumentParser) -> None:
+    from saematch_core.profiles import PROFILE_NAMES
+
+    p.add_argument("--profile", choices=PROFILE_NAMES, default="default", help="which substrate to build")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache root (default: $SAEMATCH_CACHE or ~/.cache/saematch)",
+    )
+    p.add_argument("--force", action="store_true", help="recompute every step even when cached")
+    p.add_argument("--device", default=None, help="where the language model runs (cpu, cuda, ...)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    # Imported here: the substrate pulls in transformers, which `info`/`fold`/`match` never need.
+    from saematch_core.prepare import prepare
+
+    result = prepare(
+        args.profile,
+        cache_dir=args.cache_dir,
+        force=args.force,
+        progress=not args.no_progress,
+        device=args.device,
+    )
+    state = "cached" if result.cached else f"built in {result.seconds:.1f} s"
+    print(f"profile {result.profile}: {len(result.records)} SAEs ({state})")
+    print(f"SAEs: {result.folder / 'saes'}")
+    for record in result.records:
+        print(f"  {record.family:<8} layer {record.layer:>2} {record.setting:<10} {record.path}")
+    return 0
+
+
 register_command(
     "info",
     help="describe an SAE: format, sizes, activation, dtype, threshold and norm statistics, meta",
@@ -410,4 +444,10 @@ register_command(
     help="match the features of SAE A to those of SAE B and save the permutation",
     configure=_configure_match,
     run=_run_match,
+)
+register_command(
+    "prepare",
+    help="build a profile's substrate: model, corpora, activation cache and SAEs for every layer (cached)",
+    configure=_configure_prepare,
+    run=_run_prepare,
 )

@@ -234,3 +234,38 @@ def test_subprocess_hub_offline(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["format"] == "gemma_scope" and summary["meta"]["layer"] == 5 and summary["d_sae"] == D_SAE
+
+
+def test_prepare_passes_options_and_lists_the_saes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import saematch_core.prepare as prepare_module
+
+    seen: dict[str, object] = {}
+
+    def fake_prepare(profile: str, **kwargs: object) -> object:
+        seen.update(profile=profile, **kwargs)
+        record = argparse.Namespace(
+            family="main", layer=3, setting="", path=tmp_path / "saes" / "layer_03.safetensors"
+        )
+        return argparse.Namespace(
+            profile=profile, folder=tmp_path, records=(record,), cached=True, seconds=0.1
+        )
+
+    monkeypatch.setattr(prepare_module, "prepare", fake_prepare)
+    assert main(["prepare", "--profile", "smoke", "--cache-dir", str(tmp_path), "--no-progress"]) == 0
+    assert seen == {
+        "profile": "smoke",
+        "cache_dir": tmp_path,
+        "force": False,
+        "progress": False,
+        "device": None,
+    }
+    out = capsys.readouterr().out
+    assert "profile smoke: 1 SAEs (cached)" in out and "layer_03.safetensors" in out
+
+
+def test_prepare_rejects_unknown_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prepare", "--profile", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("saematch: error:") and "nope" in err[0]
