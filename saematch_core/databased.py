@@ -39,23 +39,20 @@ from torch import Tensor
 from saematch_core.evaluate import random_partners
 from saematch_core.lap import linear_assignment
 from saematch_core.match import MatchConfig, match
-from saematch_core.results import ArrayLike, JsonResult, acts_digest, finite_mean, map_layer_pairs
+from saematch_core.results import ArrayLike, JsonResult, array_rows, finite_mean, map_layer_pairs
 from saematch_core.sae import SAE
 
-# acts_digest and finite_mean now live in saematch_core.results; re-exported for existing imports.
 __all__ = [
     "CORRELATION_MEASURES",
     "CoactivationMatrix",
     "CorrelationMeasure",
     "DataBasedResult",
     "DataBasedRow",
-    "acts_digest",
     "cached_match_perm",
     "coactivation_from_codes",
     "coactivation_matrix",
     "databased_by_layer",
     "databased_match",
-    "finite_mean",
     "iter_code_pairs",
     "recovered_fraction",
 ]
@@ -88,12 +85,6 @@ def _check_acts(name: str, acts: ArrayLike, d_in: int, n: int | None = None) -> 
             f"{name}: expected {n} tokens like the other layer's activations, got {acts.shape[0]}"
         )
     return int(acts.shape[0])
-
-
-def _rows(x: ArrayLike, start: int, stop: int, sae: SAE) -> Tensor:
-    part = x[start:stop]
-    t = part if isinstance(part, Tensor) else torch.from_numpy(np.ascontiguousarray(part))
-    return t.to(device=sae.device, dtype=sae.dtype)
 
 
 def iter_code_pairs(
@@ -133,10 +124,12 @@ def iter_code_pairs(
         if rows.numel() == 0:
             continue
         with torch.no_grad():
-            ca = sae_a.encode(_rows(acts_a, s, s + chunk_size, sae_a)[rows.to(sae_a.device)])
+            xa = array_rows(acts_a, s, s + chunk_size, device=sae_a.device, dtype=sae_a.dtype)
+            ca = sae_a.encode(xa[rows.to(sae_a.device)])
             cb = None
             if sae_b is not None and acts_b is not None:
-                cb = sae_b.encode(_rows(acts_b, s, s + chunk_size, sae_b)[rows.to(sae_b.device)])
+                xb = array_rows(acts_b, s, s + chunk_size, device=sae_b.device, dtype=sae_b.dtype)
+                cb = sae_b.encode(xb[rows.to(sae_b.device)])
         yield ca, cb
 
 

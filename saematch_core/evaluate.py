@@ -46,6 +46,7 @@ from saematch_core.results import (
     ArrayLike,
     JsonResult,
     acts_digest,
+    array_rows,
     finite_mean,
     load_or_compute,
     map_layer_pairs,
@@ -79,12 +80,6 @@ __all__ = [
 
 EVAL_PARAMS: tuple[str, ...] = ("W_enc", "W_dec", "b_enc")
 """Parameters on which matched pairs' MSE is evaluated (folded), as in the paper's Fig. 3."""
-
-
-def _rows(x: ArrayLike, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    part = x[start:stop]
-    t = part if isinstance(part, Tensor) else torch.from_numpy(np.ascontiguousarray(part))
-    return t.to(device=device, dtype=dtype)
 
 
 def _check_acts(name: str, acts: ArrayLike, d_in: int, n: int | None = None) -> int:
@@ -208,7 +203,7 @@ def _layer_norms(
         mask = _check_keep(layer_keep, n)
         parts = []
         for s in range(0, n, chunk_size):
-            x = _rows(acts, s, s + chunk_size, torch.device("cpu"), torch.float64)
+            x = array_rows(acts, s, s + chunk_size, device=torch.device("cpu"), dtype=torch.float64)
             parts.append(torch.linalg.vector_norm(x, dim=1)[mask[s : s + chunk_size]].numpy())
         return np.concatenate(parts) if parts else np.zeros(0)
     if norms is not None and layer in norms:
@@ -463,8 +458,10 @@ def coactivation(
             continue
         rows = m.nonzero().flatten()
         with torch.no_grad():
-            ca = sae_a.encode(_rows(acts_a, s, s + chunk_size, dev, sae_a.dtype)[rows.to(dev)]).to(f64)
-            cb = sae_b.encode(_rows(acts_b, s, s + chunk_size, dev, sae_b.dtype)[rows.to(dev)]).to(f64)
+            xa = array_rows(acts_a, s, s + chunk_size, device=dev, dtype=sae_a.dtype)
+            xb = array_rows(acts_b, s, s + chunk_size, device=dev, dtype=sae_b.dtype)
+            ca = sae_a.encode(xa[rows.to(dev)]).to(f64)
+            cb = sae_b.encode(xb[rows.to(dev)]).to(f64)
         n_kept += int(rows.numel())
         act_a, act_b = ca > 0, cb > 0
         count_a += act_a.sum(0).cpu()

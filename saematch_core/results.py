@@ -40,6 +40,7 @@ __all__ = [
     "ArrayLike",
     "JsonResult",
     "acts_digest",
+    "array_rows",
     "finite_mean",
     "load_or_compute",
     "map_layer_pairs",
@@ -93,6 +94,17 @@ def tensor_digest(t: Tensor | np.ndarray) -> str:
     else:
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:16]
+
+
+def array_rows(x: ArrayLike, start: int, stop: int, *, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Rows ``start:stop`` of a tensor or (memory-mapped) array as a tensor on ``device`` in ``dtype``.
+
+    Memory-mapped rows are copied into memory first: the cache's maps are read-only, and torch
+    warns on (and must not write through) a tensor that views read-only memory.
+    """
+    part = x[start:stop]
+    t = part if isinstance(part, Tensor) else torch.from_numpy(np.array(part))
+    return t.to(device=device, dtype=dtype)
 
 
 def acts_digest(acts: ArrayLike) -> str:

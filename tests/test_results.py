@@ -176,3 +176,19 @@ def test_map_layer_pairs_caches_each_pair_under_its_spec(tmp_path) -> None:
     assert calls == [(1, 2), (0, 1), (0, 1), (1, 2)]
     run(force=True)
     assert len(calls) == 6
+
+
+def test_array_rows_copies_read_only_memmaps_without_warning(tmp_path) -> None:
+    import warnings
+
+    from saematch_core.results import array_rows
+
+    path = tmp_path / "acts.npy"
+    np.save(path, np.arange(12, dtype=np.float16).reshape(6, 2))
+    mm = np.load(path, mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = array_rows(mm, 2, 4, device=torch.device("cpu"), dtype=torch.float32)
+    assert rows.dtype == torch.float32 and rows.tolist() == [[4.0, 5.0], [6.0, 7.0]]
+    t = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(array_rows(t, 1, 3, device=torch.device("cpu"), dtype=torch.float64), t[1:].double())
