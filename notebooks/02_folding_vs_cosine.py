@@ -7,129 +7,213 @@
 # %% [markdown]
 # # 2. Does folding help matching, and how do cosine and greedy baselines compare?
 #
-# Inputs: a chain of JumpReLU SAEs. Until the substrate's trained SAEs are wired in, the chain is
-# synthetic: each layer's SAE is the previous one with its features shuffled (a planted permutation)
-# and noise added to its folded weights, and each layer has its own thresholds, which grow with depth
-# as the paper's thresholds grow with the hidden-state norm.
-# Outputs: per layer pair, how many planted partners each matching scheme recovers, and the MSE of
-# the matched folded parameters (the paper's Fig. 3 evaluation); the SAE Match results as JSON in
-# `out_dir`. Runtime on CPU: seconds.
+# Inputs: the profile's main JumpReLU SAEs (every layer) and the residual stream of its evaluation
+# split. Every consecutive layer pair is matched seven ways (identity order, unfolded, folded = SAE
+# Match, encoder-only, decoder-only, cosine of decoder rows, greedy top-1 cosine = Feature Flow).
+# Outputs: the MSE of matched folded parameters per layer pair (Figs. 3 and 12), the Matching Score
+# per layer pair (Fig. 7), the SAE Match results as JSON and the measured claims in `out_dir`.
+# Runtime: seconds on `smoke`, a few minutes on `default` (results are cached).
 
 # %% tags=["parameters"]
-profile = "smoke"  # build profile; recorded here, the synthetic chain does not depend on it yet
-seed = 0  # seed of the synthetic chain
-n_layers = 6  # SAEs in the chain
-d_in = 32  # residual width
-d_sae = 128  # features per SAE
-noise = 1.0  # weight noise between consecutive layers, relative to the weights' scale
-scale_growth = 1.5  # the typical threshold grows by this factor per layer
-theta_spread = 1.0  # log-normal spread of the thresholds within a layer
+profile = "smoke"  # build profile: smoke, default or paper
+n_null = 5  # random matchings for the Matching Score's null
+seed = 0  # seed of the random null
 out_dir = "results/02_folding_vs_cosine"  # where results are written (set by the build)
 
-# %%
-from dataclasses import replace
+# %% tags=["hide-input"]
+import warnings
+
+# tqdm.auto warns at import when ipywidgets is absent; torch warns on read-only memory maps.
+warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from saematch_core import SAE, rescale_features
-from saematch_core.compose import agreement, invert
-from saematch_core.cost import feature_vectors, pair_costs
-from saematch_core.match import match
-from saematch_core.plots import line_per_layer, show
+from saematch_core.evaluate import default_methods, matching_scores_by_layer, parameter_mse
+from saematch_core.plots import line_per_layer, show, show_table
+from saematch_core.study import PAPER, Claim, early_late_split, load_study, write_claims
 
-print(f"profile={profile!r}, seed={seed}, {n_layers} SAEs of width {d_sae} on d_in={d_in}")
+study = load_study(profile, progress=False)
+print(study.describe())
+Path(out_dir).mkdir(parents=True, exist_ok=True)
+for (a, b), result in study.consecutive_matches().items():
+    result.to_json(Path(out_dir) / f"match_{a:02d}_{b:02d}.json")
 
 # %% [markdown]
-# ## The synthetic chain
+# ## Parameter MSE three ways (Fig. 3)
 #
-# A folded SAE (θ = 1) is shuffled and perturbed layer after layer; each layer is then given its own
-# thresholds θ (growing with depth, spread per feature), which rescales every feature's weights
-# without changing what the SAE computes.
+# Every matching is scored the same way, on the *folded* `W_enc`, `W_dec` and `b_enc` of the matched
+# pairs: identity order ("vanilla"), exact matching of the raw weights ("unfolded"), and exact
+# matching of the folded weights (SAE Match).
 
 # %% tags=["hide-input"]
-g = torch.Generator().manual_seed(seed)
-canonical = SAE(
-    W_enc=torch.randn(d_in, d_sae, generator=g) / d_in**0.5,
-    b_enc=0.1 * torch.randn(d_sae, generator=g),
-    W_dec=torch.randn(d_sae, d_in, generator=g) / d_in**0.5,
-    b_dec=torch.zeros(d_in),
-    threshold=torch.ones(d_sae),
-)
-enc_scale, dec_scale = canonical.W_enc.std(), canonical.W_dec.std()  # noise is relative to layer 0
-chain, planted = [], []  # planted[t][i]: the partner in layer t + 1 of feature i of layer t
-for t in range(n_layers):
-    if t:
-        shuffle = torch.randperm(d_sae, generator=g)
-        canonical = canonical.permute(shuffle)
-        canonical = replace(
-            canonical,
-            W_enc=canonical.W_enc + noise * enc_scale * torch.randn(d_in, d_sae, generator=g),
-            W_dec=canonical.W_dec + noise * dec_scale * torch.randn(d_sae, d_in, generator=g),
-        )
-        planted.append(invert(shuffle))
-    theta = scale_growth**t * torch.exp(theta_spread * torch.randn(d_sae, generator=g))
-    chain.append(rescale_features(canonical, 1 / theta))
-
-# %% [markdown]
-# ## Matching every consecutive pair five ways
-
-# %%
-schemes = {
-    "identity order": {"solver": "identity"},
-    "matched, unfolded": {"fold": False},
-    "folded + matched (SAE Match)": {"fold": True},
-    "cosine of decoder rows": {"metric": "cosine", "params": ("W_dec",)},
-    "greedy top-1 cosine": {"solver": "greedy", "metric": "cosine", "params": ("W_dec",)},
-}
-Path(out_dir).mkdir(parents=True, exist_ok=True)
-pairs = list(range(n_layers - 1))
-recovered = {name: [] for name in schemes}
-folded_mse = {name: [] for name in schemes}
-for t in pairs:
-    a, b = chain[t], chain[t + 1]
-    va, vb = feature_vectors(a, fold=True), feature_vectors(b, fold=True)
-    for name, overrides in schemes.items():
-        result = match(a, b, **overrides)
-        if name == "folded + matched (SAE Match)":
-            result.to_json(Path(out_dir) / f"match_{t:02d}_{t + 1:02d}.json")
-        recovered[name].append(agreement(result.perm, planted[t]))
-        folded_mse[name].append(float(pair_costs(va, vb, result.perm).mean()))
-
-# %%
+methods = default_methods()
+mse = parameter_mse(study.saes, methods=methods, cache_dir=study.results_dir, progress=False)
+pairs = study.pairs
+x = [a for a, _ in pairs]
+series = {name: np.asarray(mse.series(name)) for name in methods}
 show(
     line_per_layer(
-        pairs,
-        recovered,
-        title="Planted partners recovered per layer pair",
-        x_title="layer pair (t → t+1)",
-        y_title="fraction of features matched to their planted partner",
-    )
-)
-
-# %%
-show(
-    line_per_layer(
-        pairs,
-        folded_mse,
-        title="MSE of matched folded parameters (Fig. 3 analogue)",
-        x_title="layer pair (t → t+1)",
-        y_title="mean per-pair MSE of folded W_enc, W_dec, b_enc",
+        x,
+        {
+            "vanilla (identity order)": series["vanilla"],
+            "matched, unfolded": series["unfolded"],
+            "folded + matched (SAE Match)": series["folded"],
+        },
+        title="MSE of matched folded parameters per layer pair (Fig. 3)",
+        x_title="layer pair (t → t+1), by t",
+        y_title="mean per-pair MSE of folded W_enc, W_dec, b_enc (squared residual units)",
         log_y=True,
     )
 )
+folded_best = float(np.mean(series["folded"] <= series["unfolded"] + 1e-12))
+folded_vs_vanilla = float(np.median(series["folded"] / series["vanilla"]))
+print(f"paper: {PAPER['fig3_folded_beats_unfolded']}")
+print(
+    f"ours: folded ≤ unfolded on {folded_best:.0%} of {len(pairs)} pairs; "
+    f"median MSE ratio folded / vanilla = {folded_vs_vanilla:.3f}"
+)
 
 # %% [markdown]
-# ## What this shows
-#
-# A feature's threshold changes its raw encoder and decoder weights but not its folded weights, so
-# matching folded parameters recovers the planted partners while matching raw parameters is misled
-# by the spread of thresholds. Cosine of decoder rows is also blind to scale and does well on this
-# synthetic chain; greedy top-1 lets several features share a partner and loses a few. On real
-# SAEs (once the substrate is wired in) the schemes are closer together and the paper's Fig. 3
-# numbers can be compared directly.
+# **What this shows.** The matched schemes must lie below identity order (any optimal matching can
+# only lower the MSE it minimises); the question the paper asks is whether matching the *folded*
+# weights beats matching the raw ones when both are scored on folded weights. The printed line puts
+# the paper's claim beside our fraction of layer pairs where it holds. Part of the gap is circular
+# (folded matching minimises exactly this score), which is why Fig. 7 below and Section 5 check it
+# against data.
 
-# %%
-assert min(recovered["folded + matched (SAE Match)"]) > max(recovered["identity order"]), (
-    "folding + matching should beat identity order"
+# %% [markdown]
+# ## Objective variants and baselines (Fig. 12, reviewers' baselines)
+
+# %% tags=["hide-input"]
+show(
+    line_per_layer(
+        x,
+        {
+            "all parameters (SAE Match)": series["folded"],
+            "decoder only": series["decoder_only"],
+            "encoder only": series["encoder_only"],
+            "cosine of decoder rows (exact)": series["cosine"],
+            "greedy top-1 cosine (Feature Flow)": series["greedy_cosine"],
+        },
+        title="Objective variants and baselines, scored on folded parameters (Fig. 12)",
+        x_title="layer pair (t → t+1), by t",
+        y_title="mean per-pair MSE of folded W_enc, W_dec, b_enc (squared residual units)",
+        log_y=True,
+    )
 )
+dec_ratio = float(np.median(series["decoder_only"] / series["folded"]))
+enc_ratio = float(np.median(series["encoder_only"] / series["folded"]))
+print(f"paper: {PAPER['fig12_decoder_only']}")
+print(f"ours: median MSE ratio to SAE Match: decoder-only {dec_ratio:.3f}, encoder-only {enc_ratio:.3f}")
+show_table(
+    ["method", "mean MSE over pairs", "mean fraction matched to the same index", "one-to-one"],
+    [
+        (
+            name,
+            f"{np.mean(series[name]):.4g}",
+            f"{np.mean(mse.series(name, 'identity_fraction')):.3f}",
+            all(r.is_permutation for r in mse.rows if r.method == name),
+        )
+        for name in methods
+    ],
+)
+
+# %% [markdown]
+# **What this shows.** Which parameters enter the objective matters: the paper finds decoder-only
+# nearly as good as all parameters and encoder-only much worse; the ratios printed above are ours.
+# Cosine matching ignores each feature's scale, and greedy top-1 lets several features share one
+# partner (the last column says whether the result is a permutation).
+
+# %% [markdown]
+# ## Matching Score per layer (Fig. 7)
+#
+# The data-based check: over the evaluation tokens, the probability that a feature's matched partner
+# is active when the feature is (dead features excluded), against random partners.
+
+# %% tags=["hide-input"]
+score_methods = {k: methods[k] for k in ("folded", "unfolded", "cosine", "greedy_cosine")}
+scores = matching_scores_by_layer(
+    study.saes,
+    study.activations(),
+    score_methods,
+    keep=study.keep(),
+    n_null=n_null,
+    seed=seed,
+    cache_dir=study.results_dir,
+    progress=False,
+)
+score_series = {
+    label: [r.row(name).matching_score for r in scores]
+    for name, label in (
+        ("folded", "folded (SAE Match)"),
+        ("unfolded", "unfolded"),
+        ("cosine", "cosine"),
+        ("greedy_cosine", "greedy top-1 cosine"),
+        ("random", "random partners"),
+    )
+}
+show(
+    line_per_layer(
+        [r.layer_a for r in scores],
+        score_series,
+        title="Matching Score per layer pair (Fig. 7)",
+        x_title="layer pair (t → t+1), by t",
+        y_title="P(partner active | feature active) (probability)",
+    )
+)
+folded_score = float(np.nanmean(score_series["folded (SAE Match)"]))
+unfolded_score = float(np.nanmean(score_series["unfolded"]))
+early, late = early_late_split(
+    [r.layer_a for r in scores], score_series["folded (SAE Match)"], len(study.layers)
+)
+print(f"paper: {PAPER['fig7_folded_score']}")
+print(f"ours: mean Matching Score folded {folded_score:.3f}, unfolded {unfolded_score:.3f}")
+print(f"paper: {PAPER['fig7_early_layers']}")
+print(f"ours: folded Matching Score, first 38% of layers {early:.3f}, the rest {late:.3f}")
+show_table(
+    ["pair", "dead in t", "dead in t+1", "pairs scored (folded)"],
+    [
+        (
+            f"{r.layer_a}→{r.layer_b}",
+            r.row("folded").n_dead_a,
+            r.row("folded").n_dead_b,
+            r.row("folded").n_pairs,
+        )
+        for r in scores
+    ],
+)
+
+# %% [markdown]
+# **What this shows.** Folding cannot change which features are active (it divides codes by θ > 0),
+# so any difference between the folded and unfolded curves comes from the matching itself. The
+# random-partner curve is the chance level. The paper reports that early layers match much worse
+# than later ones; the printed early/late means are ours, with the paper's early block (layers 0–9
+# of 26) mapped to the same fraction of this model's depth.
+
+# %% tags=["hide-input"]
+claims = [
+    Claim(
+        key="fig3_folded_beats_unfolded",
+        ours=f"folded ≤ unfolded on {folded_best:.0%} of pairs; folded/vanilla MSE {folded_vs_vanilla:.2f}",
+        holds=folded_best == 1.0,
+    ),
+    Claim(
+        key="fig12_decoder_only",
+        ours=f"MSE ratio to all-params: decoder-only {dec_ratio:.2f}, encoder-only {enc_ratio:.2f}",
+        holds=bool(dec_ratio < enc_ratio),
+    ),
+    Claim(
+        key="fig7_folded_score",
+        ours=f"Matching Score folded {folded_score:.3f} vs unfolded {unfolded_score:.3f}",
+        holds=bool(folded_score >= unfolded_score),
+    ),
+    Claim(
+        key="fig7_early_layers",
+        ours=f"folded Matching Score early {early:.3f} vs later {late:.3f}",
+        holds=None if np.isnan(early) or np.isnan(late) else bool(early < late),
+    ),
+]
+write_claims(out_dir, "02_folding_vs_cosine", claims)
+assert (series["folded"] <= series["vanilla"] + 1e-9).all(), "matching must not be worse than identity order"

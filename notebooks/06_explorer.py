@@ -7,85 +7,110 @@
 # %% [markdown]
 # # 6. Feature path explorer: where does a feature go, layer after layer?
 #
-# Inputs: a chain of JumpReLU SAEs (synthetic until the substrate's SAEs are wired in: each layer
-# is the previous one shuffled, perturbed and given its own thresholds). Each consecutive pair is matched with SAE
-# Match (folded encoder, decoder and bias), and a sample of features is followed through the chain
-# by composing the matchings. Outputs: an interactive figure; pick a path in the dropdown, hover a
-# point for the feature reached at that layer. Runtime on CPU: seconds.
+# Inputs: the main SAEs of every layer, matched pair by pair with SAE Match (folded encoder, decoder
+# and bias), and the evaluation residual stream. A random sample of live features of `layer` (plus
+# `feature` when given) is followed forward to the last layer and backward to the first by composing
+# the matchings. Outputs: an interactive figure (pick a path in the dropdown, hover a point for the
+# feature reached there), the per-layer matching MSE, and top-activating contexts at every step.
+# Rerun with other parameters: `make notebook NB=06 PARAMS="-p layer 20 -p feature 123"`.
+# Runtime: seconds on `smoke`, about a minute on `default`.
 
 # %% tags=["parameters"]
-profile = "smoke"  # build profile; recorded here, the synthetic chain does not depend on it yet
-seed = 0  # seed of the chain and of the feature sample
-n_layers = 8  # SAEs in the chain
-d_in = 32  # residual width
-d_sae = 128  # features per SAE
-noise = 1.5  # weight noise between consecutive layers, relative to the weights' scale
-n_paths = 6  # number of randomly sampled start features at layer 0
-feature = None  # a specific start feature to follow as well (None: only the sample)
-
-# %%
-from dataclasses import replace
-
-import torch
-
-from saematch_core import SAE, rescale_features
-from saematch_core.compose import path
-from saematch_core.match import match
-from saematch_core.plots import path_explorer, show
-
-print(f"profile={profile!r}, seed={seed}, {n_layers} SAEs of width {d_sae} on d_in={d_in}")
+profile = "smoke"  # build profile: smoke, default or paper
+layer = None  # layer the paths start from (None: the middle layer)
+feature = None  # a specific feature of `layer` to follow as well (None: only the random sample)
+n_paths = 6  # randomly sampled live features of `layer`
+n_contexts = 1  # top-activating contexts shown per step
+seed = 0  # seed of the feature sample
 
 # %% tags=["hide-input"]
-g = torch.Generator().manual_seed(seed)
-canonical = SAE(
-    W_enc=torch.randn(d_in, d_sae, generator=g) / d_in**0.5,
-    b_enc=0.1 * torch.randn(d_sae, generator=g),
-    W_dec=torch.randn(d_sae, d_in, generator=g) / d_in**0.5,
-    b_dec=torch.zeros(d_in),
-    threshold=torch.ones(d_sae),
-)
-enc_scale, dec_scale = canonical.W_enc.std(), canonical.W_dec.std()  # noise is relative to layer 0
-chain = []
-for t in range(n_layers):
-    if t:
-        canonical = canonical.permute(torch.randperm(d_sae, generator=g))
-        canonical = replace(
-            canonical,
-            W_enc=canonical.W_enc + noise * enc_scale * torch.randn(d_in, d_sae, generator=g),
-            W_dec=canonical.W_dec + noise * dec_scale * torch.randn(d_sae, d_in, generator=g),
-        )
-    chain.append(rescale_features(canonical, torch.exp(-torch.randn(d_sae, generator=g))))
-results = [match(chain[t], chain[t + 1]) for t in range(n_layers - 1)]
-perms = [r.perm for r in results]
+import warnings
 
-# %%
-starts = torch.randperm(d_sae, generator=g)[:n_paths].tolist()
-if feature is not None and feature not in starts:
+# tqdm.auto warns at import when ipywidgets is absent; torch warns on read-only memory maps.
+warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+import numpy as np
+
+from saematch_core.plots import line_per_layer, path_explorer, show, show_table
+from saematch_core.study import feature_contexts, feature_path, load_study, pair_step_costs, sample_features
+
+study = load_study(profile, progress=False)
+print(study.describe())
+start = study.layers[len(study.layers) // 2] if layer is None else int(layer)
+starts = sample_features(study.alive(start), n_paths, seed=seed)
+if feature is not None and int(feature) not in starts:
     starts.append(int(feature))
-layers = list(range(n_layers))
-features, costs = {}, {}
-for f in starts:
-    steps = path(perms, 0, f)
-    features[f"feature {f}"] = steps
-    costs[f"feature {f}"] = [float("nan")] + [float(results[t].cost[steps[t]]) for t in range(n_layers - 1)]
+print(f"following features {starts} of layer {start} through layers {study.layers[0]}..{study.layers[-1]}")
 
+# %% tags=["hide-input"]
+matches = study.consecutive_matches()
+perms = {k: v.perm for k, v in matches.items()}
+costs = {k: v.cost for k, v in matches.items()}
+paths = {f: feature_path(perms, costs, study.layers, start, f) for f in starts}
 show(
     path_explorer(
-        layers,
-        features,
-        costs,
-        title="Feature paths through the chain",
-        y_title="per-pair MSE of the step into this layer",
+        study.layers,
+        {f"feature {f}": np.asarray(p[0]) for f, p in paths.items()},
+        {f"feature {f}": p[1] for f, p in paths.items()},
+        title=f"Feature paths from layer {start}",
+        x_title="layer (residual stream after block)",
+        y_title="per-pair MSE of the step towards the start layer (squared residual units)",
     )
 )
 
 # %% [markdown]
-# ## What this shows
-#
-# Each line follows one feature of layer 0 through the chain by composing consecutive SAE Match
-# permutations; a low step cost means the feature's folded parameters barely changed. On real SAEs
-# the costs rise where features split, merge or die, and the paper finds paths stay reliable for
-# about five layers (Fig. 8, Section 4).
+# **What this shows.** Each line is one feature of layer `layer`, followed through every layer by
+# composing consecutive SAE Match permutations (forward) and their inverses (backward); the start
+# layer has no step and no point. A low step MSE means the feature's folded parameters barely changed
+# between the two layers; a spike marks a step where the matching had no good partner (a feature
+# born, dying or splitting). The paper follows features reliably for about five layers (Section 4).
 
-# %%
-assert all(len(v) == n_layers for v in features.values()), "every path must reach the last layer"
+# %% tags=["hide-input"]
+median_cost = [float(np.median(matches[p].cost.numpy())) for p in study.pairs]
+show(
+    line_per_layer(
+        [a for a, _ in study.pairs],
+        {
+            "median over all features": median_cost,
+            **{f"feature {f}": pair_step_costs(p[1], study.layers, start) for f, p in paths.items()},
+        },
+        title="Per-layer matching MSE: the sampled paths against all features",
+        x_title="layer pair (t → t+1), by t",
+        y_title="per-pair MSE of folded W_enc, W_dec, b_enc (squared residual units)",
+        log_y=True,
+    )
+)
+
+# %% [markdown]
+# **What this shows.** The cost of each step of each sampled path next to the median over every
+# feature of the same layer pair: a path that stays near the median is as well matched as a typical
+# feature; one above it is in the tail of the paper's Fig. 5.
+
+# %% [markdown]
+# ## Contexts at every step
+#
+# For each path, the context where the reached feature fires most at every layer (activating token
+# between « »).
+
+# %% tags=["hide-input"]
+contexts = {
+    t: feature_contexts(study, t, sorted({p[0][i] for p in paths.values() if p[0][i] >= 0}), k=n_contexts)
+    for i, t in enumerate(study.layers)
+}
+for f, (feats, step) in paths.items():
+    rows = []
+    for i, t in enumerate(study.layers):
+        ctx = contexts[t].get(feats[i], ())
+        text = " ‖ ".join(c.text for c in ctx) if ctx else "(never active on the evaluation tokens)"
+        rows.append((t, feats[i], "start" if t == start else f"{step[i]:.4g}", text))
+    print(f"feature {f} of layer {start}")
+    show_table(["layer", "feature", "step MSE", "top-activating contexts"], rows)
+
+# %% [markdown]
+# **What this shows.** Reading down a table follows one feature's meaning through the depth of the
+# model. Where the contexts stay alike the matching kept the feature; where they change abruptly the
+# step MSE is usually high too.
+
+# %% tags=["hide-input"]
+assert all(len(p[0]) == len(study.layers) for p in paths.values()), "every path spans every layer"

@@ -5,19 +5,78 @@
 # ---
 
 # %% [markdown]
-# # 7. Appendix: environment
+# # 7. Appendix: SAE quality, performance and environment
 #
-# The software this book was built with. Inputs: none. Output: a table of versions. Runtime: instant.
+# Inputs: the profile's prepared SAEs (their quality report), `benchmarks/results/results.json`
+# when `make bench` has been run, and the installed software. Outputs: three tables. Runtime: seconds.
 
 # %% tags=["parameters"]
-profile = "smoke"  # build profile, recorded in the table
+profile = "smoke"  # build profile, recorded in the environment table
+bench_results = None  # benchmark results file (None: benchmarks/results/results.json of this checkout)
 
-# %%
+# %% tags=["hide-input"]
+import warnings
+
+# tqdm.auto warns at import when ipywidgets is absent; torch warns on read-only memory maps.
+warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+from pathlib import Path
+
+import saematch_core
 from saematch_core.book import environment_table
 from saematch_core.plots import show_table
+from saematch_core.study import benchmark_table, load_study
 
-rows = [("profile", profile), *environment_table()]
-show_table(["component", "version"], rows)
+study = load_study(profile, progress=False)
+print(study.describe())
 
-# %%
-assert any(name == "saematch" for name, _ in rows)
+# %% [markdown]
+# ## Quality of the SAEs
+#
+# Measured by `prepare` on held-out tokens (position 0 and outliers removed): mean number of active
+# features (L0), fraction of variance unexplained (FVU), fraction of features never active (dead),
+# and the increase in next-token loss when the layer is replaced by its reconstruction (ΔL).
+
+# %% tags=["hide-input"]
+rows = [
+    (
+        r.family,
+        r.layer,
+        r.setting,
+        f"{r.quality.l0:.1f}",
+        f"{r.quality.fvu:.3f}",
+        f"{r.quality.dead_fraction:.3f}",
+        "–" if r.quality.delta_loss is None else f"{r.quality.delta_loss:.3f}",
+        "–" if r.train_seconds is None else f"{r.train_seconds:.0f}",
+    )
+    for r in study.prepared.records
+]
+show_table(["family", "layer", "setting", "L0", "FVU", "dead", "ΔL (nats/token)", "training (s)"], rows)
+
+# %% [markdown]
+# ## Performance of the matching solvers
+#
+# From `make bench` (`python -m benchmarks.run`): dense score matrix (GEMM), scipy's exact solver on
+# it, and the certified sparse solver, on planted instances.
+
+# %% tags=["hide-input"]
+bench_path = (
+    Path(saematch_core.__file__).resolve().parents[1] / "benchmarks" / "results" / "results.json"
+    if bench_results is None
+    else Path(bench_results)
+)
+bench = benchmark_table(bench_path)
+if bench is None:
+    print(f"no benchmark results at {bench_path}: run `make bench` and rebuild this section")
+else:
+    show_table(*bench)
+
+# %% [markdown]
+# ## Environment
+
+# %% tags=["hide-input"]
+env_rows = [("profile", profile), *environment_table()]
+show_table(["component", "version"], env_rows)
+
+# %% tags=["hide-input"]
+assert any(name == "saematch" for name, _ in env_rows)

@@ -65,6 +65,8 @@ NOTEBOOK_PATTERN = re.compile(r"^(?P<nn>\d\d)_[a-z0-9_]+\.py$")
 PLOTLY_JS = "plotly.min.js"
 """File name of plotly.js in the book's ``_static`` folder."""
 _FIGURE_MARKER = 'class="plotly-graph-div"'
+SUMMARY_PREFIX = "99_"
+"""Notebooks named ``99_*`` summarise the other sections' results and re-run after any of them."""
 _SITE_NOTEBOOKS = "notebooks"
 _PIPELINE_PARAMS = frozenset({"profile", "out_dir"})
 _VERSIONED_PACKAGES = (
@@ -433,6 +435,9 @@ def build_book(config: BookConfig | None = None) -> BookResult:
     selected = _select(sources, cfg.only)
     executed_dir = build_dir / "executed"
     to_run = [p for p in sources if p in selected or not (executed_dir / f"{p.stem}.ipynb").is_file()]
+    if to_run:
+        # Summary notebooks read the others' saved results, so they go stale whenever any notebook runs.
+        to_run += [p for p in sources if p.stem.startswith(SUMMARY_PREFIX) and p not in to_run]
 
     converted = {p: convert_notebook(p, build_dir / "notebooks" / f"{p.stem}.ipynb") for p in to_run}
     declared = {p: _declared_parameters(nb) for p, nb in converted.items()}

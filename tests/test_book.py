@@ -236,6 +236,15 @@ def test_a_failing_notebook_stops_the_build(tmp_path: Path) -> None:
     assert not (build / "_build").exists()
 
 
+def test_partial_rebuild_reruns_the_summary_notebooks(tmp_path: Path) -> None:
+    root = _fake_repo(tmp_path / "repo", {"01_a": "x = 1", "02_b": "y = 2", "99_summary": "z = 3"})
+    build = tmp_path / "build"
+    first = build_book(BookConfig(root=root, build_dir=build, html=False))
+    assert [p.stem for p in first.executed] == ["01_a", "02_b", "99_summary"]
+    again = build_book(BookConfig(root=root, build_dir=build, html=False, only=("02",)))
+    assert [p.stem for p in again.executed] == ["02_b", "99_summary"]
+
+
 # ------------------------------------------------------------------------------------- the whole book
 def test_smoke_book_builds_end_to_end(request: pytest.FixtureRequest) -> None:
     build_dir, result = smoke_book(request)

@@ -1,0 +1,163 @@
+# ---
+# jupyter:
+#   jupytext: {formats: "py:percent"}
+#   kernelspec: {name: python3, display_name: Python 3, language: python}
+# ---
+
+# %% [markdown]
+# # 3. Feature matching up close: does low matching MSE mean the same feature?
+#
+# Inputs: the main SAEs of one layer pair (by default the pair at the paper's relative depth of
+# 19 → 20) and the evaluation residual stream. The paper asks an LLM judge whether matched features
+# are the SAME; offline we measure agreement from data (how often the partner fires with the feature,
+# overlap of their top-activating tokens) and show the evidence itself, top-activating contexts.
+# Outputs: per-pair MSE histograms split by agreement (Figs. 5/6), agreement per MSE bin, contexts of
+# low-, median- and high-MSE pairs, and the measured claim in `out_dir`. Runtime: seconds.
+
+# %% tags=["parameters"]
+profile = "smoke"  # build profile: smoke, default or paper
+layer = None  # first layer of the pair (None: the paper's layer 19 at the same relative depth)
+n_bins = 10  # equal-count MSE bins
+top_k = 20  # top activations per feature for the overlap measures
+n_contexts = 5  # contexts shown per feature
+out_dir = "results/03_feature_matching"  # where the measured claims are written (set by the build)
+
+# %% tags=["hide-input"]
+import warnings
+
+# tqdm.auto warns at import when ipywidgets is absent; torch warns on read-only memory maps.
+warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+from saematch_core.evaluate import mse_binned_agreement
+from saematch_core.plots import histogram, line_per_layer, show, show_table
+from saematch_core.study import (
+    PAPER,
+    Claim,
+    agreement_groups,
+    feature_contexts,
+    load_study,
+    paper_layer,
+    pick_by_mse,
+    write_claims,
+)
+
+study = load_study(profile, progress=False)
+print(study.describe())
+a = paper_layer(19, len(study.layers)) if layer is None else int(layer)
+a = min(a, study.layers[-2])
+b = a + 1
+print(f"layer pair {a} → {b}")
+
+# %% tags=["hide-input"]
+binned = mse_binned_agreement(
+    study.saes[a],
+    study.saes[b],
+    study.acts(a),
+    study.acts(b),
+    layers=(a, b),
+    keep=study.keep(a, b),
+    token_ids=study.token_ids(),
+    n_bins=n_bins,
+    top_k=top_k,
+    cache_dir=study.results_dir,
+)
+groups = agreement_groups(binned.pairs, "p_partner")
+positive = {k: v[v > 0] for k, v in groups.items() if (v > 0).any()}
+show(
+    histogram(
+        positive,
+        title=f"Per-pair matching MSE, layers {a} → {b}, by agreement on data (Figs. 5/6)",
+        x_title="per-pair MSE of folded W_enc, W_dec, b_enc (squared residual units, log scale)",
+        y_title="number of matched pairs",
+        log_x=True,
+    )
+)
+print(
+    "pairs per agreement group (P(partner active | feature active)):", {k: len(v) for k, v in groups.items()}
+)
+
+# %% [markdown]
+# **What this shows.** Each matched pair is placed by its matching MSE and coloured by how often the
+# partner fires when the feature fires, our data-based stand-in for the paper's SAME / MAYBE /
+# DIFFERENT labels. The paper finds low-MSE pairs mostly SAME, with a long tail of failures at high
+# MSE; the next figure gives the same comparison as means per MSE bin.
+
+# %% tags=["hide-input"]
+mids = [(r.lo * r.hi) ** 0.5 if r.lo > 0 else r.hi / 2 for r in binned.bins]
+show(
+    line_per_layer(
+        mids,
+        {
+            "P(partner active | feature active)": [r.p_partner for r in binned.bins],
+            "Jaccard of active tokens": [r.jaccard for r in binned.bins],
+            "top-token overlap (Jaccard)": [r.top_token_overlap for r in binned.bins],
+            "Pearson correlation of activations": [r.pearson for r in binned.bins],
+        },
+        title=f"Agreement per MSE bin, layers {a} → {b}",
+        x_title="per-pair MSE, bin centre (squared residual units)",
+        y_title="mean agreement in the bin (probability / correlation)",
+    )
+)
+low_bin, high_bin = binned.bins[0], binned.bins[-1]
+print(f"paper: {PAPER['fig5_low_mse_agree']}")
+print(
+    f"ours: P(partner active | feature active) = {low_bin.p_partner:.3f} in the lowest-MSE bin, "
+    f"{high_bin.p_partner:.3f} in the highest ({low_bin.n_pairs} and {high_bin.n_pairs} pairs)"
+)
+
+# %% [markdown]
+# **What this shows.** If parameter closeness implies semantic similarity (H1), agreement falls from
+# the left bins to the right ones. The printed line puts the paper's statement beside our lowest- and
+# highest-bin agreement.
+
+# %% [markdown]
+# ## Side by side: top-activating contexts of three pairs
+#
+# The activating token is between « ». Left: the feature at layer *t*; right: its matched partner at
+# layer *t+1*.
+
+# %% tags=["hide-input"]
+picked = pick_by_mse(binned.pairs)
+ctx_a = feature_contexts(study, a, [p.feature for p in picked.values()], k=n_contexts)
+ctx_b = feature_contexts(study, b, [p.partner for p in picked.values()], k=n_contexts)
+for label, pair in picked.items():
+    print(
+        f"{label} MSE: feature {pair.feature} (layer {a}) ↔ {pair.partner} (layer {b}), MSE {pair.mse:.4g}, "
+        f"P(partner active | feature active) {pair.p_partner:.3f}"
+    )
+    left, right = ctx_a[pair.feature], ctx_b[pair.partner]
+    rows = [
+        (
+            i + 1,
+            left[i].text if i < len(left) else "",
+            f"{left[i].activation:.3g}" if i < len(left) else "",
+            right[i].text if i < len(right) else "",
+            f"{right[i].activation:.3g}" if i < len(right) else "",
+        )
+        for i in range(max(len(left), len(right)))
+    ]
+    show_table(["#", f"layer {a} context", "act.", f"layer {b} context", "act."], rows)
+
+# %% [markdown]
+# **What this shows.** The evidence an LLM judge would read, without the judge: for a low-MSE pair
+# the two columns should show the same kind of token in the same kind of context; for the high-MSE
+# pair they often do not. On `smoke` the model is random, so the contexts are noise.
+
+# %% tags=["hide-input"]
+holds = None
+if low_bin.n_pairs and high_bin.n_pairs and low_bin.p_partner == low_bin.p_partner:
+    holds = bool(low_bin.p_partner > high_bin.p_partner)
+write_claims(
+    out_dir,
+    "03_feature_matching",
+    [
+        Claim(
+            key="fig5_low_mse_agree",
+            ours=f"layers {a}→{b}: agreement {low_bin.p_partner:.2f} (lowest-MSE bin) vs "
+            f"{high_bin.p_partner:.2f} (highest)",
+            holds=holds,
+        )
+    ],
+)
+assert len(binned.pairs) == study.saes[a].d_sae
