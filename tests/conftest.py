@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,13 @@ import pytest
 import torch
 
 from saematch_core.sae import SAE
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Results a test does not send to tmp_path itself land here, never in the user's cache, so no
+    # test can pass or fail because of what an earlier run left behind.
+    monkeypatch.setenv("SAEMATCH_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(autouse=True)

@@ -30,12 +30,6 @@ from saematch_core.sae import SAE
 D, VOCAB, N_LAYERS = 32, 64, 3
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Any result a test forgets to send to tmp_path lands here, never in the user's cache.
-    monkeypatch.setenv("SAEMATCH_CACHE", str(tmp_path / "cache"))
-
-
 def tiny_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -23,11 +23,6 @@ from saematch_core.sae import SAE
 D_IN, D_SAE = 8, 64
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAEMATCH_CACHE", str(tmp_path / "cache"))
-
-
 def test_theta_scale_row_on_planted_relations() -> None:
     g = torch.Generator().manual_seed(0)
     theta = torch.exp(torch.randn(200, generator=g)).double()

@@ -25,11 +25,6 @@ from saematch_core.match import MatchConfig, match
 D_IN, D_SAE = 16, 48
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAEMATCH_CACHE", str(tmp_path / "cache"))
-
-
 def sparse_codes(n: int, f: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     on = torch.rand(n, f, generator=g) < 0.2

@@ -28,11 +28,6 @@ from saematch_core.sae import SAE
 D_IN, D_SAE = 16, 64
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAEMATCH_CACHE", str(tmp_path / "cache"))
-
-
 def planted(seed: int = 0, noise: float = 0.0) -> tuple[SAE, SAE, torch.Tensor]:
     """B is A with features shuffled and rescaled (folded weights equal up to ``noise``)."""
     a = make_sae(D_IN, D_SAE, seed=seed)

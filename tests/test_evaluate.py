@@ -29,12 +29,6 @@ from saematch_core.sae import SAE
 D_IN, D_SAE, N_TOK = 16, 48, 600
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Any result a test forgets to send to tmp_path lands here, never in the user's cache.
-    monkeypatch.setenv("SAEMATCH_CACHE", str(tmp_path / "cache"))
-
-
 def acts(n: int = N_TOK, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return 2 * torch.randn(n, D_IN, generator=g)

@@ -26,11 +26,6 @@ from saematch_core.sae import SAE
 D_IN, D_SAE = 16, 48
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAEMATCH_CACHE", str(tmp_path / "cache"))
-
-
 def acts(n: int = 500, seed: int = 0) -> torch.Tensor:
     return 2 * torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed))
 

@@ -15,12 +15,6 @@ from saematch_core.sae import SAE
 D_IN, D_SAE = 16, 32
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Any result a test forgets to send to tmp_path lands here, never in the user's cache.
-    monkeypatch.setenv("SAEMATCH_CACHE", str(tmp_path / "cache"))
-
-
 def chain(n: int, noise: float) -> dict[int, SAE]:
     """Layer l+1's SAE is layer l's, reordered, rescaled per feature and perturbed by ``noise``."""
     g = torch.Generator().manual_seed(0)

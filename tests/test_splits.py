@@ -24,11 +24,6 @@ D_IN = 32
 PARAMS = ("W_enc", "W_dec", "b_enc")
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAEMATCH_CACHE", str(tmp_path / "cache"))
-
-
 def planted_structure(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
     """Feature vectors of A (12) and B (12): A0 splits into B0, B1; A1 and A2 (near-duplicates) merge
     into B2; A3..A10 go on one-to-one to B3..B10; A11 dies; B11 is born."""
