@@ -289,6 +289,25 @@ def _merge(
     return allk[order], alls[order]
 
 
+def _rescore(
+    oracle: _Oracle,
+    U: np.ndarray,
+    V: np.ndarray,
+    gi: np.ndarray,
+    gj: np.ndarray,
+    tol_abs: float,
+    out: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]],
+) -> float:
+    """Exact reduced costs of the entries (gi, gj): append the violating ones to ``out`` (rows,
+    columns, violations) and return the largest reduced cost (-inf when there is no entry)."""
+    exact_v = oracle.exact(gi, gj) - U[gi] - V[gj]
+    bad = exact_v > tol_abs
+    out[0].append(gi[bad])
+    out[1].append(gj[bad])
+    out[2].append(exact_v[bad])
+    return float(exact_v.max()) if exact_v.size else -math.inf
+
+
 def _solve(
     oracle: _Oracle, *, k: int, chunk_size: int, tol: float, max_rounds: int, timings: dict[str, float] | None
 ) -> SparseLAPResult:
@@ -413,25 +432,13 @@ def _solve_inner(
             slack = oracle.margin[rows_pr] + 8.0 * _U32 * (np.abs(U[rows_pr]) + v_abs + scale)
             rr, cc = np.nonzero(pr_v[rows_pr] - U[rows_pr, None] - V[pj] > -slack[:, None])
             gi, gj = rows_pr[rr], pj[rr, cc]
-            exact_v = oracle.exact(gi, gj) - U[gi] - V[gj]
-            if exact_v.size:
-                viol = max(viol, float(exact_v.max()))
-            bad = exact_v > tol_abs
-            add_i.append(gi[bad])
-            add_j.append(gj[bad])
-            add_v.append(exact_v[bad])
+            viol = max(viol, _rescore(oracle, U, V, gi, gj, tol_abs, (add_i, add_j, add_v)))
         if res_i.size:
             # reserve entries: approximate scores first, exact re-scoring near the dual boundary
             slack = oracle.margin[res_i] + 8.0 * _U32 * (np.abs(U[res_i]) + v_abs + scale)
             near = np.flatnonzero(res_v - U[res_i] - V[res_j] > -slack)
             gi, gj = res_i[near], res_j[near]
-            exact_v = oracle.exact(gi, gj) - U[gi] - V[gj]
-            if exact_v.size:
-                viol = max(viol, float(exact_v.max()))
-            bad = exact_v > tol_abs
-            add_i.append(gi[bad])
-            add_j.append(gj[bad])
-            add_v.append(exact_v[bad])
+            viol = max(viol, _rescore(oracle, U, V, gi, gj, tol_abs, (add_i, add_j, add_v)))
         v_dev: Tensor | None = None
         for blk in _row_blocks(check, m, chunk_size):
             S = oracle.block(blk)
@@ -453,13 +460,7 @@ def _solve_inner(
                 pr_round[blk] = len(v_snaps) - 1
             near_r, near_c = near[:, 0], near[:, 1].astype(np.int64)
             gi = blk[near_r]
-            exact_v = oracle.exact(gi, near_c) - U[gi] - V[near_c]
-            if exact_v.size:
-                viol = max(viol, float(exact_v.max()))
-            bad = exact_v > tol_abs
-            add_i.append(gi[bad])
-            add_j.append(near_c[bad])
-            add_v.append(exact_v[bad])
+            viol = max(viol, _rescore(oracle, U, V, gi, near_c, tol_abs, (add_i, add_j, add_v)))
         max_viol = max(viol, 0.0) / scale
         new_i = np.concatenate(add_i) if add_i else np.zeros(0, np.int64)
         new_j = np.concatenate(add_j) if add_j else np.zeros(0, np.int64)
