@@ -98,6 +98,13 @@ def require_keys(tensors: Mapping[str, Any], expected: Sequence[str], path: Path
         )
 
 
+def require_float_keys(tensors: Mapping[str, Tensor], expected: Sequence[str], path: Path) -> None:
+    """:func:`require_keys`, then a floating dtype for each of the expected tensors."""
+    require_keys(tensors, expected, path)
+    for key in expected:
+        check_float(tensors[key], key, path)
+
+
 def check_shape(tensor: Tensor, key: str, expected: tuple[int, ...], path: Path, dims: str) -> None:
     """Raise naming the file, key, expected layout and actual shape (with a transposition hint)."""
     got = tuple(tensor.shape)

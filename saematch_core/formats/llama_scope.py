@@ -40,13 +40,12 @@ from saematch_core.errors import SAEFormatError
 from saematch_core.formats._common import (
     build_sae,
     cast,
-    check_float,
     check_shape,
     positive_finite,
     read_json,
     read_safetensors,
     require_file,
-    require_keys,
+    require_float_keys,
     vector_dim,
 )
 from saematch_core.sae import SAE
@@ -142,9 +141,7 @@ def load_llama_scope(path: Path, dtype: torch.dtype | None = None) -> SAE:
     if act not in ("jumprelu", "relu"):
         raise SAEFormatError(f"{hp_path}: act_fn: expected 'jumprelu' or 'relu', got {hp.get('act_fn')!r}")
     tensors, _ = read_safetensors(weights_path)
-    require_keys(tensors, _KEYS, weights_path)
-    for key in _KEYS:
-        check_float(tensors[key], key, weights_path)
+    require_float_keys(tensors, _KEYS, weights_path)
     d_in = vector_dim(tensors["decoder.bias"], "decoder.bias", weights_path)
     d_sae = vector_dim(tensors["encoder.bias"], "encoder.bias", weights_path)
     for key, value in (("d_model", d_in), ("d_sae", d_sae)):

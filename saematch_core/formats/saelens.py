@@ -19,12 +19,11 @@ from saematch_core.errors import SAEFormatError
 from saematch_core.formats._common import (
     build_sae,
     cast,
-    check_float,
     check_shape,
     read_json,
     read_safetensors,
     require_file,
-    require_keys,
+    require_float_keys,
     vector_dim,
 )
 from saematch_core.sae import SAE
@@ -107,9 +106,7 @@ def load_saelens(path: Path, dtype: torch.dtype | None = None) -> SAE:
         )
     tensors, _ = read_safetensors(weights_path)
     keys = ("W_enc", "b_enc", "W_dec", "b_dec", *(("threshold",) if activation == "jumprelu" else ()))
-    require_keys(tensors, keys, weights_path)
-    for key in keys:
-        check_float(tensors[key], key, weights_path)
+    require_float_keys(tensors, keys, weights_path)
     d_in = vector_dim(tensors["b_dec"], "b_dec", weights_path)
     d_sae = vector_dim(tensors["b_enc"], "b_enc", weights_path)
     for key, value in (("d_in", d_in), ("d_sae", d_sae)):

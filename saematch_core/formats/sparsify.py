@@ -17,12 +17,11 @@ from saematch_core.errors import SAEFormatError
 from saematch_core.formats._common import (
     build_sae,
     cast,
-    check_float,
     check_shape,
     read_json,
     read_safetensors,
     require_file,
-    require_keys,
+    require_float_keys,
     vector_dim,
 )
 from saematch_core.sae import SAE
@@ -73,13 +72,11 @@ def load_sparsify(path: Path, dtype: torch.dtype | None = None) -> SAE:
     if act != "topk":
         raise SAEFormatError(f"{cfg_path}: activation: expected 'topk', got {act!r}")
     tensors, _ = read_safetensors(weights_path)
-    require_keys(tensors, _KEYS, weights_path)
+    require_float_keys(tensors, _KEYS, weights_path)
     if "W_skip" in tensors or cfg.get("skip_connection"):
         raise SAEFormatError(
             f"{weights_path}: W_skip: skip connections are not supported by the SAE container"
         )
-    for key in _KEYS:
-        check_float(tensors[key], key, weights_path)
     d_in = vector_dim(tensors["b_dec"], "b_dec", weights_path)
     d_sae = vector_dim(tensors["encoder.bias"], "encoder.bias", weights_path)
     if "d_in" in cfg and cfg["d_in"] != d_in:
