@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "atomic_write_text",
     "cache_root",
     "content_key",
+    "folder_lock",
     "read_manifest",
     "write_manifest",
 ]
@@ -202,3 +204,58 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
         )
         return None
     return data
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], *, timeout: float | None = None) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (a ``.lock`` file inside it) for the block.
+
+    Two processes that fill the same cache folder (two ``saematch prepare`` runs, a notebook and
+    the CLI) would otherwise both compute every missing file; with the lock the second one waits,
+    then finds the first one's results. The lock is advisory (``fcntl.flock``), released when the
+    block ends or the process dies; where ``fcntl`` is missing (Windows) the block runs unlocked.
+
+    Parameters
+    ----------
+    folder : the cache folder; created if missing.
+    timeout : seconds to wait for the lock; ``None`` waits as long as it takes.
+
+    Raises
+    ------
+    TimeoutError
+        If another process holds the lock for longer than ``timeout``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with folder_lock(tempfile.mkdtemp()) as lock:
+    ...     lock.name
+    '.lock'
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield Path(folder) / ".lock"
+        return
+    path = Path(folder) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    logger.info("%s: another process is filling this cache; waiting for it", folder)
+                    waiting = True
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"{path}: still locked by another process after {timeout:g} s"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield path
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

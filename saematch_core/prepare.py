@@ -37,9 +37,16 @@ from saematch_core.activations import (
     build_activation_cache,
     open_activation_cache,
 )
-from saematch_core.cache import atomic_write_text, cache_root, content_key, read_manifest, write_manifest
+from saematch_core.cache import (
+    atomic_write_text,
+    cache_root,
+    content_key,
+    folder_lock,
+    read_manifest,
+    write_manifest,
+)
 from saematch_core.data import CORPUS_VERSION, Split, corpus_chunks
-from saematch_core.formats import load_sae, save_sae
+from saematch_core.formats import list_hub_files, load_sae, save_sae
 from saematch_core.models import LoadedModel, load_model
 from saematch_core.profiles import Profile, SAETrainConfig, get_profile
 from saematch_core.sae import SAE
@@ -156,8 +163,11 @@ def _jobs(profile: Profile) -> list[_Job]:
         for layer in profile.layers:
             l0 = gs.canonical_l0[layer]
             jobs.append(_Job("main", layer, f"average_l0={l0}", None, gs.sae_folder(layer)))
+        files = (
+            None if profile.sweep_l0s or not profile.sweep_layers else list_hub_files(gs.repo_id, gs.revision)
+        )
         for layer in profile.sweep_layers:
-            for l0 in profile.sweep_l0s:
+            for l0 in profile.sweep_l0s or gs.l0_variants(layer, files or ()):
                 jobs.append(_Job("sweep", layer, f"average_l0={l0}", None, gs.sae_folder(layer, l0)))
         return jobs
     main = profile.sae
@@ -353,115 +363,130 @@ def prepare(
     run_key = content_key({"profile": profile.to_dict(), "jobs": [_job_key(profile, j) for j in jobs]})
     splits: tuple[Split, ...] = ("eval",) if profile.sae_source == "gemma_scope" else ("train", "eval")
     act_folders = {split: folder / "activations" / split for split in splits}
-    if not force:
-        cached_records = _complete(folder, run_key)
-        if cached_records is not None:
-            logger.info("profile %r: everything cached in %s", profile.name, folder)
-            return PrepareResult(
-                profile=profile.name,
-                folder=folder,
-                records=cached_records,
-                seconds=time.perf_counter() - t0,
-                cached=True,
-                activation_folders=act_folders,
-            )
 
-    folder.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    loaded = load_model(profile.model, cache_dir=root, device=device)
-    timings["load_model"] = time.perf_counter() - t
-    caches: dict[str, ActivationCache] = {}
-    for split in splits:
+    def cached() -> PrepareResult | None:
+        records = None if force else _complete(folder, run_key)
+        if records is None:
+            return None
+        logger.info("profile %r: everything cached in %s", profile.name, folder)
+        return PrepareResult(
+            profile=profile.name,
+            folder=folder,
+            records=records,
+            seconds=time.perf_counter() - t0,
+            cached=True,
+            activation_folders=act_folders,
+        )
+
+    found = cached()
+    if found is not None:
+        return found
+    # A second prepare of the same profile waits here, then finds the first one's results.
+    with folder_lock(folder):
+        found = cached()
+        if found is not None:
+            return found
+        folder.mkdir(parents=True, exist_ok=True)
+        timings: dict[str, float] = {}
         t = time.perf_counter()
-        caches[split] = _activations(profile, loaded, folder, split, force=force, progress=progress)
-        timings[f"activations_{split}"] = time.perf_counter() - t
-    evals = caches["eval"]
-    delta = (
-        _DeltaLoss(loaded, evals, profile.delta_loss_tokens, profile.data.batch_size)
-        if profile.delta_loss_tokens
-        else None
-    )
+        loaded = load_model(profile.model, cache_dir=root, device=device)
+        timings["load_model"] = time.perf_counter() - t
+        caches: dict[str, ActivationCache] = {}
+        for split in splits:
+            t = time.perf_counter()
+            caches[split] = _activations(profile, loaded, folder, split, force=force, progress=progress)
+            timings[f"activations_{split}"] = time.perf_counter() - t
+        evals = caches["eval"]
+        delta = (
+            _DeltaLoss(loaded, evals, profile.delta_loss_tokens, profile.data.batch_size)
+            if profile.delta_loss_tokens
+            else None
+        )
 
-    records: list[SAERecord] = []
-    t = time.perf_counter()
-    bar = tqdm(jobs, desc=f"SAEs ({profile.name})", unit="sae", disable=not progress)
-    for job in bar:
-        path = sae_file(folder, job.family, job.layer, job.setting)
-        key = _job_key(profile, job)
-        side = _read_sidecar(path)
-        if not force and side is not None and side.get("key") == key and path.is_file():
-            records.append(SAERecord.from_dict(side["record"], folder))
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        bar.set_postfix_str(f"{job.family} layer {job.layer} {job.setting}")
-        extra: dict[str, Any] = {}
-        seconds: float | None = None
-        if job.config is None:
-            sae = _fetch_pretrained(profile, job)
-        else:
-            meta = {"profile": profile.name, "layer": job.layer, "family": job.family, "setting": job.setting}
-            result = train_sae(
-                _rows(caches["train"], job.layer),
-                job.config,
-                progress=progress,
-                desc=f"L{job.layer}",
-                meta=meta,
+        records: list[SAERecord] = []
+        t = time.perf_counter()
+        bar = tqdm(jobs, desc=f"SAEs ({profile.name})", unit="sae", disable=not progress)
+        for job in bar:
+            path = sae_file(folder, job.family, job.layer, job.setting)
+            key = _job_key(profile, job)
+            side = _read_sidecar(path)
+            if not force and side is not None and side.get("key") == key and path.is_file():
+                records.append(SAERecord.from_dict(side["record"], folder))
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            bar.set_postfix_str(f"{job.family} layer {job.layer} {job.setting}")
+            extra: dict[str, Any] = {}
+            seconds: float | None = None
+            if job.config is None:
+                sae = _fetch_pretrained(profile, job)
+            else:
+                meta = {
+                    "profile": profile.name,
+                    "layer": job.layer,
+                    "family": job.family,
+                    "setting": job.setting,
+                }
+                result = train_sae(
+                    _rows(caches["train"], job.layer),
+                    job.config,
+                    progress=progress,
+                    desc=f"L{job.layer}",
+                    meta=meta,
+                )
+                sae, seconds = result.sae, result.seconds
+                extra = {
+                    "input_scale": result.input_scale,
+                    "train_l0": result.final_l0,
+                    "train_fvu": result.final_fvu,
+                }
+            quality = sae_quality(sae, _rows(evals, job.layer))
+            if delta is not None:
+                quality = dataclasses.replace(quality, delta_loss=delta(sae, job.layer))
+            save_sae(sae, path, force=True)
+            record = SAERecord(
+                family=job.family,
+                layer=job.layer,
+                path=path,
+                setting=job.setting,
+                quality=quality,
+                train_seconds=seconds,
             )
-            sae, seconds = result.sae, result.seconds
-            extra = {
-                "input_scale": result.input_scale,
-                "train_l0": result.final_l0,
-                "train_fvu": result.final_fvu,
-            }
-        quality = sae_quality(sae, _rows(evals, job.layer))
-        if delta is not None:
-            quality = dataclasses.replace(quality, delta_loss=delta(sae, job.layer))
-        save_sae(sae, path, force=True)
-        record = SAERecord(
-            family=job.family,
-            layer=job.layer,
-            path=path,
-            setting=job.setting,
-            quality=quality,
-            train_seconds=seconds,
+            _write_sidecar(folder, path, key, record, extra)
+            records.append(record)
+            logger.info(
+                "%s layer %d %s: L0 %.1f, FVU %.3f, dead %.3f, ΔL %s",
+                job.family,
+                job.layer,
+                job.setting,
+                quality.l0,
+                quality.fvu,
+                quality.dead_fraction,
+                "n/a" if quality.delta_loss is None else f"{quality.delta_loss:.3f}",
+            )
+        timings["saes"] = time.perf_counter() - t
+        seconds = time.perf_counter() - t0
+        write_manifest(
+            folder,
+            {
+                "schema": _SCHEMA,
+                "key": run_key,
+                "complete": True,
+                "saematch_version": __version__,
+                "profile": profile.to_dict(),
+                "records": [r.to_dict(folder) for r in records],
+                "timings": {k: round(v, 3) for k, v in timings.items()},
+                "seconds": round(seconds, 3),
+                "disk_bytes": _disk_bytes(folder.rglob("*")),
+            },
         )
-        _write_sidecar(folder, path, key, record, extra)
-        records.append(record)
-        logger.info(
-            "%s layer %d %s: L0 %.1f, FVU %.3f, dead %.3f, ΔL %s",
-            job.family,
-            job.layer,
-            job.setting,
-            quality.l0,
-            quality.fvu,
-            quality.dead_fraction,
-            "n/a" if quality.delta_loss is None else f"{quality.delta_loss:.3f}",
+        return PrepareResult(
+            profile=profile.name,
+            folder=folder,
+            records=tuple(records),
+            seconds=seconds,
+            cached=False,
+            activation_folders=act_folders,
         )
-    timings["saes"] = time.perf_counter() - t
-    seconds = time.perf_counter() - t0
-    write_manifest(
-        folder,
-        {
-            "schema": _SCHEMA,
-            "key": run_key,
-            "complete": True,
-            "saematch_version": __version__,
-            "profile": profile.to_dict(),
-            "records": [r.to_dict(folder) for r in records],
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "seconds": round(seconds, 3),
-            "disk_bytes": _disk_bytes(folder.rglob("*")),
-        },
-    )
-    return PrepareResult(
-        profile=profile.name,
-        folder=folder,
-        records=tuple(records),
-        seconds=seconds,
-        cached=False,
-        activation_folders=act_folders,
-    )
 
 
 def _disk_bytes(paths: Iterable[Path]) -> int:

@@ -19,6 +19,8 @@ Three frozen profiles, selectable everywhere by name:
 from __future__ import annotations
 
 import itertools
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -236,6 +238,16 @@ class GemmaScopeConfig:
                 f"GemmaScopeConfig.canonical_l0: expected positive ints, got {self.canonical_l0}"
             )
 
+    def l0_variants(self, layer: int, files: Iterable[str]) -> tuple[int, ...]:
+        """The ``average_l0_X`` values of ``layer`` at this width among repository ``files``.
+
+        >>> GemmaScopeConfig().l0_variants(20, ["layer_20/width_16k/average_l0_71/params.npz",
+        ...     "layer_20/width_16k/average_l0_11/params.npz", "layer_2/width_16k/average_l0_9/params.npz"])
+        (11, 71)
+        """
+        pattern = re.compile(rf"layer_{layer}/width_{re.escape(self.width)}/average_l0_([0-9]+)/params\.npz")
+        return tuple(sorted({int(m.group(1)) for f in files if (m := pattern.fullmatch(f))}))
+
     def sae_folder(self, layer: int, l0: int | None = None) -> str:
         """Path inside the repository, e.g. ``layer_20/width_16k/average_l0_71``."""
         if not 0 <= layer < len(self.canonical_l0):
@@ -264,7 +276,9 @@ class Profile:
     sweep_l0_coefs: tuple[float, ...] = ()
     """Sparsity coefficients λ of the sweep (≥ 5 in the default profile)."""
     sweep_l0s: tuple[int, ...] = ()
-    """For ``gemma_scope``: the ``average_l0_X`` variants of the sweep layers."""
+    """For ``gemma_scope``: the ``average_l0_X`` variants of the sweep layers; empty means every
+    variant the SAE repository has for each sweep layer (listed on the hub, or in the local hub
+    cache when offline)."""
     family_layers: tuple[int, ...] = ()
     """Consecutive layers that also get a TopK and a ReLU SAE."""
     outlier_factor: float = 10.0
@@ -348,7 +362,11 @@ _DEFAULT = Profile(
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
     data=DataConfig(chunk_len=256, train_tokens=64_000, eval_tokens=8_192, batch_size=8),
-    sae=SAETrainConfig(width=2048, n_tokens=200_000, batch_size=512, l0_coef=0.3, decay_frac=0.2),
+    # l1_coef: measured on layer 14 (L0 / FVU): 0.02 -> 700 / 0.07, 1.0 -> 173 / 0.22, 2.0 -> 68 / 0.34,
+    # 3.0 -> 29 / 0.43; 2.5 puts the ReLU family near the JumpReLU and TopK L0 (about 50).
+    sae=SAETrainConfig(
+        width=2048, n_tokens=200_000, batch_size=512, l0_coef=0.3, l1_coef=2.5, decay_frac=0.2
+    ),
     sweep_layers=(14, 15),
     sweep_l0_coefs=(0.05, 0.1, 0.2, 0.3, 0.6),
     family_layers=(12, 13, 14, 15, 16, 17),

@@ -20,6 +20,7 @@ from saematch_core.cache import (
     atomic_write_text,
     cache_root,
     content_key,
+    folder_lock,
     read_manifest,
     write_manifest,
 )
@@ -161,3 +162,13 @@ def test_write_manifest_bad_input(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="manifest: expected JSON-serialisable"):
         write_manifest(tmp_path, {"a": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_lock_excludes_a_second_holder(tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "profile"
+    with folder_lock(folder) as lock:
+        assert lock == folder / ".lock" and lock.is_file()
+        with pytest.raises(TimeoutError, match=r"\.lock: still locked"), folder_lock(folder, timeout=0.1):
+            pass
+    with folder_lock(folder, timeout=0.1):  # released at the end of the block
+        pass

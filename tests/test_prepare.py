@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from conftest import make_sae
 
 from saematch_core import data
 from saematch_core import prepare as prepare_module
+from saematch_core.cache import folder_lock
 from saematch_core.data import Document, corpus_chunks
 from saematch_core.formats import load_sae
 from saematch_core.prepare import _fetch_pretrained, _jobs, prepare, sae_file
@@ -123,6 +125,36 @@ def test_prepare_resumes_per_sae(toy_corpora: None, tmp_path: Path, monkeypatch:
     assert len(trained) == 4 + 2 * 2 + 2 * 2
 
 
+def test_second_prepare_waits_for_the_first(
+    toy_corpora: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profile = _tiny()
+    done = prepare(profile, cache_dir=tmp_path, progress=False)
+    manifest_path = done.folder / "manifest.json"
+    manifest = manifest_path.read_text()
+    manifest_path.unlink()
+    holding = threading.Event()
+
+    def other_process() -> None:  # holds the lock, finishes its run, releases
+        with folder_lock(done.folder):
+            holding.set()
+            time.sleep(0.5)
+            manifest_path.write_text(manifest)
+
+    def no_model(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the waiting run must reuse the other run's results")
+
+    monkeypatch.setattr(prepare_module, "load_model", no_model)
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    holding.wait(5)
+    t0 = time.perf_counter()
+    waited = prepare(profile, cache_dir=tmp_path, progress=False)
+    thread.join()
+    assert waited.cached and waited.records == done.records
+    assert time.perf_counter() - t0 >= 0.3
+
+
 def test_prepare_rejects_bad_profile(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="name: expected one of"):
         prepare("nope", cache_dir=tmp_path)
@@ -185,6 +217,31 @@ def test_paper_profile_fetches_gemma_scope_offline(tmp_path: Path, monkeypatch: 
         assert got.meta["layer"] == layer and got.meta["average_l0"] == gs.canonical_l0[layer]
     with pytest.raises(FileNotFoundError):
         _fetch_pretrained(paper, jobs[3])
+
+
+def test_paper_sweep_discovers_every_l0_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    paper = get_profile("paper")
+    assert paper.sweep_l0s == () and paper.gemma_scope is not None
+    with pytest.raises(FileNotFoundError, match="no snapshot in the local hub cache"):
+        _jobs(paper)
+    names = [
+        f"layer_{layer}/width_{w}/average_l0_{l0}/params.npz"
+        for layer in (20, 21, 22)
+        for w in ("16k", "65k")
+        for l0 in (11, 71, 300)
+    ]
+    _hub_put(cache, paper.gemma_scope.repo_id, dict.fromkeys([*names, "layer_20/width_16k/README.md"], b"x"))
+    sweep = [(j.layer, j.setting, j.hub_path) for j in _jobs(paper) if j.family == "sweep"]
+    assert sweep == [
+        (layer, f"average_l0={l0}", f"layer_{layer}/width_16k/average_l0_{l0}")
+        for layer in (20, 21)
+        for l0 in (11, 71, 300)
+    ]
 
 
 def _tiny_gemma_repo(tmp_path: Path, words: list[str]) -> dict[str, bytes]:

@@ -27,7 +27,7 @@ from saematch_core.formats.gemma_scope import (
     gemma_scope_path,
     parse_gemma_scope_path,
 )
-from saematch_core.formats.hub import HUB_PREFIX, HubSpec, fetch_hub, parse_hub_spec
+from saematch_core.formats.hub import HUB_PREFIX, HubSpec, fetch_hub, list_hub_files, parse_hub_spec
 from saematch_core.formats.native import save_native
 from saematch_core.formats.registry import FORMATS, FormatRegistry, detect_format, register_format
 from saematch_core.sae import SAE
@@ -42,6 +42,7 @@ __all__ = [
     "detect_format",
     "fetch_hub",
     "gemma_scope_path",
+    "list_hub_files",
     "load_sae",
     "parse_gemma_scope_path",
     "parse_hub_spec",

@@ -15,7 +15,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download, list_repo_files
 from huggingface_hub.utils import EntryNotFoundError
 
 from saematch_core.formats.gemma_scope import GEMMA_SCOPE_FILENAME
@@ -24,7 +24,7 @@ from saematch_core.formats.registry import FORMATS, detect_format
 from saematch_core.formats.saelens import SAELENS_CFG, SAELENS_WEIGHTS
 from saematch_core.formats.sparsify import SPARSIFY_CFG, SPARSIFY_WEIGHTS
 
-__all__ = ["HUB_PREFIX", "HubSpec", "fetch_hub", "parse_hub_spec"]
+__all__ = ["HUB_PREFIX", "HubSpec", "fetch_hub", "list_hub_files", "parse_hub_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,3 +153,31 @@ def fetch_hub(spec: str | HubSpec, format: str | None = None) -> tuple[Path, str
         f"{where}: no known SAE layout found (tried {tried}); offline (HF_HUB_OFFLINE=1) the files must "
         "already be in the hub cache"
     )
+
+
+def list_hub_files(repo_id: str, revision: str | None = None) -> list[str]:
+    """Every file path in a hub repository (POSIX, relative to its root).
+
+    Asks the hub (:func:`huggingface_hub.list_repo_files`); offline (``HF_HUB_OFFLINE``) or when the
+    hub cannot be reached, lists the files of the repository's snapshot in the local hub cache
+    instead, so a profile can discover what it has already downloaded.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the hub cannot be reached and the local cache has no snapshot of ``repo_id``.
+    """
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return sorted(list_repo_files(repo_id, revision=revision))
+        except (OSError, ValueError) as exc:  # connection errors are OSErrors in huggingface_hub
+            logger.warning("cannot list %s on the hub (%s); using the local hub cache", repo_id, exc)
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else (revision or "")
+    snapshot = repo / "snapshots" / commit
+    if not commit or not snapshot.is_dir():
+        raise FileNotFoundError(
+            f"{repo_id}: no snapshot in the local hub cache ({repo}) and the hub is not reachable"
+        )
+    return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
