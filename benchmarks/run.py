@@ -95,7 +95,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         out["jit_s"] = time.perf_counter() - t
         phases: dict[str, float] = {}
         t = time.perf_counter()
-        res = solve_inner_product(A, B, k=spec["k"], timings=phases)
+        res = solve_inner_product(A, B, k=spec["k"], timings=phases, candidates=spec["candidates"])
         out["time_s"] = time.perf_counter() - t
         out.update({f"phase_{name}": value for name, value in phases.items()})
         out.update(
@@ -119,7 +119,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         worst = 0.0
         for a, b in itertools.pairwise(layers):
-            worst = max(worst, solve_inner_product(a, b, k=spec["k"]).max_violation)
+            res = solve_inner_product(a, b, k=spec["k"], candidates=spec["candidates"])
+            worst = max(worst, res.max_violation)
         out["time_s"] = time.perf_counter() - t
         out["max_violation"] = worst
     else:
@@ -167,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--chain", action="store_true", help="also a 30-layer synthetic chain (F=2048, D=1153)")
     p.add_argument("--k", type=int, default=8, help="initial candidates per row")
+    p.add_argument(
+        "--candidates",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="precisions of the sparse solver's candidate search (each measured against the same GEMM)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scipy-max-F", type=int, default=16384, help="skip scipy above this width")
     p.add_argument("--timeout", type=float, default=1800.0, help="per-measurement timeout (s)")
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     failures: list[str] = []
     print(
-        f"{'F':>6} {'d':>5} {'noise':>6} | {'gemm s':>7} {'scipy s':>8} {'ours s':>7} | "
+        f"{'F':>6} {'d':>5} {'noise':>6} {'cand':>8} | {'gemm s':>7} {'scipy s':>8} {'ours s':>7} | "
         f"{'LAP x':>6} {'e2e/gemm':>8} | {'rss gemm':>8} {'scipy':>6} {'ours MB':>7} | "
         f"{'nn':>5} {'rounds':>6} {'viol':>8} same"
     )
@@ -193,70 +201,73 @@ def main(argv: list[str] | None = None) -> int:
             dense_ok = F <= args.scipy_max_F
             gemm = _run_child({**base, "task": "gemm"}, args.timeout)
             scipy = _run_child({**base, "task": "scipy"}, args.timeout) if dense_ok else {}
-            ours = _run_child({**base, "task": "sparse"}, args.timeout)
-            rec: dict[str, Any] = {
-                **{k: base[k] for k in ("F", "d", "noise", "seed", "k")},
-                "noise_level": NOISE_LEVELS[noise],
-                "gemm_s": gemm.get("time_s"),
-                "gemm_peak_rss_mb": gemm.get("peak_rss_mb"),
-                "gemm_streamed": gemm.get("streamed", False),
-                "nn_recovery": gemm.get("nn_recovery"),
-                "scipy_s": scipy.get("time_s"),
-                "scipy_peak_rss_mb": scipy.get("peak_rss_mb"),
-                "scipy_total": scipy.get("total"),
-                "ours_s": ours.get("time_s"),
-                "ours_peak_rss_mb": ours.get("peak_rss_mb"),
-                "ours_base_rss_mb": ours.get("base_rss_mb"),
-                "ours_total": ours.get("total"),
-                "max_violation": ours.get("max_violation"),
-                "rounds": ours.get("rounds"),
-                "n_candidates": ours.get("n_candidates"),
-                "planted_recovery": ours.get("planted_recovery"),
-                "errors": "; ".join(
-                    f"{n}: {r['error']}"
-                    for n, r in (("gemm", gemm), ("scipy", scipy), ("ours", ours))
-                    if "error" in r
-                ),
-            }
-            for name in ("candidates_s", "solve_s", "certify_s"):
-                rec[f"ours_{name}"] = ours.get(f"phase_{name}")
-            if rec["ours_solve_s"] is not None:
-                # our LAP part: sparse solves + certificate (which includes recomputing score rows);
-                # the streamed score blocks and top-k of the first pass are the "cost matrix" part
-                rec["ours_lap_s"] = rec["ours_solve_s"] + rec["ours_certify_s"]
-            if rec["scipy_s"] and rec.get("ours_lap_s"):
-                rec["lap_speedup_vs_scipy"] = rec["scipy_s"] / max(rec["ours_lap_s"], 1e-9)
-            if rec["scipy_s"] and rec["gemm_s"] and rec["ours_s"]:
-                rec["e2e_speedup_vs_gemm_plus_scipy"] = (rec["scipy_s"] + rec["gemm_s"]) / rec["ours_s"]
-            if rec["gemm_s"] and rec["ours_s"]:
-                rec["e2e_over_gemm"] = rec["ours_s"] / rec["gemm_s"]
-            if rec["scipy_total"] is not None and rec["ours_total"] is not None:
-                # scipy optimises the float32 matrix; its float64 total can only be <= the exact optimum,
-                # and not by more than the float32 rounding of the matrix (bounded generously below)
-                diff = rec["ours_total"] - rec["scipy_total"]
-                slack = F * 1e-4 * max(abs(rec["ours_total"]) / F, 1.0)
-                rec["total_diff"] = diff
-                rec["same_optimum"] = bool(-1e-9 * abs(rec["ours_total"]) <= diff <= slack)
-                if not rec["same_optimum"]:
-                    failures.append(
-                        f"F={F} d={d} {noise}: ours {rec['ours_total']!r} vs scipy {rec['scipy_total']!r}"
-                    )
-            if rec["max_violation"] is not None and rec["max_violation"] > 1e-9:
-                failures.append(f"F={F} d={d} {noise}: certificate {rec['max_violation']:.3g} > tol")
-            if rec["errors"]:
-                failures.append(f"F={F} d={d} {noise}: {rec['errors']}")
-            records.append(rec)
-            print(
-                f"{F:>6} {d:>5} {noise:>6} | {_fmt(rec['gemm_s']):>7} {_fmt(rec['scipy_s']):>8} "
-                f"{_fmt(rec['ours_s']):>7} | {_fmt(rec.get('lap_speedup_vs_scipy'), '.1f'):>6} "
-                f"{_fmt(rec.get('e2e_over_gemm')):>8} | {_fmt(rec['gemm_peak_rss_mb'], '.0f'):>8} "
-                f"{_fmt(rec['scipy_peak_rss_mb'], '.0f'):>6} {_fmt(rec['ours_peak_rss_mb'], '.0f'):>7} | "
-                f"{_fmt(rec['nn_recovery']):>5} {_fmt(rec['rounds'], 'd'):>6} "
-                f"{_fmt(rec['max_violation'], '.1e'):>8} "
-                f"{rec.get('same_optimum', '-')}",
-                flush=True,
-            )
-    if args.chain:
+            for cand in args.candidates:
+                ours = _run_child({**base, "task": "sparse", "candidates": cand}, args.timeout)
+                rec: dict[str, Any] = {
+                    **{k: base[k] for k in ("F", "d", "noise", "seed", "k")},
+                    "noise_level": NOISE_LEVELS[noise],
+                    "candidates": cand,
+                    "gemm_s": gemm.get("time_s"),
+                    "gemm_peak_rss_mb": gemm.get("peak_rss_mb"),
+                    "gemm_streamed": gemm.get("streamed", False),
+                    "nn_recovery": gemm.get("nn_recovery"),
+                    "scipy_s": scipy.get("time_s"),
+                    "scipy_peak_rss_mb": scipy.get("peak_rss_mb"),
+                    "scipy_total": scipy.get("total"),
+                    "ours_s": ours.get("time_s"),
+                    "ours_peak_rss_mb": ours.get("peak_rss_mb"),
+                    "ours_base_rss_mb": ours.get("base_rss_mb"),
+                    "ours_total": ours.get("total"),
+                    "max_violation": ours.get("max_violation"),
+                    "rounds": ours.get("rounds"),
+                    "n_candidates": ours.get("n_candidates"),
+                    "planted_recovery": ours.get("planted_recovery"),
+                    "errors": "; ".join(
+                        f"{n}: {r['error']}"
+                        for n, r in (("gemm", gemm), ("scipy", scipy), ("ours", ours))
+                        if "error" in r
+                    ),
+                }
+                for name in ("candidates_s", "solve_s", "certify_s"):
+                    rec[f"ours_{name}"] = ours.get(f"phase_{name}")
+                if rec["ours_solve_s"] is not None:
+                    # our LAP part: sparse solves + certificate (which includes recomputing score rows);
+                    # the streamed score blocks and top-k of the first pass are the "cost matrix" part
+                    rec["ours_lap_s"] = rec["ours_solve_s"] + rec["ours_certify_s"]
+                if rec["scipy_s"] and rec.get("ours_lap_s"):
+                    rec["lap_speedup_vs_scipy"] = rec["scipy_s"] / max(rec["ours_lap_s"], 1e-9)
+                if rec["scipy_s"] and rec["gemm_s"] and rec["ours_s"]:
+                    rec["e2e_speedup_vs_gemm_plus_scipy"] = (rec["scipy_s"] + rec["gemm_s"]) / rec["ours_s"]
+                if rec["gemm_s"] and rec["ours_s"]:
+                    rec["e2e_over_gemm"] = rec["ours_s"] / rec["gemm_s"]
+                if rec["scipy_total"] is not None and rec["ours_total"] is not None:
+                    # scipy optimises the float32 matrix; its float64 total can only be <= the exact optimum,
+                    # and not by more than the float32 rounding of the matrix (bounded generously below)
+                    diff = rec["ours_total"] - rec["scipy_total"]
+                    slack = F * 1e-4 * max(abs(rec["ours_total"]) / F, 1.0)
+                    rec["total_diff"] = diff
+                    rec["same_optimum"] = bool(-1e-9 * abs(rec["ours_total"]) <= diff <= slack)
+                    if not rec["same_optimum"]:
+                        failures.append(
+                            f"F={F} d={d} {noise}: ours {rec['ours_total']!r} vs scipy {rec['scipy_total']!r}"
+                        )
+                if rec["max_violation"] is not None and rec["max_violation"] > 1e-9:
+                    failures.append(f"F={F} d={d} {noise}: certificate {rec['max_violation']:.3g} > tol")
+                if rec["errors"]:
+                    failures.append(f"F={F} d={d} {noise}: {rec['errors']}")
+                records.append(rec)
+                print(
+                    f"{F:>6} {d:>5} {noise:>6} {cand:>8} | "
+                    f"{_fmt(rec['gemm_s']):>7} {_fmt(rec['scipy_s']):>8} "
+                    f"{_fmt(rec['ours_s']):>7} | {_fmt(rec.get('lap_speedup_vs_scipy'), '.1f'):>6} "
+                    f"{_fmt(rec.get('e2e_over_gemm')):>8} | {_fmt(rec['gemm_peak_rss_mb'], '.0f'):>8} "
+                    f"{_fmt(rec['scipy_peak_rss_mb'], '.0f'):>6} {_fmt(rec['ours_peak_rss_mb'], '.0f'):>7} | "
+                    f"{_fmt(rec['nn_recovery']):>5} {_fmt(rec['rounds'], 'd'):>6} "
+                    f"{_fmt(rec['max_violation'], '.1e'):>8} "
+                    f"{rec.get('same_optimum', '-')}",
+                    flush=True,
+                )
+    for cand in args.candidates if args.chain else ():
         spec = {
             "F": 2048,
             "d": 1153,
@@ -265,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             "k": args.k,
             "task": "chain",
             "layers": 30,
+            "candidates": cand,
         }
         ch = _run_child(spec, args.timeout)
         records.append(
             {
-                **{k: spec[k] for k in ("F", "d", "noise", "seed", "k")},
+                **{k: spec[k] for k in ("F", "d", "noise", "seed", "k", "candidates")},
                 "chain_layers": 30,
                 "ours_s": ch.get("time_s"),
                 "ours_peak_rss_mb": ch.get("peak_rss_mb"),
@@ -278,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(
-            f"chain: 30 layers (29 matches) F=2048 D=1153: {_fmt(ch.get('time_s'))} s, "
+            f"chain ({cand} candidates): 30 layers (29 matches) F=2048 D=1153: {_fmt(ch.get('time_s'))} s, "
             f"worst certificate {_fmt(ch.get('max_violation'), '.1e')} {ch.get('error', '')}"
         )
     meta = {

@@ -156,7 +156,15 @@ def match_scaled(
     x, y = va, vb
     if cfg.metric == "cosine":
         x, y = normalize_rows(x, name="a"), normalize_rows(y, name="b")
-    res = solve(cfg.solver, x, y, metric=cfg.metric, chunk_size=cfg.chunk_size, k=cfg.sparse_k)
+    res = solve(
+        cfg.solver,
+        x,
+        y,
+        metric=cfg.metric,
+        chunk_size=cfg.chunk_size,
+        k=cfg.sparse_k,
+        candidates=cfg.sparse_candidates,
+    )
     perm = torch.as_tensor(res.cols, dtype=torch.long)
     cost = pair_costs(va, vb, perm, metric=cfg.metric)
     ok = perm >= 0

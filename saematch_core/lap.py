@@ -55,7 +55,9 @@ class Assignment(NamedTuple):
 class SolverFn(Protocol):
     """Signature of a registered solver."""
 
-    def __call__(self, x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int) -> Assignment: ...
+    def __call__(
+        self, x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+    ) -> Assignment: ...
 
 
 # ---------------------------------------------------------------------- scipy-style dense interface
@@ -159,9 +161,19 @@ def register_solver(name: str, fn: SolverFn, *, overwrite: bool = False) -> None
 
 
 def solve(
-    name: str, x: Tensor, y: Tensor, *, metric: str = "mse", chunk_size: int = 4096, k: int = 8
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    *,
+    metric: str = "mse",
+    chunk_size: int = 4096,
+    k: int = 8,
+    candidates: str = "float32",
 ) -> Assignment:
-    """Run the solver registered as ``name`` on feature vectors ``x`` (F_A, D) and ``y`` (F_B, D)."""
+    """Run the solver registered as ``name`` on feature vectors ``x`` (F_A, D) and ``y`` (F_B, D).
+
+    ``k`` and ``candidates`` (the precision of the candidate search) only concern the sparse solver.
+    """
     try:
         fn = SOLVERS[name]
     except KeyError:
@@ -175,7 +187,7 @@ def solve(
         raise ValueError(
             f"x, y: expected the same vector length D, got {tuple(x.shape)} and {tuple(y.shape)}"
         )
-    return fn(x, y, metric=metric, chunk_size=chunk_size, k=k)
+    return fn(x, y, metric=metric, chunk_size=chunk_size, k=k, candidates=candidates)
 
 
 def lap_vectors(x: Tensor, y: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -201,8 +213,10 @@ def _dense_scores(x: Tensor, y: Tensor, chunk_size: int) -> np.ndarray:
     return out
 
 
-def _scipy_solver(x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int) -> Assignment:
-    del k
+def _scipy_solver(
+    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+) -> Assignment:
+    del candidates, k
     xs, ys = lap_vectors(x, y, metric)
     scores = _dense_scores(xs, ys, chunk_size)
     np.negative(scores, out=scores)  # minimise −x·yᵀ, in place: no second F×F array
@@ -219,14 +233,25 @@ def _exact_objective(x: Tensor, y: Tensor, rows: np.ndarray, cols: np.ndarray) -
     return float((x[r].double() * y[c].double()).sum())
 
 
-def _sparse_solver(x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int) -> Assignment:
+def _sparse_solver(
+    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+) -> Assignment:
     # Imported on first use: numba's import and JIT cache load cost ~1 s that the other solvers never pay.
     from saematch_core import lap_sparse
 
     xs, ys = lap_vectors(x, y, metric)
     swap = xs.shape[0] > ys.shape[0]
     rows_side, cols_side = (ys, xs) if swap else (xs, ys)
-    res = lap_sparse.solve_inner_product(rows_side, cols_side, k=k, device=x.device, chunk_size=chunk_size)
+    if candidates not in ("float32", "bfloat16"):
+        raise ValueError(f"candidates: expected 'float32' or 'bfloat16', got {candidates!r}")
+    res = lap_sparse.solve_inner_product(
+        rows_side,
+        cols_side,
+        k=k,
+        device=x.device,
+        chunk_size=chunk_size,
+        candidates="bfloat16" if candidates == "bfloat16" else "float32",
+    )
     cols = np.asarray(res.cols, dtype=np.int64)
     if swap:
         out = np.full(x.shape[0], -1, dtype=np.int64)
@@ -242,8 +267,10 @@ def _sparse_solver(x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int
     return Assignment(cols=out, info=info)
 
 
-def _greedy_solver(x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int) -> Assignment:
-    del k
+def _greedy_solver(
+    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+) -> Assignment:
+    del candidates, k
     if y.shape[0] == 0:
         return Assignment(cols=np.full(x.shape[0], -1, dtype=np.int64), info={"n_collisions": 0.0})
     # Best partner under the metric itself: for MSE that is argmax ⟨x, y⟩ − ½‖y‖², not argmax ⟨x, y⟩.
@@ -259,8 +286,10 @@ def _greedy_solver(x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int
     return Assignment(cols=out, info={"n_collisions": n_collisions})
 
 
-def _identity_solver(x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int) -> Assignment:
-    del metric, chunk_size, k
+def _identity_solver(
+    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+) -> Assignment:
+    del candidates, metric, chunk_size, k
     n, m = x.shape[0], y.shape[0]
     out = np.arange(n, dtype=np.int64)
     out[out >= m] = -1

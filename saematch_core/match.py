@@ -96,6 +96,10 @@ class MatchConfig:
     """Rows of the score matrix computed at once (memory ~ chunk_size × F_B × itemsize)."""
     sparse_k: int = 8
     """Initial number of candidate partners per feature; used only by the ``"sparse"`` solver."""
+    sparse_candidates: Literal["float32", "bfloat16"] = "float32"
+    """Precision of the ``"sparse"`` solver's candidate search. ``"bfloat16"`` is ~3× faster where
+    bfloat16 GEMMs are native (AVX512-BF16/AMX CPUs, GPUs) and the matching stays exact: the
+    certificate accounts for the rounding and re-checks in float32/float64."""
 
     def __post_init__(self) -> None:
         params = self.params
@@ -132,6 +136,11 @@ class MatchConfig:
                     ) from exc
         if self.dtype not in DTYPES:
             raise ValueError(f"MatchConfig.dtype: expected one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.sparse_candidates not in ("float32", "bfloat16"):
+            raise ValueError(
+                "MatchConfig.sparse_candidates: expected 'float32' or 'bfloat16', "
+                f"got {self.sparse_candidates!r}"
+            )
         for name in ("chunk_size", "sparse_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -451,6 +460,7 @@ def match(a: SAE, b: SAE, config: MatchConfig | None = None, **overrides: Any) -
         metric=config.metric,
         chunk_size=config.chunk_size,
         k=config.sparse_k,
+        candidates=config.sparse_candidates,
     )
     timings["solve"] = time.perf_counter() - t0
 

@@ -13,7 +13,13 @@ from scipy.sparse import csr_array
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from saematch_core._jv_numba import capped_envelope, exact_dots, line_envelope, sparse_sap, topk2
-from saematch_core.lap_sparse import SparseLAPResult, solve_inner_product, solve_scores
+from saematch_core.lap_sparse import (
+    Precision,
+    SparseLAPResult,
+    _InnerProductOracle,
+    solve_inner_product,
+    solve_scores,
+)
 
 TOL = 1e-9
 
@@ -118,18 +124,37 @@ def test_max_rounds_reports_uncertified_result_honestly() -> None:
     assert res.total <= _reference_total(S) + 1e-9
 
 
+@pytest.mark.parametrize("candidates", ["float32", "bfloat16"])
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize(("n", "m"), [(30, 30), (25, 40), (1, 17), (60, 61)])
-def test_inner_product_matches_scipy(seed: int, n: int, m: int) -> None:
+def test_inner_product_matches_scipy(seed: int, n: int, m: int, candidates: Precision) -> None:
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, 8, generator=g)
     Y = torch.randn(m, 8, generator=g) * (0.3 + torch.rand(m, 1, generator=g))
-    res = solve_inner_product(X, Y, k=1 + seed % 3, chunk_size=7)
+    res = solve_inner_product(X, Y, k=1 + seed % 3, chunk_size=7, candidates=candidates)
     _check(res, (X.double() @ Y.double().T).numpy())
 
 
+def test_bfloat16_candidate_blocks_stay_within_their_margin() -> None:
+    # The bfloat16 search is exact only if every coarse score is within ``margin`` of the exact one;
+    # check the bound on the platform the tests run on, with large D and mixed norms.
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(64, 2304, generator=g) * torch.exp(torch.randn(64, 1, generator=g))
+    Y = torch.randn(300, 2304, generator=g) * torch.exp(torch.randn(300, 1, generator=g))
+    oracle = _InnerProductOracle(X, Y, torch.device("cpu"), "bfloat16")
+    rows = np.arange(64)
+    coarse = oracle.block(rows, candidates=True).double().numpy()
+    exact = (X.double() @ Y.double().T).numpy()
+    err = np.abs(coarse - exact).max(axis=1)
+    assert (err <= oracle.margin).all()
+    fine_err = np.abs(oracle.block(rows).double().numpy() - exact).max(axis=1)
+    assert (fine_err <= oracle.block_margin).all()
+    assert err.max() > 10 * fine_err.max(), "the candidate blocks must really be computed in bfloat16"
+
+
+@pytest.mark.parametrize("candidates", ["float32", "bfloat16"])
 @pytest.mark.parametrize("noise", [0.1, 1.0, 3.0])
-def test_planted_instances(noise: float) -> None:
+def test_planted_instances(noise: float, candidates: Precision) -> None:
     g = torch.Generator().manual_seed(5)
     F, d = 300, 32
     A = torch.randn(F, d, generator=g) * torch.exp(torch.rand(F, 1, generator=g) - 0.5)
@@ -138,7 +163,7 @@ def test_planted_instances(noise: float) -> None:
     B[perm] = (A + noise * A.norm(dim=1, keepdim=True) * torch.randn(F, d, generator=g) / d**0.5) * torch.exp(
         torch.rand(F, 1, generator=g) - 0.5
     )
-    res = solve_inner_product(A, B)
+    res = solve_inner_product(A, B, candidates=candidates)
     _check(res, (A.double() @ B.double().T).numpy())
     if noise <= 0.1:
         assert (res.cols == perm.numpy()).all()
@@ -198,6 +223,8 @@ def test_bad_options(kw: dict, match: str) -> None:
         solve_inner_product(torch.zeros(2, 2), torch.zeros(2, 2), **kw)
     with pytest.raises(ValueError, match="scores: expected n <= m"):
         solve_scores(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"candidates: expected one of \['float32', 'bfloat16'\], got 'fp8'"):
+        solve_inner_product(torch.zeros(2, 2), torch.zeros(2, 2), candidates="fp8")  # type: ignore[arg-type]
 
 
 # --- kernels against obviously-correct references -------------------------------------------------

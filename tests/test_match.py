@@ -215,12 +215,14 @@ def test_cuda_equals_cpu() -> None:
     assert gpu.perm.device.type == "cpu"
 
 
-def test_sparse_solver_equals_scipy() -> None:
+@pytest.mark.parametrize("candidates", ["float32", "bfloat16"])
+def test_sparse_solver_equals_scipy(candidates: str) -> None:
     for noise in (0.01, 2.0):
         a, b, _ = planted(noise=noise)
         ref = match(a, b, dtype="float64")
-        fast = match(a, b, dtype="float64", solver="sparse", sparse_k=3)
+        fast = match(a, b, dtype="float64", solver="sparse", sparse_k=3, sparse_candidates=candidates)
         assert fast.is_permutation and fast.total_cost == pytest.approx(ref.total_cost, rel=1e-9)
+        assert fast.info["max_violation"] <= 1e-9
 
 
 # ---------------------------------------------------------------------- config
@@ -250,6 +252,11 @@ def test_config_defaults_and_round_trip() -> None:
         ({"dtype": "int8"}, ValueError, "MatchConfig.dtype: expected one of"),
         ({"chunk_size": 0}, ValueError, "MatchConfig.chunk_size: expected an int >= 1, got 0"),
         ({"sparse_k": 2.5}, ValueError, "MatchConfig.sparse_k: expected an int >= 1, got 2.5"),
+        (
+            {"sparse_candidates": "float16"},
+            ValueError,
+            "MatchConfig.sparse_candidates: expected 'float32' or 'bfloat16', got 'float16'",
+        ),
         ({"fold": "yes"}, TypeError, "MatchConfig.fold: expected a bool"),
         ({"device": "gpu"}, ValueError, "MatchConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ],
