@@ -55,10 +55,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saematch_core.fold import fold
-from saematch_core.match import MatchConfig, MatchResult, match
+from saematch_core.match import MatchConfig, MatchResult
 from saematch_core.models import decoder_layers, replace_residual
 from saematch_core.results import (
     JsonResult,
+    cached_match,
     model_digest,
     read_result,
     result_path,
@@ -562,8 +563,10 @@ def _scheme_state(scheme: Scheme, prep: _Prepared, h_prev: Tensor | None, h_cur:
     return moved + (codes * ~well) @ prev.W_dec + cur.b_dec
 
 
-def _matched_pair(prev: SAE, cur: SAE, cfg: MatchConfig) -> tuple[SAE, SAE, MatchResult]:
-    result = match(prev, cur, cfg)
+def _matched_pair(
+    prev: SAE, cur: SAE, cfg: MatchConfig, cache_dir: str | Path | None
+) -> tuple[SAE, SAE, MatchResult]:
+    result = cached_match(prev, cur, cfg, cache_dir)
     use_prev = fold(prev) if result.folded[0] else prev
     use_cur = fold(cur) if result.folded[1] else cur
     return use_prev, use_cur, result
@@ -804,7 +807,7 @@ def approximate_layers(
         "fit_mask": None if fit_mask is None else tensor_digest(fit_mask),
         "ridge": config.ridge,
     }
-    state: dict[str, Any] = {"linear": None, "checked": not config.suffix}
+    state: dict[str, Any] = {"linear": None, "checked": not config.suffix, "cache_dir": cache_dir}
 
     def compute(t: int, todo: tuple[Scheme, ...]) -> ApproximationResult:
         if any(s.kind == "linear" for s in todo) and state["linear"] is None:
@@ -877,7 +880,7 @@ def _approximate_layer(
             # A grid of hybrid schemes shares one matching.
             key = repr(sorted(s.match.to_dict().items()))
             if key not in memo:
-                memo[key] = _matched_pair(prev, cur, s.match)
+                memo[key] = _matched_pair(prev, cur, s.match, state.get("cache_dir"))
             prep.matched[s.label] = memo[key]
     need_prev = any(s.needs_previous for s in config.schemes)
     accs: dict[str, _Acc] = {}

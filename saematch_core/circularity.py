@@ -33,7 +33,6 @@ import torch
 from scipy import stats as sps
 from tqdm.auto import tqdm
 
-from saematch_core.databased import cached_match_perm
 from saematch_core.evaluate import coactivation, pair_metrics
 from saematch_core.family_fold import activation_scale
 from saematch_core.match import MatchConfig
@@ -41,6 +40,7 @@ from saematch_core.results import (
     ArrayLike,
     JsonResult,
     acts_digest,
+    cached_match,
     finite_mean,
     load_or_compute,
     map_layer_pairs,
@@ -249,8 +249,9 @@ def _disagreement_row(
     keep: ArrayLike | None,
     n_examples: int,
     chunk_size: int,
+    cache_dir: str | Path | None,
 ) -> DisagreementRow:
-    pf, pu = cached_match_perm(a, b, folded), cached_match_perm(a, b, unfolded)
+    pf, pu = cached_match(a, b, folded, cache_dir).perm, cached_match(a, b, unfolded, cache_dir).perm
     stats = coactivation(
         a, b, acts_a, acts_b, {"folded": pf, "unfolded": pu}, keep=keep, chunk_size=chunk_size
     )
@@ -321,7 +322,17 @@ def disagreements_by_layer(
     def compute(la: int, lb: int) -> DisagreementResult:
         a, b = saes[la], saes[lb]
         row = _disagreement_row(
-            a, b, activations[la], activations[lb], (la, lb), f_cfg, u_cfg, keep, n_examples, chunk_size
+            a,
+            b,
+            activations[la],
+            activations[lb],
+            (la, lb),
+            f_cfg,
+            u_cfg,
+            keep,
+            n_examples,
+            chunk_size,
+            cache_dir,
         )
         return DisagreementResult(rows=(row,))
 

@@ -24,7 +24,6 @@ F = 16384, where this reference becomes expensive).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,8 +37,15 @@ from torch import Tensor
 
 from saematch_core.evaluate import random_partners
 from saematch_core.lap import linear_assignment
-from saematch_core.match import MatchConfig, match
-from saematch_core.results import ArrayLike, JsonResult, array_rows, finite_mean, map_layer_pairs
+from saematch_core.match import MatchConfig
+from saematch_core.results import (
+    ArrayLike,
+    JsonResult,
+    array_rows,
+    cached_match,
+    finite_mean,
+    map_layer_pairs,
+)
 from saematch_core.sae import SAE
 
 __all__ = [
@@ -48,7 +54,6 @@ __all__ = [
     "CorrelationMeasure",
     "DataBasedResult",
     "DataBasedRow",
-    "cached_match_perm",
     "coactivation_from_codes",
     "coactivation_matrix",
     "databased_by_layer",
@@ -60,17 +65,6 @@ __all__ = [
 CorrelationMeasure = Literal["pearson", "jaccard"]
 CORRELATION_MEASURES: tuple[str, ...] = get_args(CorrelationMeasure)
 """Measures :func:`databased_match` can maximise."""
-
-
-@functools.lru_cache(maxsize=256)
-def cached_match_perm(sae_a: SAE, sae_b: SAE, config: MatchConfig) -> Tensor:
-    """``match(sae_a, sae_b, config).perm``, memoised within the process.
-
-    Several analyses of this section match the same consecutive layers with the same objective;
-    an exact assignment at F = 2048 costs seconds. SAEs are immutable and hash by identity, so the
-    memo holds only references to SAEs the caller already keeps, plus the (F_A,) results.
-    """
-    return match(sae_a, sae_b, config).perm
 
 
 def _check_acts(name: str, acts: ArrayLike, d_in: int, n: int | None = None) -> int:
@@ -436,7 +430,7 @@ def databased_by_layer(
         a, b = saes[la], saes[lb]
         stats = coactivation_matrix(a, b, activations[la], activations[lb], keep=keep, chunk_size=chunk_size)
         ref = databased_match(stats, measure)
-        perms = {"databased": ref, **{k: cached_match_perm(a, b, v) for k, v in methods.items()}}
+        perms = {"databased": ref, **{k: cached_match(a, b, v, cache_dir).perm for k, v in methods.items()}}
         perms["random"] = random_partners(a.d_sae, b.d_sae, torch.Generator().manual_seed(seed))
         n_ref = int((ref >= 0).sum())
         out = []

@@ -40,10 +40,9 @@ import torch
 from torch import Tensor
 
 from saematch_core.cost import feature_vectors
-from saematch_core.databased import cached_match_perm
 from saematch_core.evaluate import coactivation, pair_metrics, random_partners
 from saematch_core.match import MatchConfig
-from saematch_core.results import ArrayLike, JsonResult, finite_mean, map_layer_pairs
+from saematch_core.results import ArrayLike, JsonResult, cached_match, finite_mean, map_layer_pairs
 from saematch_core.sae import SAE
 
 __all__ = [
@@ -371,6 +370,7 @@ def decide(
     alpha: float = 0.05,
     n_null: int = 2,
     seed: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> MatchDecision:
     """Match (unless ``perm`` is given) and give every pair a calibrated verdict.
 
@@ -381,6 +381,7 @@ def decide(
     perm : LongTensor (F_A,), optional; a precomputed matching to judge instead of ``match``'s.
     alpha : FDR level.
     n_null : random rotations of B in the null (each gives F_A null samples).
+    cache_dir : where the matching is cached (:func:`~saematch_core.results.cached_match`).
 
     Examples
     --------
@@ -388,7 +389,7 @@ def decide(
     """
     cfg = MatchConfig() if config is None else config
     if perm is None:
-        perm = cached_match_perm(sae_a, sae_b, cfg)
+        perm = cached_match(sae_a, sae_b, cfg, cache_dir).perm
     va = feature_vectors(sae_a, cfg.params, fold=cfg.fold and sae_a.activation == "jumprelu")
     vb = feature_vectors(sae_b, cfg.params, fold=cfg.fold and sae_b.activation == "jumprelu")
     return decide_vectors(
@@ -516,7 +517,7 @@ def decisions_by_layer(
 
     def compute(la: int, lb: int) -> DecisionResult:
         a, b = saes[la], saes[lb]
-        dec = decide(a, b, cfg, alpha=alpha, n_null=n_null, seed=seed)
+        dec = decide(a, b, cfg, alpha=alpha, n_null=n_null, seed=seed, cache_dir=cache_dir)
         data = dict(nan_data)
         if activations is not None and la in activations and lb in activations:
             data = _data_check(dec, a, b, activations[la], activations[lb], keep, seed, chunk_size)

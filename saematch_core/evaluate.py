@@ -41,12 +41,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saematch_core.cost import feature_vectors, pair_costs
-from saematch_core.match import MatchConfig, match
+from saematch_core.match import MatchConfig
 from saematch_core.results import (
     ArrayLike,
     JsonResult,
     acts_digest,
     array_rows,
+    cached_match,
     finite_mean,
     load_or_compute,
     map_layer_pairs,
@@ -302,7 +303,7 @@ def parameter_mse(
         ParameterMSEResult,
         saes,
         pairs,
-        lambda la, lb: _parameter_mse_pair(saes[la], saes[lb], la, lb, methods),
+        lambda la, lb: _parameter_mse_pair(saes[la], saes[lb], la, lb, methods, cache_dir),
         spec={"methods": {k: v.to_dict() for k, v in methods.items()}},
         desc="parameter MSE",
         cache_dir=cache_dir,
@@ -313,11 +314,11 @@ def parameter_mse(
 
 
 def _parameter_mse_pair(
-    a: SAE, b: SAE, la: int, lb: int, methods: Mapping[str, MatchConfig]
+    a: SAE, b: SAE, la: int, lb: int, methods: Mapping[str, MatchConfig], cache_dir: str | Path | None
 ) -> ParameterMSEResult:
     rows = []
     for name, cfg in methods.items():
-        res = match(a, b, cfg)
+        res = cached_match(a, b, cfg, cache_dir)
         per = {p: _folded_pair_mse(a, b, res.perm, (p,)) for p in EVAL_PARAMS}
         total = _folded_pair_mse(a, b, res.perm, EVAL_PARAMS)
         ok = res.perm >= 0
@@ -664,7 +665,11 @@ def matching_scores(
 
     def compute() -> MatchingScoreResult:
         perms = {
-            k: (match(sae_a, sae_b, v).perm if isinstance(v, MatchConfig) else torch.as_tensor(v))
+            k: (
+                cached_match(sae_a, sae_b, v, cache_dir).perm
+                if isinstance(v, MatchConfig)
+                else torch.as_tensor(v)
+            )
             for k, v in methods.items()
         }
         g = torch.Generator().manual_seed(seed)
@@ -803,7 +808,7 @@ def mse_binned_agreement(
     )
 
     def compute() -> MSEBinnedAgreement:
-        perm = match(sae_a, sae_b, cfg).perm
+        perm = cached_match(sae_a, sae_b, cfg, cache_dir).perm
         mse = _folded_pair_mse(sae_a, sae_b, perm, EVAL_PARAMS)
         stats = coactivation(
             sae_a,

@@ -38,11 +38,18 @@ import torch
 from torch import Tensor
 
 from saematch_core.cost import DEFAULT_PARAMS, normalize_rows, pair_costs
-from saematch_core.databased import cached_match_perm, iter_code_pairs
+from saematch_core.databased import iter_code_pairs
 from saematch_core.evaluate import matching_scores
 from saematch_core.lap import solve
 from saematch_core.match import MatchConfig, MatchResult
-from saematch_core.results import ArrayLike, JsonResult, acts_digest, finite_mean, map_layer_pairs
+from saematch_core.results import (
+    ArrayLike,
+    JsonResult,
+    acts_digest,
+    cached_match,
+    finite_mean,
+    map_layer_pairs,
+)
 from saematch_core.sae import SAE
 
 __all__ = [
@@ -246,7 +253,12 @@ class FamilyFoldResult(JsonResult):
 
 
 def _family_perms(
-    a: SAE, b: SAE, scale_a: Tensor | None, scale_b: Tensor | None, cfg: MatchConfig
+    a: SAE,
+    b: SAE,
+    scale_a: Tensor | None,
+    scale_b: Tensor | None,
+    cfg: MatchConfig,
+    cache_dir: str | Path | None,
 ) -> dict[str, Tensor]:
     ones_a, ones_b = torch.ones(a.d_sae, dtype=torch.float64), torch.ones(b.d_sae, dtype=torch.float64)
     perms = {"raw": match_scaled(a, b, ones_a, ones_b, cfg).perm}
@@ -255,7 +267,7 @@ def _family_perms(
     if float(a.b_dec.abs().sum()) > 0 and float(b.b_dec.abs().sum()) > 0:
         perms["weight_scale"] = match_scaled(a, b, weight_scale(a), weight_scale(b), cfg).perm
     if a.activation == "jumprelu" and b.activation == "jumprelu":
-        perms["theta"] = cached_match_perm(a, b, replace(cfg, fold=True))
+        perms["theta"] = cached_match(a, b, replace(cfg, fold=True), cache_dir).perm
     return perms
 
 
@@ -316,7 +328,7 @@ def family_comparison(
         if la in fit and lb in fit:
             sa = fill_dead_scale(activation_scale(a, fit[la], keep=fit_keep, chunk_size=chunk_size))
             sb = fill_dead_scale(activation_scale(b, fit[lb], keep=fit_keep, chunk_size=chunk_size))
-        perms = _family_perms(a, b, sa, sb, cfg)
+        perms = _family_perms(a, b, sa, sb, cfg, cache_dir)
         scores = matching_scores(
             a,
             b,

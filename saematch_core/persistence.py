@@ -25,8 +25,16 @@ from tqdm.auto import tqdm
 
 from saematch_core.compose import agreement, compose_chain
 from saematch_core.evaluate import coactivation, pair_metrics, random_partners
-from saematch_core.match import MatchConfig, match
-from saematch_core.results import ArrayLike, JsonResult, acts_digest, finite_mean, load_or_compute, sae_digest
+from saematch_core.match import MatchConfig
+from saematch_core.results import (
+    ArrayLike,
+    JsonResult,
+    acts_digest,
+    cached_match,
+    finite_mean,
+    load_or_compute,
+    sae_digest,
+)
 from saematch_core.sae import SAE
 
 __all__ = ["PersistenceResult", "PersistenceRow", "default_starts", "persistence"]
@@ -142,9 +150,9 @@ def persistence(
         for s, targets in plan:
             for t in targets:
                 if t - 1 not in step:
-                    step[t - 1] = match(saes[t - 1], saes[t], cfg).perm
+                    step[t - 1] = cached_match(saes[t - 1], saes[t], cfg, cache_dir).perm
                 composed = compose_chain([step[i] for i in range(s, t)])
-                direct = composed if t == s + 1 else match(saes[s], saes[t], cfg).perm
+                direct = composed if t == s + 1 else cached_match(saes[s], saes[t], cfg, cache_dir).perm
                 both = (composed >= 0) & (direct >= 0)
                 scores = (math.nan, math.nan, math.nan)
                 if activations is not None and s in activations and t in activations:

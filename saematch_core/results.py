@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saematch_core.cache import atomic_write_text, cache_root, content_key
+from saematch_core.match import MatchConfig, MatchResult, match
 from saematch_core.sae import SAE
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "JsonResult",
     "acts_digest",
     "array_rows",
+    "cached_match",
     "finite_mean",
     "load_or_compute",
     "map_layer_pairs",
@@ -285,6 +287,35 @@ def result_path(
     ``<cache_dir or cache_root()/results>/<kind>/<content_key(spec)>.json``."""
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "results"
     return root / result_type.kind / f"{content_key(spec)}.json"
+
+
+def cached_match(
+    sae_a: SAE, sae_b: SAE, config: MatchConfig, cache_dir: str | Path | None = None
+) -> MatchResult:
+    """:func:`~saematch_core.match.match`, stored as ``<cache_dir>/match/<key>.json`` and reused.
+
+    Sections 2–5 and 9 match the same layer pairs with the same objectives; an exact assignment of
+    two real 2048-wide SAEs takes seconds (the unfolded objective five or more), so every analysis
+    shares one solve. The key covers both SAEs' parameters (:func:`sae_digest`) and the config minus
+    the ``device`` it ran on; an unreadable file is recomputed. ``cache_dir`` defaults to
+    ``cache_root()/results``.
+    """
+    spec = {
+        "a": sae_digest(sae_a),
+        "b": sae_digest(sae_b),
+        "config": {k: v for k, v in config.to_dict().items() if k != "device"},
+    }
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "results"
+    path = root / "match" / f"{content_key(spec)}.json"
+    if path.is_file():
+        try:
+            return MatchResult.from_json(path)
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s: unreadable cached matching (%s); recomputing", path, exc)
+    result = match(sae_a, sae_b, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.to_json(path)
+    return result
 
 
 def read_result(result_type: type[R], path: Path) -> R | None:

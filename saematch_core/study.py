@@ -31,16 +31,16 @@ import torch
 from torch import Tensor
 
 from saematch_core.activations import ActivationCache, open_activation_cache
-from saematch_core.cache import atomic_write_text, cache_root, content_key
+from saematch_core.cache import atomic_write_text, cache_root
 from saematch_core.compose import invert
 from saematch_core.contexts import Context, top_contexts
 from saematch_core.data import corpus_chunks
 from saematch_core.formats import load_sae
-from saematch_core.match import MatchConfig, MatchResult, match
+from saematch_core.match import MatchConfig, MatchResult
 from saematch_core.models import LoadedModel, load_model
 from saematch_core.prepare import PrepareResult, prepare
 from saematch_core.profiles import Profile, get_profile
-from saematch_core.results import sae_digest
+from saematch_core.results import cached_match
 from saematch_core.sae import SAE
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "agreement_groups",
     "alive_features",
     "benchmark_table",
-    "cached_match",
     "chunk_batch",
     "claims_table_html",
     "correlation",
@@ -310,31 +309,6 @@ def load_study(
     return Study(
         profile=prof, prepared=prepared, loaded=loaded, saes=saes, evals=evals, results_dir=root / "results"
     )
-
-
-def cached_match(
-    sae_a: SAE, sae_b: SAE, config: MatchConfig, cache_dir: str | os.PathLike[str]
-) -> MatchResult:
-    """:func:`~saematch_core.match.match`, stored as ``<cache_dir>/match/<key>.json`` and reused.
-
-    The key covers both SAEs' parameters (:func:`~saematch_core.results.sae_digest`) and the config
-    minus the ``device`` it ran on; an unreadable file is recomputed.
-    """
-    spec = {
-        "a": sae_digest(sae_a),
-        "b": sae_digest(sae_b),
-        "config": {k: v for k, v in config.to_dict().items() if k != "device"},
-    }
-    path = Path(cache_dir) / "match" / f"{content_key(spec)}.json"
-    if path.is_file():
-        try:
-            return MatchResult.from_json(path)
-        except (ValueError, KeyError, TypeError) as exc:
-            logger.warning("%s: unreadable cached matching (%s); recomputing", path, exc)
-    result = match(sae_a, sae_b, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result.to_json(path)
-    return result
 
 
 # ============================================================================================ tokens

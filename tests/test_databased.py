@@ -11,7 +11,6 @@ from conftest import make_sae
 
 from saematch_core.databased import (
     DataBasedResult,
-    cached_match_perm,
     coactivation_from_codes,
     coactivation_matrix,
     databased_by_layer,
@@ -20,7 +19,7 @@ from saematch_core.databased import (
 )
 from saematch_core.evaluate import coactivation, pair_metrics
 from saematch_core.fold import rescale_features
-from saematch_core.match import MatchConfig, match
+from saematch_core.match import MatchConfig
 
 D_IN, D_SAE = 16, 48
 
@@ -116,12 +115,3 @@ def test_measure_name_is_checked() -> None:
     stats = coactivation_from_codes(sparse_codes(10, 3), sparse_codes(10, 3, seed=1))
     with pytest.raises(ValueError, match="measure"):
         databased_match(stats, "spearman")  # type: ignore[arg-type]
-
-
-def test_cached_match_perm_is_the_match_and_memoised() -> None:
-    a, b = make_sae(D_IN, D_SAE, seed=0), make_sae(D_IN, D_SAE, seed=1)
-    cfg = MatchConfig(fold=False)
-    first = cached_match_perm(a, b, cfg)
-    assert torch.equal(first, match(a, b, cfg).perm)
-    assert cached_match_perm(a, b, cfg) is first
-    assert cached_match_perm(a, b, MatchConfig()) is not first

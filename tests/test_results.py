@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -12,9 +13,11 @@ import pytest
 import torch
 from conftest import make_sae
 
+from saematch_core.match import MatchConfig, match
 from saematch_core.results import (
     JsonResult,
     acts_digest,
+    cached_match,
     finite_mean,
     load_or_compute,
     map_layer_pairs,
@@ -192,3 +195,20 @@ def test_array_rows_copies_read_only_memmaps_without_warning(tmp_path) -> None:
     assert rows.dtype == torch.float32 and rows.tolist() == [[4.0, 5.0], [6.0, 7.0]]
     t = torch.arange(6.0).reshape(3, 2)
     assert torch.equal(array_rows(t, 1, 3, device=torch.device("cpu"), dtype=torch.float64), t[1:].double())
+
+
+def test_cached_match_reuses_the_disk_copy_and_survives_corruption(tmp_path: Path) -> None:
+    a, b = make_sae(16, 8, seed=0), make_sae(16, 8, seed=1)
+    cfg = MatchConfig()
+    first = cached_match(a, b, cfg, tmp_path)
+    files = list((tmp_path / "match").glob("*.json"))
+    assert len(files) == 1
+    assert torch.equal(first.perm, match(a, b, cfg).perm)
+    again = cached_match(a, b, cfg, tmp_path)
+    assert torch.equal(again.perm, first.perm) and again.run_id == first.run_id  # read, not re-solved
+    assert torch.allclose(again.cost, first.cost)
+    other = cached_match(a, b, MatchConfig(fold=False), tmp_path)
+    assert len(list((tmp_path / "match").glob("*.json"))) == 2 and other.run_id != first.run_id
+    files[0].write_text("{not json")
+    fixed = cached_match(a, b, cfg, tmp_path)
+    assert torch.equal(fixed.perm, first.perm) and fixed.run_id != first.run_id

@@ -16,7 +16,7 @@ from saematch_core.activations import ActivationCache
 from saematch_core.compose import path as compose_path
 from saematch_core.evaluate import PairRecord
 from saematch_core.formats import save_sae
-from saematch_core.match import MatchConfig, match
+from saematch_core.match import MatchConfig
 from saematch_core.models import ByteTokenizer, LoadedModel
 from saematch_core.persistence import PersistenceResult, PersistenceRow
 from saematch_core.prepare import PrepareResult, SAERecord
@@ -29,7 +29,6 @@ from saematch_core.study import (
     agreement_groups,
     alive_features,
     benchmark_table,
-    cached_match,
     claims_table_html,
     correlation,
     curves_by_start,
@@ -165,23 +164,6 @@ def test_consecutive_matches_are_memoised_per_config(tmp_path: Path) -> None:
     assert other[(0, 1)] is not first[(0, 1)]
     assert torch.equal(other[(0, 1)].perm, torch.arange(D_SAE))
     assert len(list((study.results_dir / "match").glob("*.json"))) == 4
-
-
-def test_cached_match_reuses_the_disk_copy_and_survives_corruption(tmp_path: Path) -> None:
-    a, b = make_sae(D_IN, D_SAE, seed=0), make_sae(D_IN, D_SAE, seed=1)
-    cfg = MatchConfig()
-    first = cached_match(a, b, cfg, tmp_path)
-    files = list((tmp_path / "match").glob("*.json"))
-    assert len(files) == 1
-    assert torch.equal(first.perm, match(a, b, cfg).perm)
-    again = cached_match(a, b, cfg, tmp_path)
-    assert torch.equal(again.perm, first.perm) and again.run_id == first.run_id  # read, not re-solved
-    assert torch.allclose(again.cost, first.cost)
-    other = cached_match(a, b, MatchConfig(fold=False), tmp_path)
-    assert len(list((tmp_path / "match").glob("*.json"))) == 2 and other.run_id != first.run_id
-    files[0].write_text("{not json")
-    fixed = cached_match(a, b, cfg, tmp_path)
-    assert torch.equal(fixed.perm, first.perm) and fixed.run_id != first.run_id
 
 
 def test_feature_contexts_agree_with_a_direct_search(tmp_path: Path) -> None:
