@@ -52,8 +52,32 @@ def _exact_total(A: torch.Tensor, B: torch.Tensor, cols: np.ndarray) -> float:
     return float((A.double() * B[c].double()).sum())
 
 
+def _substrate_chain(spec: dict[str, Any]) -> dict[str, Any]:
+    """Every consecutive layer pair of a prepared profile's main SAEs, matched with one solver."""
+    from saematch_core.formats import load_sae
+    from saematch_core.match import MatchConfig, match
+    from saematch_core.prepare import prepare
+
+    out: dict[str, Any] = {"base_rss_mb": _rss_mb()}
+    paths = prepare(spec["profile"], cached_only=True, progress=False).saes()
+    saes = [load_sae(paths[layer]) for layer in sorted(paths)]
+    cfg = MatchConfig(solver=spec["solver"], sparse_candidates=spec["candidates"])
+    match(saes[0], saes[1], cfg)  # warm-up: numba kernels, allocator
+    t = time.perf_counter()
+    results = [match(a, b, cfg) for a, b in itertools.pairwise(saes)]
+    out["time_s"] = time.perf_counter() - t
+    out["total"] = float(sum(r.total_cost for r in results))
+    out["max_violation"] = max(r.info.get("max_violation", 0.0) for r in results)
+    out["n_pairs"] = len(results)
+    out["F"], out["d"] = saes[0].d_sae, saes[0].d_in
+    out["peak_rss_mb"] = _rss_mb()
+    return out
+
+
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement in this process; returns a flat record."""
+    if spec["task"] == "substrate":
+        return _substrate_chain(spec)
     torch.manual_seed(0)
     inst = make_planted(spec["F"], spec["d"], NOISE_LEVELS[spec["noise"]], seed=spec["seed"])
     A, B = inst.A, inst.B
@@ -167,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also F=65536 (no scipy: dense does not fit; GEMM timed streamed)",
     )
     p.add_argument("--chain", action="store_true", help="also a 30-layer synthetic chain (F=2048, D=1153)")
+    p.add_argument(
+        "--substrate",
+        metavar="PROFILE",
+        help="also match every consecutive layer pair of a prepared profile's SAEs (e.g. default) with "
+        "scipy and the sparse solver; nothing is trained here",
+    )
     p.add_argument("--k", type=int, default=8, help="initial candidates per row")
     p.add_argument(
         "--candidates",
@@ -293,6 +323,44 @@ def main(argv: list[str] | None = None) -> int:
             f"chain ({cand} candidates): 30 layers (29 matches) F=2048 D=1153: {_fmt(ch.get('time_s'))} s, "
             f"worst certificate {_fmt(ch.get('max_violation'), '.1e')} {ch.get('error', '')}"
         )
+    if args.substrate:
+        chain: dict[str, dict[str, Any]] = {}
+        variants = [("scipy", "float32")] + [("sparse", c) for c in args.candidates]
+        for solver, cand in variants:
+            spec = {"task": "substrate", "profile": args.substrate, "solver": solver, "candidates": cand}
+            res = _run_child(spec, args.timeout)
+            chain[f"{solver}/{cand}"] = res
+            ref = chain["scipy/float32"]
+            same = (
+                None
+                if "total" not in res or "total" not in ref
+                else abs(res["total"] - ref["total"]) <= 1e-9 * max(1.0, abs(ref["total"]))
+            )
+            records.append(
+                {
+                    "F": res.get("F"),
+                    "d": res.get("d"),
+                    "noise": f"substrate:{args.substrate}",
+                    "candidates": cand if solver == "sparse" else None,
+                    "solver": solver,
+                    "chain_layers": None if res.get("n_pairs") is None else res["n_pairs"] + 1,
+                    "ours_s": res.get("time_s"),
+                    "ours_peak_rss_mb": res.get("peak_rss_mb"),
+                    "max_violation": res.get("max_violation"),
+                    "same_optimum": same,
+                    "errors": res.get("error", ""),
+                }
+            )
+            print(
+                f"substrate {args.substrate}: {res.get('n_pairs', '?')} consecutive pairs, {solver} "
+                f"({cand} candidates): {_fmt(res.get('time_s'))} s, same optimum as scipy: {same} "
+                f"{res.get('error', '')}",
+                flush=True,
+            )
+            if res.get("error") or same is False:
+                failures.append(
+                    f"substrate {solver}/{cand}: {res.get('error') or 'objective differs from scipy'}"
+                )
     meta = {
         "machine": platform.platform(),
         "processor": platform.processor(),

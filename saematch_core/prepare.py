@@ -332,6 +332,7 @@ def prepare(
     force: bool = False,
     progress: bool = True,
     device: torch.device | str | None = None,
+    cached_only: bool = False,
 ) -> PrepareResult:
     """Build everything a profile needs, reusing what is already cached.
 
@@ -343,10 +344,16 @@ def prepare(
     force : recompute every step (activations, SAEs, metrics).
     progress : tqdm bars (activations in tokens/s, training in tokens/s, SAEs done).
     device : where the language model runs (activations, ΔL); SAE training stays on CPU.
+    cached_only : never build: return the complete cached result or raise.
 
     Returns
     -------
     PrepareResult
+
+    Raises
+    ------
+    FileNotFoundError
+        With ``cached_only``, when the profile is not (completely) prepared in ``cache_dir``.
     """
     from tqdm.auto import tqdm
 
@@ -381,6 +388,11 @@ def prepare(
     found = cached()
     if found is not None:
         return found
+    if cached_only:
+        raise FileNotFoundError(
+            f"{folder}: profile {profile.name!r} is not prepared (or not completely); "
+            f"run `saematch prepare --profile {profile.name}` first"
+        )
     # A second prepare of the same profile waits here, then finds the first one's results.
     with folder_lock(folder):
         found = cached()

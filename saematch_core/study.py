@@ -100,6 +100,7 @@ BENCHMARK_COLUMNS: tuple[str, ...] = (
     "F",
     "d",
     "noise",
+    "solver",
     "candidates",
     "chain_layers",
     "gemm_s",

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_sae
 
 from benchmarks import run
 
@@ -21,3 +22,30 @@ def test_benchmark_runs_and_checks_the_optimum(tmp_path: Path, capsys: pytest.Ca
         assert r["same_optimum"] is True and r["max_violation"] <= 1e-9 and not r["errors"]
         assert r["gemm_s"] > 0 and r["lap_speedup_vs_scipy"] > 0
     assert "F=256" not in capsys.readouterr().out  # no FAIL line names an instance
+
+
+def test_substrate_chain_task_matches_every_consecutive_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import saematch_core.prepare as prepare_module
+    from saematch_core.formats import save_sae
+
+    paths = {}
+    for layer in range(4):
+        paths[layer] = tmp_path / f"layer_{layer}.safetensors"
+        save_sae(make_sae(16, 32, seed=layer), paths[layer])
+
+    class Prepared:
+        def saes(self) -> dict[int, Path]:
+            return paths
+
+    def cached(profile: str, *, cached_only: bool, progress: bool) -> Prepared:
+        assert profile == "smoke" and cached_only
+        return Prepared()
+
+    monkeypatch.setattr(prepare_module, "prepare", cached)
+    spec = {"task": "substrate", "profile": "smoke", "F": 0, "d": 0, "noise": "easy", "seed": 0}
+    ref = run._child({**spec, "solver": "scipy", "candidates": "float32"})
+    fast = run._child({**spec, "solver": "sparse", "candidates": "bfloat16"})
+    assert ref["n_pairs"] == fast["n_pairs"] == 3 and (ref["F"], ref["d"]) == (32, 16)
+    assert fast["total"] == pytest.approx(ref["total"], rel=1e-9) and fast["max_violation"] <= 1e-9

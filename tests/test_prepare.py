@@ -155,6 +155,17 @@ def test_second_prepare_waits_for_the_first(
     assert time.perf_counter() - t0 >= 0.3
 
 
+def test_cached_only_never_builds(toy_corpora: None, tmp_path: Path) -> None:
+    profile = _tiny()
+    with pytest.raises(
+        FileNotFoundError, match=r"profile 'smoke' is not prepared.*saematch prepare --profile smoke"
+    ):
+        prepare(profile, cache_dir=tmp_path, cached_only=True)
+    assert not (tmp_path / "smoke").exists()
+    built = prepare(profile, cache_dir=tmp_path, progress=False)
+    assert prepare(profile, cache_dir=tmp_path, cached_only=True).records == built.records
+
+
 def test_prepare_rejects_bad_profile(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="name: expected one of"):
         prepare("nope", cache_dir=tmp_path)
