@@ -172,6 +172,15 @@ print(f"paper: {PAPER['fig7_folded_score']}")
 print(f"ours: mean Matching Score folded {folded_score:.3f}, unfolded {unfolded_score:.3f}")
 print(f"paper: {PAPER['fig7_early_layers']}")
 print(f"ours: folded Matching Score, first 38% of layers {early:.3f}, the rest {late:.3f}")
+means = {label: float(np.nanmean(v)) for label, v in score_series.items()}
+cosine_wins = float(
+    np.nanmean(np.asarray(score_series["cosine"]) > np.asarray(score_series["folded (SAE Match)"]))
+)
+print(
+    "reviewers' baselines: mean Matching Score "
+    + ", ".join(f"{label} {value:.3f}" for label, value in means.items())
+    + f"; exact cosine beats folded on {cosine_wins:.0%} of pairs"
+)
 show_table(
     ["pair", "dead in t", "dead in t+1", "pairs scored (folded)"],
     [
@@ -190,7 +199,16 @@ show_table(
 # so any difference between the folded and unfolded curves comes from the matching itself. The
 # random-partner curve is the chance level. The paper reports that early layers match much worse
 # than later ones; the printed early/late means are ours, with the paper's early block (layers 0–9
-# of 26) mapped to the same fraction of this model's depth.
+# of 26) mapped to the same fraction of this model's depth. The reproduction table counts "much
+# worse" as reproduced only when the early layers score at least 25 % lower.
+#
+# The reviewers asked for cosine and greedy baselines; the printed means answer them on this build.
+# Greedy top-1 cosine is not one-to-one (several features may take the same partner, each its best),
+# so its score is an optimistic per-feature ceiling, not a matching. Exact cosine matching of decoder
+# rows is the fair competitor: where it scores as high as folded matching, the data favour neither
+# objective, and folding's advantage is over the *unfolded* parameters, which is the paper's claim.
+# Dead features (never active on the evaluation tokens) cannot be scored; the table counts them, and
+# a pair whose layer has many of them scores lower for that reason alone.
 
 # %% tags=["hide-input"]
 claims = [
@@ -210,9 +228,10 @@ claims = [
         holds=bool(folded_score >= unfolded_score),
     ),
     Claim(
+        # "much worse": we count it as reproduced only when the early layers score ≥ 25 % lower
         key="fig7_early_layers",
-        ours=f"folded Matching Score early {early:.3f} vs later {late:.3f}",
-        holds=None if np.isnan(early) or np.isnan(late) else bool(early < late),
+        ours=f"folded Matching Score early {early:.3f} vs later {late:.3f} ({early / late - 1:+.0%})",
+        holds=None if np.isnan(early) or np.isnan(late) else bool(early < 0.75 * late),
     ),
 ]
 write_claims(out_dir, "02_folding_vs_cosine", claims)

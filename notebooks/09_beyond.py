@@ -17,6 +17,7 @@
 #    JumpReLU itself) that helps?
 # 4. does folding help by evidence its own objective cannot produce?
 # 5. how much of a data-based (correlation) matching does the data-free matching recover?
+# 6. how high can a Matching Score be with these SAEs at all (the seed ceiling)?
 #
 # Outputs: one figure and a plain conclusion per question; every result as JSON in `out_dir`.
 # Runtime: well under a minute on `smoke`; on `default` roughly 10 minutes cold on 2 CPU cores (every
@@ -37,6 +38,7 @@ import warnings
 from pathlib import Path
 
 from saematch_core.approximate import ApproximationConfig, Scheme, approximate_layers
+from saematch_core.ceiling import seed_ceiling
 from saematch_core.circularity import disagreements_by_layer, theta_vs_scale
 from saematch_core.databased import databased_by_layer
 from saematch_core.decision import decisions_by_layer
@@ -390,6 +392,54 @@ show(
 # better data-free objective could gain on these tokens; the recovered fraction says how often the
 # two approaches pick literally the same partner. A high recovery with a small gap means SAE Match
 # is close to what activations alone would choose, without running the model.
+
+# %% [markdown]
+# ## 6. How high can a Matching Score be? The seed ceiling
+#
+# Every absolute number above depends on how reproducible the SAE features are in the first place.
+# The substrate trains, for a few layers, a second SAE on the same activations with the same recipe
+# and only another seed. Matching it with the main SAE of *its own* layer is a perfect correspondence
+# as far as the features allow: its Matching Score is the ceiling any cross-layer matching can reach
+# with these SAEs. The figure puts the neighbouring-layer scores (t−1 → t and t → t+1) beside it.
+
+# %%
+seed_saes = study.family("seed")
+if not seed_saes:
+    print(f"profile {profile!r} trains no second-seed SAEs: no ceiling to show")
+else:
+    ceiling = seed_ceiling(
+        study.saes, seed_saes, acts, keep=keep, n_null=n_null, cache_dir=cache, progress=False
+    )
+    ceiling.to_json(out / "seed_ceiling.json")
+    show(
+        lines_by_group(
+            ceiling.layers(),
+            {
+                method: {
+                    "same layer, another seed (ceiling)": ceiling.series(method, "same_layer"),
+                    "previous layer t−1 → t": ceiling.series(method, "previous"),
+                    "next layer t → t+1": ceiling.series(method, "next"),
+                    "random partners": ceiling.series(method, "random"),
+                }
+                for method in ("folded", "unfolded")
+            },
+            title="Cross-layer Matching Score against the same-layer ceiling",
+            x_title="layer t",
+            y_title="P(partner active | feature active)",
+        )
+    )
+    for method in ("folded", "unfolded"):
+        print(
+            f"{method}: neighbouring-layer Matching Score = {ceiling.fraction_of_ceiling(method):.0%} "
+            "of the same-layer ceiling on average"
+        )
+
+# %% [markdown]
+# **Conclusion.** Pick the matching in the dropdown. If the neighbouring-layer scores reach most of
+# the ceiling, adjacent layers share their features about as much as two trainings of one layer do:
+# the matching finds what is there, and a low absolute score says the SAEs are not reproducible,
+# not that features change between layers. The gap between the ceiling and the neighbours is the
+# part that features really change (or matching misses) from one layer to the next.
 
 # %%
 assert len(decisions.rows) == len(pairs) and all(0 <= r.fraction_matched <= 1 for r in decisions.rows)

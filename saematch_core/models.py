@@ -291,7 +291,16 @@ def _load_gguf(config: ModelConfig, cache_dir: Path | None) -> LoadedModel:
     folder = (cache_dir or cache_root()) / "models" / f"{config.name}-{content_key(spec)}"
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("spec") == spec:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        from transformers.utils import logging as hf_logging
+
+        # A progress bar for a sub-second local load is noise in every notebook that loads the model.
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return LoadedModel(
             model=model.eval(), tokenizer=_HFTokenizer(tokenizer, use_bos=False), config=config

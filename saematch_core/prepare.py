@@ -64,7 +64,8 @@ class SAERecord:
     """One prepared SAE: where it is, what it is, how good it is."""
 
     family: str
-    """``main`` (JumpReLU, every layer), ``sweep`` (L0 sweep), ``topk`` or ``relu``."""
+    """``main`` (JumpReLU, every layer), ``sweep`` (L0 sweep), ``topk``, ``relu`` or ``seed`` (a main
+    SAE from another seed)."""
     layer: int
     """Residual layer (after block ``layer``)."""
     path: Path
@@ -182,6 +183,10 @@ def _jobs(profile: Profile) -> list[_Job]:
         setting = f"k={config.k}" if family == "topk" else f"l1_coef={config.l1_coef:g}"
         for layer in profile.family_layers:
             jobs.append(_Job(family, layer, setting, _seeded(config, layer)))
+    for layer in profile.seed_layers:
+        # the main recipe from a seed no other SAE uses (main seeds step by 1000 per layer)
+        config = dataclasses.replace(_seeded(main, layer), seed=_seeded(main, layer).seed + 500)
+        jobs.append(_Job("seed", layer, f"seed={config.seed}", config))
     return jobs
 
 

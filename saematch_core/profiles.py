@@ -281,6 +281,10 @@ class Profile:
     cache when offline)."""
     family_layers: tuple[int, ...] = ()
     """Consecutive layers that also get a TopK and a ReLU SAE."""
+    seed_layers: tuple[int, ...] = ()
+    """Layers that get a second main SAE, same data and recipe, another seed: matching it with the
+    main SAE of its own layer gives the ceiling of any cross-layer Matching Score (how reproducible
+    the features are at all)."""
     outlier_factor: float = 10.0
     """Tokens whose residual norm exceeds this × the layer's median are outliers: excluded from
     training and metrics, passed through unchanged by replacement hooks."""
@@ -300,7 +304,7 @@ class Profile:
                 f"Profile.sae.activation: the main SAEs are JumpReLU, got {self.sae.activation!r}"
             )
         n = self.model.n_layers
-        for name in ("sweep_layers", "family_layers"):
+        for name in ("sweep_layers", "family_layers", "seed_layers"):
             bad = [layer for layer in getattr(self, name) if not 0 <= layer < n]
             if bad:
                 raise ValueError(f"Profile.{name}: expected layers in 0..{n - 1}, got {bad}")
@@ -348,6 +352,7 @@ _SMOKE = Profile(
     sweep_layers=(1, 2),
     sweep_l0_coefs=(0.02, 0.05, 0.1, 0.2, 0.4),
     family_layers=(0, 1, 2, 3),
+    seed_layers=(1, 2),
     delta_loss_tokens=128,
 )
 
@@ -370,6 +375,7 @@ _DEFAULT = Profile(
     sweep_layers=(14, 15),
     sweep_l0_coefs=(0.05, 0.1, 0.2, 0.3, 0.6),
     family_layers=(12, 13, 14, 15, 16, 17),
+    seed_layers=(4, 14, 24),
     delta_loss_tokens=1536,
 )
 

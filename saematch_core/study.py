@@ -202,7 +202,7 @@ class Study:
 
     # ------------------------------------------------------------------------------ other SAEs
     def family(self, name: str) -> dict[int, SAE]:
-        """Layer → SAE of another family (``topk``, ``relu``); empty when the profile has none."""
+        """Layer → SAE of another family (``topk``, ``relu``, ``seed``); empty when the profile has none."""
         return {layer: load_sae(p, dtype=torch.float32) for layer, p in self.prepared.saes(name).items()}
 
     def sweep(self) -> dict[int, dict[str, SAE]]:

@@ -1,0 +1,137 @@
+"""How high can a cross-layer Matching Score be? The seed ceiling.
+
+Two SAEs trained on the *same* layer, from the same data with the same recipe, differ only in their
+initialisation; matching one with the other gives the Matching Score of a perfect correspondence as
+far as the features are reproducible at all. A cross-layer score near this ceiling means matching
+finds everything there is to find, whatever its absolute value; a score far below it means features
+change between layers (or the matching misses them). The substrate trains such a second SAE for
+``Profile.seed_layers`` (family ``seed``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from tqdm.auto import tqdm
+
+from saematch_core.evaluate import MatchingScoreResult, default_methods, matching_scores
+from saematch_core.match import MatchConfig
+from saematch_core.results import ArrayLike, JsonResult, finite_mean
+from saematch_core.sae import SAE
+
+__all__ = ["SeedCeilingResult", "SeedCeilingRow", "seed_ceiling"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeedCeilingRow:
+    """Matching Scores around one layer ``t`` for one matching method."""
+
+    layer: int
+    method: str
+    same_layer: float
+    """Main SAE of layer t matched with the other-seed SAE of layer t: the ceiling."""
+    previous: float
+    """Main SAEs t−1 → t (``nan`` without layer t−1)."""
+    next: float
+    """Main SAEs t → t+1 (``nan`` without layer t+1)."""
+    random: float
+    """Random partners between the two SAEs of layer t (chance level)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeedCeilingResult(JsonResult):
+    """:class:`SeedCeilingRow` per layer with a second-seed SAE and per method."""
+
+    kind: ClassVar[str] = "seed_ceiling"
+    rows: tuple[SeedCeilingRow, ...]
+
+    def series(self, method: str, metric: str) -> list[float]:
+        """``metric`` (a :class:`SeedCeilingRow` field) of ``method`` in layer order."""
+        return [float(getattr(r, metric)) for r in self.rows if r.method == method]
+
+    def layers(self) -> list[int]:
+        """Layers with a second-seed SAE, in order."""
+        return sorted({r.layer for r in self.rows})
+
+    def fraction_of_ceiling(self, method: str) -> float:
+        """Mean over layers of the cross-layer score (mean of previous and next where defined)
+        divided by the same-layer ceiling; ``nan`` when nothing is defined."""
+        ratios = []
+        for r in self.rows:
+            if r.method != method or not r.same_layer > 0:
+                continue
+            cross = finite_mean([r.previous, r.next])
+            if not math.isnan(cross):
+                ratios.append(cross / r.same_layer)
+        return finite_mean(ratios)
+
+
+def seed_ceiling(
+    saes: Mapping[int, SAE],
+    seed_saes: Mapping[int, SAE],
+    activations: Mapping[int, ArrayLike],
+    *,
+    methods: Mapping[str, MatchConfig] | None = None,
+    keep: ArrayLike | None = None,
+    n_null: int = 5,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> SeedCeilingResult:
+    """Matching Scores of same-layer (other seed) and neighbouring-layer matchings.
+
+    Parameters
+    ----------
+    saes : layer → main SAE.
+    seed_saes : layer → SAE of the same layer trained from another seed.
+    activations : layer → evaluation residuals (n_tokens, d_in), the same tokens for every layer.
+    methods : name → matching (default: ``folded`` and ``unfolded`` of
+        :func:`~saematch_core.evaluate.default_methods`).
+    keep, n_null, seed, cache_dir : as in :func:`~saematch_core.evaluate.matching_scores`; each
+        Matching Score is cached on its own, so the neighbouring-layer scores are shared with
+        section 2 when its methods and null agree.
+
+    Examples
+    --------
+    See ``tests/test_ceiling.py``: an SAE and a copy with permuted features reach the ceiling 1.
+    """
+    if methods is None:
+        base = default_methods()
+        methods = {k: base[k] for k in ("folded", "unfolded")}
+    layers = sorted(set(seed_saes) & set(saes) & set(activations))
+
+    def score(la: int, lb: int, a: SAE, b: SAE) -> MatchingScoreResult:
+        return matching_scores(
+            a,
+            b,
+            activations[la],
+            activations[lb],
+            methods,
+            layers=(la, lb),
+            keep=keep,
+            n_null=n_null,
+            seed=seed,
+            cache_dir=cache_dir,
+        )
+
+    rows = []
+    for t in tqdm(layers, desc="seed ceiling", disable=not progress):
+        same = score(t, t, saes[t], seed_saes[t])
+        prev = score(t - 1, t, saes[t - 1], saes[t]) if t - 1 in saes and t - 1 in activations else None
+        nxt = score(t, t + 1, saes[t], saes[t + 1]) if t + 1 in saes and t + 1 in activations else None
+        for name in methods:
+            rows.append(
+                SeedCeilingRow(
+                    layer=t,
+                    method=name,
+                    same_layer=same.row(name).matching_score,
+                    previous=math.nan if prev is None else prev.row(name).matching_score,
+                    next=math.nan if nxt is None else nxt.row(name).matching_score,
+                    random=same.row("random").matching_score if n_null else math.nan,
+                )
+            )
+    return SeedCeilingResult(rows=tuple(rows))
