@@ -27,7 +27,10 @@ almost every feature's partner is its nearest neighbour. This module
 The loop stops when no entry violates the dual by more than ``tol``; then for every injective
 assignment ``σ``, ``Σ S_iσ(i) <= total + n · max_violation · scale``, so the result is optimal (exactly,
 up to float64 rounding of the certificate, when ``max_violation`` is 0). If the sparse graph has no
-full matching, ``k`` is doubled for the rows of the failed alternating trees until it does.
+full matching, ``k`` is doubled for the rows of the failed alternating trees and the unmatched rows
+get edges to their best free columns, until it does; every column's best ``k`` rows by
+``S_ij / ‖X_i‖`` are in the graph from the start, so a few large-norm "hub" columns that top every
+row's list cannot starve the others.
 
 ``SAEMATCH_REFERENCE=1`` (or ``reference=True``) switches to the dense scipy reference
 (:func:`scipy.optimize.linear_sum_assignment` on the float64 matrix).
@@ -100,13 +103,11 @@ class _Oracle:
     block_margin: np.ndarray  # (n,) bound on |float32-block entry - exact entry| (the certificate's)
     col_norm: np.ndarray | None  # (m,) ‖Y_j‖ when S = X Yᵀ: enables norm-scaled candidates
     inv_norm: np.ndarray  # (m,) 1/‖Y_j‖ (0 for zero rows), or (0,) without norms
+    row_inv_norm: Tensor | None  # (n,) 1/‖X_i‖ on the block device, or None without norms
 
     def block(self, rows: np.ndarray, *, candidates: bool = False) -> Tensor:
         """Float32 scores of ``rows``; ``candidates=True`` may compute them in a faster, coarser
         precision whose error stays below :attr:`margin` (instead of :attr:`block_margin`)."""
-        raise NotImplementedError
-
-    def col_block(self, cols: np.ndarray) -> Tensor:
         raise NotImplementedError
 
     def scaled_(self, S: Tensor) -> Tensor:
@@ -163,6 +164,9 @@ class _InnerProductOracle(_Oracle):
         self.col_norm = yn
         self.inv_norm = np.where(yn > 0, 1.0 / np.where(yn > 0, yn, 1.0), 0.0)
         self._inv_norm = torch.from_numpy(self.inv_norm).to(device, torch.float32)
+        self.row_inv_norm = torch.from_numpy(np.where(xn > 0, 1.0 / np.where(xn > 0, xn, 1.0), 0.0)).to(
+            device, torch.float32
+        )
 
     def scaled_(self, S: Tensor) -> Tensor:
         return S.mul_(self._inv_norm[None, :])
@@ -193,10 +197,6 @@ class _InnerProductOracle(_Oracle):
             cuda.allow_bf16_reduced_precision_reduction = reduced
         return out.copy_(self._cbuf[: rows.size])
 
-    def col_block(self, cols: np.ndarray) -> Tensor:
-        idx = torch.from_numpy(cols).to(self._X32.device)
-        return self._Y32t.index_select(1, idx).T @ self._X32.T
-
     def exact(self, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
         out = np.empty(ii.shape[0], np.float64)
         if ii.shape[0]:
@@ -214,13 +214,11 @@ class _DenseOracle(_Oracle):
         self.col_norm = None
         self.alpha_margin = np.zeros(self.n)
         self.inv_norm = np.zeros(0)
+        self.row_inv_norm = None
 
     def block(self, rows: np.ndarray, *, candidates: bool = False) -> Tensor:
         del candidates  # the scores are given exactly
         return torch.from_numpy(self._S[rows])
-
-    def col_block(self, cols: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self._S[:, cols].T))
 
     def exact(self, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
         return self._S[ii, jj]
@@ -239,9 +237,12 @@ class _Candidates(NamedTuple):
     reserve_v: np.ndarray  # approximate scores (block precision)
     kth: np.ndarray
     alpha: np.ndarray
+    col_i: np.ndarray  # (col_k, m) each column's best rows among those scanned (when col_k > 0)
 
 
-def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size: int) -> _Candidates:
+def _topk_rows(
+    oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size: int, col_k: int = 0
+) -> _Candidates:
     """Candidate edges of ``rows`` and two bounds on each row's other entries.
 
     Each row keeps its top-``depth`` columns by score and, for inner products, its top-``depth`` by
@@ -257,6 +258,12 @@ def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size
     alpha = np.full(rows.shape[0], -np.inf)
     scaled = oracle.col_norm is not None
     pos = 0
+    # Each column's best rows, merged block by block: with them every column has candidates too, so
+    # a few "hub" columns that top every row's list cannot leave the sparse graph without a full
+    # matching (which would grow k row by row until the graph is nearly dense).
+    col_k = min(col_k, rows.shape[0])
+    col_v = torch.full((col_k, m), -torch.inf, dtype=torch.float32)
+    col_i = torch.zeros((col_k, m), dtype=torch.int64)
 
     def split(blk: np.ndarray, idx: np.ndarray, val: np.ndarray, raw: np.ndarray) -> None:
         order = np.argsort(-val, axis=1, kind="stable")
@@ -277,6 +284,16 @@ def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size
             gj.append(np.tile(np.arange(m, dtype=np.int64), len(blk)))
             continue
         S = oracle.block(blk, candidates=True)
+        if col_k:
+            # by S_ij / ‖X_i‖ (cosine order within a column) where norms exist: by raw score every
+            # column would pick the same few large-norm rows
+            inv = oracle.row_inv_norm
+            C = S if inv is None else S * inv[torch.from_numpy(blk).to(inv.device)][:, None]
+            bv, bi = torch.topk(C, min(col_k, len(blk)), dim=0)
+            bi = torch.from_numpy(blk)[bi.cpu()]
+            merged_v, order = torch.topk(torch.cat([col_v, bv.cpu()]), col_k, dim=0)
+            col_i = torch.gather(torch.cat([col_i, bi]), 0, order)
+            col_v = merged_v
         if S.device.type == "cpu":
             # one fused pass of a compiled scan beats two torch.topk calls on the CPU
             ir, vr = np.empty((len(blk), depth), np.int64), np.empty((len(blk), depth))
@@ -309,6 +326,7 @@ def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size
         cat(rv, np.float64),
         kth,
         alpha,
+        col_i.numpy(),
     )
 
 
@@ -366,21 +384,12 @@ def _solve_inner(
     all_rows = np.arange(n, dtype=np.int64)
     k_row = np.full(n, min(k, m), np.int64)
     tick = time.perf_counter()
-    cand = _topk_rows(oracle, all_rows, int(k_row[0]), _RESERVE * k, chunk_size)
+    cand = _topk_rows(oracle, all_rows, int(k_row[0]), _RESERVE * k, chunk_size, col_k=min(k, m))
     ii, jj, kth, alpha = cand.graph_i, cand.graph_j, cand.kth, cand.alpha
     res_i, res_j, res_v = cand.reserve_i, cand.reserve_j, cand.reserve_v
-    if n == m:
-        # A square problem needs every column in the graph; give uncovered columns their best rows.
-        uncovered = np.flatnonzero(np.bincount(jj, minlength=m) == 0)
-        if uncovered.size:
-            kc = min(k, n)
-            extra_i, extra_j = [], []
-            for blk in _row_blocks(uncovered, n, chunk_size):
-                idx = torch.topk(oracle.col_block(blk), kc, dim=1).indices.cpu().numpy().astype(np.int64)
-                extra_i.append(idx.ravel())
-                extra_j.append(np.repeat(blk, kc))
-            ii = np.concatenate([ii, *extra_i])
-            jj = np.concatenate([jj, *extra_j])
+    # every column's best rows join the graph (see _topk_rows)
+    ii = np.concatenate([ii, cand.col_i.ravel()])
+    jj = np.concatenate([jj, np.tile(np.arange(m, dtype=np.int64), cand.col_i.shape[0])])
     keys, s = _merge(np.zeros(0, np.int64), np.zeros(0), ii, jj, m, oracle)
     clock["candidates_s"] += time.perf_counter() - tick
 
@@ -430,6 +439,20 @@ def _solve_inner(
                 kth[sel] = np.minimum(kth[sel], grown.kth)
                 alpha[sel] = np.minimum(alpha[sel], grown.alpha)
                 k_row[sel] = kk
+            # Unmatched rows also see their best *free* columns: on hub-dominated costs (every row's
+            # top candidates are the same few large-norm columns) growing k alone would take rounds
+            # and most of the dense matrix before the graph has a full matching.
+            free_rows, free_cols = np.flatnonzero(col4row < 0), np.flatnonzero(row4col < 0)
+            kf = min(k, free_cols.size)
+            for blk in _row_blocks(free_rows, m, chunk_size) if kf else ():
+                S = oracle.block(blk)
+                idx = (
+                    torch.topk(S[:, torch.from_numpy(free_cols).to(S.device)], kf, dim=1)
+                    .indices.cpu()
+                    .numpy()
+                )
+                new_i.append(np.repeat(blk, kf))
+                new_j.append(free_cols[idx].ravel())
             keys, s = _merge(keys, s, np.concatenate(new_i), np.concatenate(new_j), m, oracle)
             clock["candidates_s"] += time.perf_counter() - tick
             continue
