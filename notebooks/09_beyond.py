@@ -45,6 +45,7 @@ from saematch_core.decision import decisions_by_layer
 from saematch_core.family_fold import family_comparison, token_halves
 from saematch_core.match import MatchConfig
 from saematch_core.plots import line_per_layer, lines_by_group, show, show_table
+from saematch_core.results import finite_mean
 from saematch_core.splits import links_by_layer
 from saematch_core.study import feature_contexts, load_study
 
@@ -428,10 +429,28 @@ else:
             y_title="P(partner active | feature active)",
         )
     )
+    show(
+        line_per_layer(
+            ceiling.layers(),
+            {
+                "SAE t's own reconstruction": ceiling.series("folded", "ev_self"),
+                "same layer, another seed, matched (folded)": ceiling.series("folded", "ev_same_layer"),
+                "from layer t−1, matched (SAE Match, folded)": ceiling.series("folded", "ev_previous"),
+                "same layer, another seed, matched (unfolded)": ceiling.series("unfolded", "ev_same_layer"),
+                "from layer t−1, matched (unfolded)": ceiling.series("unfolded", "ev_previous"),
+            },
+            title="Explained variance of h_t: swapping in a matched SAE of the same or the previous layer",
+            x_title="layer t",
+            y_title="1 − Var(ĥ − h) / Var(h) (fraction)",
+        )
+    )
     for method in ("folded", "unfolded"):
         print(
             f"{method}: neighbouring-layer Matching Score = {ceiling.fraction_of_ceiling(method):.0%} "
-            "of the same-layer ceiling on average"
+            "of the same-layer ceiling on average; explained variance of h_t: own SAE "
+            f"{finite_mean(ceiling.series(method, 'ev_self')):.2f}, same layer another seed "
+            f"{finite_mean(ceiling.series(method, 'ev_same_layer')):.2f}, from layer t−1 "
+            f"{finite_mean(ceiling.series(method, 'ev_previous')):.2f}"
         )
 
 # %% [markdown]
@@ -440,6 +459,13 @@ else:
 # the matching finds what is there, and a low absolute score says the SAEs are not reproducible,
 # not that features change between layers. The gap between the ceiling and the neighbours is the
 # part that features really change (or matching misses) from one layer to the next.
+#
+# The second figure asks the same of section 5's replacement, without running the model: encode
+# h with one SAE, move the codes through the matching, decode with the other. Swapping in the
+# other-seed SAE of the *same* layer is the best a matched swap can do with these dictionaries; if
+# even that explains little of h_t while each SAE alone explains most of it, a poor SAE Match
+# approximation in section 5 says that the two dictionaries cut the same space into different
+# features, not that the layers differ.
 
 # %%
 assert len(decisions.rows) == len(pairs) and all(0 <= r.fraction_matched <= 1 for r in decisions.rows)

@@ -83,6 +83,7 @@ __all__ = [
     "hybrid_schemes",
     "l0_sweep",
     "loss_split",
+    "matched_reconstruction",
     "replaced_layer",
 ]
 
@@ -561,6 +562,20 @@ def _scheme_state(scheme: Scheme, prep: _Prepared, h_prev: Tensor | None, h_cur:
     well = _well_matched(result, scheme.quantile).to(codes.device)
     moved = _permute_codes(codes * well, perm, cur.d_sae) @ cur.W_dec
     return moved + (codes * ~well) @ prev.W_dec + cur.b_dec
+
+
+def matched_reconstruction(
+    sae_a: SAE, sae_b: SAE, h_a: Tensor, config: MatchConfig, *, cache_dir: str | Path | None = None
+) -> Tensor:
+    """SAE Match's stand-in for the state SAE B reads: ``decode_B(P(encode_A(h_a)))``.
+
+    The replacement of Figs. 10/11 without the model: encode ``h_a`` (n, d_in) with SAE A, move the
+    codes to B's feature order with the matching (:func:`~saematch_core.results.cached_match`;
+    folded SAEs where the matching folds), decode with SAE B. Returns (n, d_in).
+    """
+    a, b, result = _matched_pair(sae_a, sae_b, config, cache_dir)
+    perm = result.perm.to(h_a.device)
+    return b.decode(_permute_codes(a.encode(h_a), perm, b.d_sae))
 
 
 def _matched_pair(

@@ -11,19 +11,23 @@ change between layers (or the matching misses them). The substrate trains such a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
+import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from saematch_core.approximate import matched_reconstruction
 from saematch_core.evaluate import MatchingScoreResult, default_methods, matching_scores
 from saematch_core.match import MatchConfig
-from saematch_core.results import ArrayLike, JsonResult, finite_mean
+from saematch_core.results import ArrayLike, JsonResult, array_rows, finite_mean
 from saematch_core.sae import SAE
 
-__all__ = ["SeedCeilingResult", "SeedCeilingRow", "seed_ceiling"]
+__all__ = ["SeedCeilingResult", "SeedCeilingRow", "explained_variance", "seed_ceiling"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +44,13 @@ class SeedCeilingRow:
     """Main SAEs t → t+1 (``nan`` without layer t+1)."""
     random: float
     """Random partners between the two SAEs of layer t (chance level)."""
+    ev_self: float
+    """Explained variance of h_t by the main SAE t's own reconstruction (the best any swap can do)."""
+    ev_same_layer: float
+    """Explained variance of h_t by ``decode_seed(P(encode_main(h_t)))``: the same-layer swap."""
+    ev_previous: float
+    """Explained variance of h_t by ``decode_t(P(encode_{t−1}(h_{t−1})))``: SAE Match's replacement
+    (Figs. 10/11) without the model (``nan`` without layer t−1)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +79,55 @@ class SeedCeilingResult(JsonResult):
             if not math.isnan(cross):
                 ratios.append(cross / r.same_layer)
         return finite_mean(ratios)
+
+
+def explained_variance(
+    reconstruct: Callable[[Tensor], Tensor],
+    source: ArrayLike,
+    target: ArrayLike,
+    *,
+    keep: ArrayLike | None = None,
+    chunk_size: int = 4096,
+) -> float:
+    """``1 − Σ‖reconstruct(source) − target‖² / Σ‖target − mean(target)‖²`` over kept tokens.
+
+    ``source`` and ``target`` are (n_tokens, d_in) residuals of the same tokens (possibly of two
+    layers); rows are processed in chunks, in float64 sums.
+
+    >>> x = torch.randn(100, 4)
+    >>> explained_variance(lambda h: h, x, x)
+    1.0
+    >>> abs(explained_variance(lambda h: 0 * h + x.mean(0), x, x)) < 1e-12
+    True
+    """
+    n = int(source.shape[0])
+    if int(target.shape[0]) != n:
+        raise ValueError(f"source, target: expected the same tokens, got {n} and {int(target.shape[0])} rows")
+    mask = (
+        torch.ones(n, dtype=torch.bool)
+        if keep is None
+        else torch.as_tensor(np.asarray(keep), dtype=torch.bool)
+    )
+    total = torch.zeros((), dtype=torch.float64)
+    s1 = torch.zeros(int(target.shape[1]), dtype=torch.float64)
+    s2 = torch.zeros((), dtype=torch.float64)
+    count = 0
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            m = mask[start : start + chunk_size]
+            if not bool(m.any()):
+                continue
+            src = array_rows(source, start, start + chunk_size, device=cpu, dtype=torch.float32)[m]
+            tgt = array_rows(target, start, start + chunk_size, device=cpu, dtype=torch.float64)[m]
+            total += (reconstruct(src).double() - tgt).pow(2).sum()
+            s1 += tgt.sum(0)
+            s2 += tgt.pow(2).sum()
+            count += int(m.sum())
+    if count == 0:
+        return math.nan
+    variance = float(s2 - s1.pow(2).sum() / count)
+    return 1.0 - float(total) / variance if variance > 0 else math.nan
 
 
 def seed_ceiling(
@@ -118,12 +178,25 @@ def seed_ceiling(
             cache_dir=cache_dir,
         )
 
+    def ev_self(sae: SAE, layer: int) -> float:
+        acts = activations[layer]
+        return explained_variance(lambda h: sae(h).recon, acts, acts, keep=keep)
+
+    def ev_swap(a: SAE, b: SAE, cfg: MatchConfig, source: int, target: int) -> float:
+        return explained_variance(
+            lambda h: matched_reconstruction(a, b, h, cfg, cache_dir=cache_dir),
+            activations[source],
+            activations[target],
+            keep=keep,
+        )
+
     rows = []
     for t in tqdm(layers, desc="seed ceiling", disable=not progress):
         same = score(t, t, saes[t], seed_saes[t])
         prev = score(t - 1, t, saes[t - 1], saes[t]) if t - 1 in saes and t - 1 in activations else None
         nxt = score(t, t + 1, saes[t], saes[t + 1]) if t + 1 in saes and t + 1 in activations else None
-        for name in methods:
+        own = ev_self(saes[t], t)
+        for name, cfg in methods.items():
             rows.append(
                 SeedCeilingRow(
                     layer=t,
@@ -132,6 +205,9 @@ def seed_ceiling(
                     previous=math.nan if prev is None else prev.row(name).matching_score,
                     next=math.nan if nxt is None else nxt.row(name).matching_score,
                     random=same.row("random").matching_score if n_null else math.nan,
+                    ev_self=own,
+                    ev_same_layer=ev_swap(saes[t], seed_saes[t], cfg, t, t),
+                    ev_previous=math.nan if prev is None else ev_swap(saes[t - 1], saes[t], cfg, t - 1, t),
                 )
             )
     return SeedCeilingResult(rows=tuple(rows))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_sae
 
-from saematch_core.ceiling import SeedCeilingResult, seed_ceiling
+from saematch_core.ceiling import SeedCeilingResult, explained_variance, seed_ceiling
 
 D_IN, D_SAE = 16, 48
 
@@ -27,6 +27,9 @@ def test_a_permuted_copy_reaches_the_ceiling_and_strangers_do_not(tmp_path: Path
     # unrelated random SAEs on neighbouring layers stay far below it, near chance
     assert folded.previous < 0.9 and folded.next < 0.9 and folded.random < 0.9
     assert 0 < res.fraction_of_ceiling("folded") < 0.9
+    # the permuted copy reconstructs exactly like the original once its codes are moved back
+    assert folded.ev_same_layer == pytest.approx(folded.ev_self, rel=1e-6)
+    assert folded.ev_previous != pytest.approx(folded.ev_self, rel=1e-3)
     again = SeedCeilingResult.from_dict(res.to_dict())
     assert again == res
 
@@ -39,3 +42,14 @@ def test_edges_of_the_depth_have_one_neighbour(tmp_path: Path) -> None:
     )
     row = res.rows[0]
     assert math.isnan(row.previous) and not math.isnan(row.next) and math.isnan(row.random)
+
+
+def test_explained_variance_counts_only_kept_tokens() -> None:
+    x = torch.randn(300, 4)
+    keep = torch.arange(300) < 200
+    bad = x.clone()
+    bad[200:] += 100.0  # garbage only where tokens are dropped
+    assert explained_variance(lambda h: h, x, bad, keep=keep) == pytest.approx(1.0)
+    assert explained_variance(lambda h: h, x, bad) < 0
+    with pytest.raises(ValueError, match="expected the same tokens"):
+        explained_variance(lambda h: h, x, x[:10])
