@@ -44,7 +44,8 @@ from saematch_core.approximate import (
     l0_sweep,
     loss_split,
 )
-from saematch_core.plots import line_per_layer, lines_by_group, scatter, show
+from saematch_core.plots import line_per_layer, lines_by_group, scatter, show, show_table
+from saematch_core.results import finite_mean
 from saematch_core.study import PAPER, Claim, correlation, load_study, paper_layer, write_claims
 
 study = load_study(profile, progress=False)
@@ -133,12 +134,32 @@ print(f"paper: {PAPER['fig10_match_vs_drop']}")
 print(f"ours: SAE Match ΔL below layer drop on {match_beats_drop}/{pairs_total} (corpus, layer) cases")
 print(f"paper: {PAPER['fig10_folded_vs_unfolded']}")
 print(f"ours: folded EV above unfolded on {folded_beats_unfolded}/{pairs_total} (corpus, layer) cases")
+show_table(
+    ["scheme", "mean ΔL (nats/token)", "mean explained variance"],
+    [
+        (
+            labels.get(s, s),
+            f"{finite_mean([v for r in results.values() for v in r.series(s, 'delta_loss')]):.3f}",
+            f"{finite_mean([v for r in results.values() for v in r.series(s, 'explained_variance')]):.3f}",
+        )
+        for s in schemes
+    ],
+)
 
 # %% [markdown]
 # **What this shows.** Explained variance of ĥ_t against the true h_t on the same tokens (outliers
 # and position 0 excluded). The printed lines count, over every corpus and layer, how often SAE Match
 # beats dropping the layer in ΔL and how often folding beats not folding in EV; the paper's
-# statements are beside them.
+# statements are beside them, and the table averages every scheme over corpora and layers.
+#
+# Read the table against two references. "Layer drop" is strong in a residual network: block t adds
+# a small update to h_{t−1}, so h_{t−1} already explains most of h_t. SAE Match can only beat it when
+# the two layers' dictionaries share their features one to one: then moving the codes through the
+# matching costs little beyond the SAE's own reconstruction error ("enc-dec current"). When SAE Match
+# explains far less than "enc-dec previous" (the same codes decoded with layer t−1's own dictionary),
+# the matched partners are mostly different features. Section 9.6 tests whether that is a change
+# between layers or a property of the dictionaries: it swaps in an SAE of the *same* layer trained
+# from another seed, through the same kind of matching.
 
 # %% tags=["hide-input"]
 corpus0 = next(iter(results))
@@ -218,7 +239,10 @@ else:
 # **What this shows.** Each point is a pair of SAEs (layers t−1 and t) trained with the same sparsity
 # coefficient. The paper finds a sweet spot around L0 ≈ 70 for Gemma Scope; the printed line gives
 # the L0 where our SAE Match approximation is best. Our SAEs are much smaller (width 2048 on
-# `default`), so the location of the optimum need not coincide.
+# `default`), so the location of the optimum need not coincide. When the best point is at an end of
+# the sweep, the sweep found a trend rather than an optimum: the approximation keeps improving toward
+# that end of the range (toward the sparsest SAEs, for instance, when fewer and coarser features are
+# easier to match).
 
 # %% tags=["hide-input"]
 quality = study.quality()
