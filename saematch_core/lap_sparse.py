@@ -27,10 +27,10 @@ almost every feature's partner is its nearest neighbour. This module
 The loop stops when no entry violates the dual by more than ``tol``; then for every injective
 assignment ``σ``, ``Σ S_iσ(i) <= total + n · max_violation · scale``, so the result is optimal (exactly,
 up to float64 rounding of the certificate, when ``max_violation`` is 0). If the sparse graph has no
-full matching, ``k`` is doubled for the rows of the failed alternating trees and the unmatched rows
-get edges to their best free columns, until it does; every column's best ``k`` rows by
-``S_ij / ‖X_i‖`` are in the graph from the start, so a few large-norm "hub" columns that top every
-row's list cannot starve the others.
+full matching, ``k`` is doubled for the rows of the failed alternating trees, the unmatched rows get
+edges to their best free columns and (once) every column gets its best ``k`` rows by
+``S_ij / ‖X_i‖``, until it does: a few large-norm "hub" columns that top every row's list then cannot
+starve the others.
 
 ``SAEMATCH_REFERENCE=1`` (or ``reference=True``) switches to the dense scipy reference
 (:func:`scipy.optimize.linear_sum_assignment` on the float64 matrix).
@@ -237,12 +237,9 @@ class _Candidates(NamedTuple):
     reserve_v: np.ndarray  # approximate scores (block precision)
     kth: np.ndarray
     alpha: np.ndarray
-    col_i: np.ndarray  # (col_k, m) each column's best rows among those scanned (when col_k > 0)
 
 
-def _topk_rows(
-    oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size: int, col_k: int = 0
-) -> _Candidates:
+def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size: int) -> _Candidates:
     """Candidate edges of ``rows`` and two bounds on each row's other entries.
 
     Each row keeps its top-``depth`` columns by score and, for inner products, its top-``depth`` by
@@ -258,12 +255,6 @@ def _topk_rows(
     alpha = np.full(rows.shape[0], -np.inf)
     scaled = oracle.col_norm is not None
     pos = 0
-    # Each column's best rows, merged block by block: with them every column has candidates too, so
-    # a few "hub" columns that top every row's list cannot leave the sparse graph without a full
-    # matching (which would grow k row by row until the graph is nearly dense).
-    col_k = min(col_k, rows.shape[0])
-    col_v = torch.full((col_k, m), -torch.inf, dtype=torch.float32)
-    col_i = torch.zeros((col_k, m), dtype=torch.int64)
 
     def split(blk: np.ndarray, idx: np.ndarray, val: np.ndarray, raw: np.ndarray) -> None:
         order = np.argsort(-val, axis=1, kind="stable")
@@ -284,16 +275,6 @@ def _topk_rows(
             gj.append(np.tile(np.arange(m, dtype=np.int64), len(blk)))
             continue
         S = oracle.block(blk, candidates=True)
-        if col_k:
-            # by S_ij / ‖X_i‖ (cosine order within a column) where norms exist: by raw score every
-            # column would pick the same few large-norm rows
-            inv = oracle.row_inv_norm
-            C = S if inv is None else S * inv[torch.from_numpy(blk).to(inv.device)][:, None]
-            bv, bi = torch.topk(C, min(col_k, len(blk)), dim=0)
-            bi = torch.from_numpy(blk)[bi.cpu()]
-            merged_v, order = torch.topk(torch.cat([col_v, bv.cpu()]), col_k, dim=0)
-            col_i = torch.gather(torch.cat([col_i, bi]), 0, order)
-            col_v = merged_v
         if S.device.type == "cpu":
             # one fused pass of a compiled scan beats two torch.topk calls on the CPU
             ir, vr = np.empty((len(blk), depth), np.int64), np.empty((len(blk), depth))
@@ -326,8 +307,29 @@ def _topk_rows(
         cat(rv, np.float64),
         kth,
         alpha,
-        col_i.numpy(),
     )
+
+
+def _column_candidates(oracle: _Oracle, k: int, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Edges from every column to its best ``k`` rows by ``S_ij / ‖X_i‖`` (cosine order within the
+    column; by raw score every column would pick the same few large-norm rows), one more pass over
+    the score blocks. Used only when the row candidates have no full matching: on hub-dominated
+    costs (every row's top list holds the same few large-norm columns) growing k row by row would
+    otherwise take rounds and most of the dense matrix."""
+    n, m = oracle.n, oracle.m
+    ck = min(k, n)
+    best_v = torch.full((ck, m), -torch.inf, dtype=torch.float64)
+    best_i = torch.zeros((ck, m), dtype=torch.int64)
+    inv = oracle.row_inv_norm
+    for blk in _row_blocks(np.arange(n, dtype=np.int64), m, chunk_size):
+        S = oracle.block(blk, candidates=True)
+        if inv is not None:
+            S = S * inv[torch.from_numpy(blk).to(inv.device)][:, None]
+        v, i = torch.topk(S, min(ck, len(blk)), dim=0)
+        merged, order = torch.topk(torch.cat([best_v, v.double().cpu()]), ck, dim=0)
+        best_i = torch.gather(torch.cat([best_i, torch.from_numpy(blk)[i.cpu()]]), 0, order)
+        best_v = merged
+    return best_i.numpy().ravel(), np.tile(np.arange(m, dtype=np.int64), ck)
 
 
 def _merge(
@@ -384,12 +386,10 @@ def _solve_inner(
     all_rows = np.arange(n, dtype=np.int64)
     k_row = np.full(n, min(k, m), np.int64)
     tick = time.perf_counter()
-    cand = _topk_rows(oracle, all_rows, int(k_row[0]), _RESERVE * k, chunk_size, col_k=min(k, m))
+    cand = _topk_rows(oracle, all_rows, int(k_row[0]), _RESERVE * k, chunk_size)
     ii, jj, kth, alpha = cand.graph_i, cand.graph_j, cand.kth, cand.alpha
     res_i, res_j, res_v = cand.reserve_i, cand.reserve_j, cand.reserve_v
-    # every column's best rows join the graph (see _topk_rows)
-    ii = np.concatenate([ii, cand.col_i.ravel()])
-    jj = np.concatenate([jj, np.tile(np.arange(m, dtype=np.int64), cand.col_i.shape[0])])
+    columns_added = False
     keys, s = _merge(np.zeros(0, np.int64), np.zeros(0), ii, jj, m, oracle)
     clock["candidates_s"] += time.perf_counter() - tick
 
@@ -442,6 +442,11 @@ def _solve_inner(
             # Unmatched rows also see their best *free* columns: on hub-dominated costs (every row's
             # top candidates are the same few large-norm columns) growing k alone would take rounds
             # and most of the dense matrix before the graph has a full matching.
+            if not columns_added:
+                col_i, col_j = _column_candidates(oracle, k, chunk_size)
+                new_i.append(col_i)
+                new_j.append(col_j)
+                columns_added = True
             free_rows, free_cols = np.flatnonzero(col4row < 0), np.flatnonzero(row4col < 0)
             kf = min(k, free_cols.size)
             for blk in _row_blocks(free_rows, m, chunk_size) if kf else ():
