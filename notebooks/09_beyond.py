@@ -29,7 +29,7 @@ alpha = 0.05  # false-discovery rate of the "matched" verdict
 n_null = 2  # random rotations of layer B in the null model (each gives one null sample per feature)
 link_level = 0.01  # chance that an unrelated feature gets a link, for splits / merges / births / deaths
 n_pairs = 10  # consecutive layer pairs analysed, evenly spread over the depth (None: all)
-tokens_per_corpus = 1024  # evaluation tokens per corpus for ΔL (as in section 5, whose results are reused)
+tokens_per_corpus = 512  # evaluation tokens per corpus for ΔL (as in section 5, whose results are reused)
 batch_size = 8  # chunks per forward pass for ΔL
 out_dir = "results/09_beyond"  # where results are written (set by the build)
 
