@@ -255,9 +255,9 @@ else:
 # correcting per-feature scale, and JumpReLU's threshold is just one convenient estimate of it; if
 # only JumpReLU gains, the threshold carries something the activation scale does not. The row
 # "jumprelu: data_scale" next to "jumprelu: theta" compares the two scale estimates on the very same
-# SAEs. Our trained SAEs have unit-norm decoder rows and normalised inputs, so their raw weights are
-# already on a common scale; a small gain is therefore the expected outcome here, unlike for SAEs
-# whose decoder norms vary.
+# SAEs. Our trained SAEs have unit-norm decoder rows, so the scale they need corrected lives in the
+# encoder and bias: raw matching compares encoder rows whose norms differ feature by feature, which is
+# why the raw rows score so far below the scaled ones in every family.
 
 # %% [markdown]
 # ## 4. No circularity: evidence folding's own objective cannot produce
