@@ -256,8 +256,9 @@ else:
 # only JumpReLU gains, the threshold carries something the activation scale does not. The row
 # "jumprelu: data_scale" next to "jumprelu: theta" compares the two scale estimates on the very same
 # SAEs. Our trained SAEs have unit-norm decoder rows, so the scale they need corrected lives in the
-# encoder and bias: raw matching compares encoder rows whose norms differ feature by feature, which is
-# why the raw rows score so far below the scaled ones in every family.
+# encoder and bias: raw matching compares encoder rows whose norms differ feature by feature. Where
+# the raw rows score far below the scaled ones in every family, that per-feature scale, not the
+# JumpReLU threshold as such, is what folding corrects.
 
 # %% [markdown]
 # ## 4. No circularity: evidence folding's own objective cannot produce
