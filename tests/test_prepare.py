@@ -349,3 +349,25 @@ def test_every_trained_layer_gets_its_own_seed() -> None:
     main = {job.config.seed for job in jobs if job.family == "main" and job.config is not None}
     second = {job.config.seed for job in jobs if job.family == "seed" and job.config is not None}
     assert second and not second & main, "a seed-control SAE must not repeat any main SAE's seed"
+
+
+def test_hub_listing_falls_back_to_the_local_cache_when_the_hub_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from saematch_core.formats import hub
+
+    class ConnectError(Exception):  # what an HTTP client raises without network (not an OSError)
+        pass
+
+    def unreachable(*_args: object, **_kwargs: object) -> list[str]:
+        raise ConnectError("Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "list_repo_files", unreachable)
+    with pytest.raises(FileNotFoundError, match=r"could not be asked.*ConnectError: Name or service"):
+        hub.list_hub_files("org/repo")
+    _hub_put(tmp_path, "org/repo", {"a/b.npz": b"x"})
+    assert hub.list_hub_files("org/repo") == ["a/b.npz"]

@@ -167,17 +167,20 @@ def list_hub_files(repo_id: str, revision: str | None = None) -> list[str]:
     FileNotFoundError
         If the hub cannot be reached and the local cache has no snapshot of ``repo_id``.
     """
+    reason = "HF_HUB_OFFLINE is set"
     if not constants.HF_HUB_OFFLINE:
         try:
             return sorted(list_repo_files(repo_id, revision=revision))
-        except (OSError, ValueError) as exc:  # connection errors are OSErrors in huggingface_hub
-            logger.warning("cannot list %s on the hub (%s); using the local hub cache", repo_id, exc)
+        except Exception as exc:  # connection errors come from whichever HTTP client the hub library uses
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.warning("cannot list %s on the hub (%s); using the local hub cache", repo_id, reason)
     repo = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
     ref = repo / "refs" / (revision or "main")
     commit = ref.read_text().strip() if ref.is_file() else (revision or "")
     snapshot = repo / "snapshots" / commit
     if not commit or not snapshot.is_dir():
         raise FileNotFoundError(
-            f"{repo_id}: no snapshot in the local hub cache ({repo}) and the hub is not reachable"
+            f"{repo_id}: no snapshot in the local hub cache ({repo}) and the hub could not be asked "
+            f"({reason})"
         )
     return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
