@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from saematch_core.fold import fold
 from saematch_core.match import MatchConfig, MatchResult
-from saematch_core.models import decoder_layers, replace_residual
+from saematch_core.models import ForwardCapture, capture_forward, decoder_layers, replace_residual, run_suffix
 from saematch_core.results import (
     JsonResult,
     cached_match,
@@ -412,83 +412,7 @@ def replaced_layer(
         yield
 
 
-# ----------------------------------------------------------------------------------- model plumbing
-@dataclass
-class _Capture:
-    """What one clean forward pass records."""
-
-    logits: Tensor
-    hidden: dict[int, Tensor]
-    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]]
-
-
-def _hidden(output: Any) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _clean_pass(model: nn.Module, ids: Tensor, mask: Tensor, want: Sequence[int]) -> _Capture:
-    """Forward pass recording the outputs of blocks ``want`` (``-1``: the input of block 0) and the
-    arguments of every block."""
-    blocks = decoder_layers(model)
-    hidden: dict[int, Tensor] = {}
-    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    handles = []
-
-    def pre(index: int) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            kw = dict(kwargs)
-            # The suffix run passes the hidden state positionally, so drop it from the recorded call.
-            h_in = args[0] if args else kw.pop("hidden_states")
-            calls[index] = (args[1:], kw)
-            if index == 0 and -1 in want:
-                hidden[-1] = h_in.detach()
-
-        return hook
-
-    def post(index: int) -> Callable[..., None]:
-        def hook(_m: nn.Module, _args: Any, output: Any) -> None:
-            hidden[index] = _hidden(output).detach()
-
-        return hook
-
-    try:
-        for i, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
-            if i in want:
-                handles.append(block.register_forward_hook(post(i)))
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return _Capture(logits=logits, hidden=hidden, calls=calls)
-
-
-def _head(model: nn.Module, h: Tensor) -> Tensor | None:
-    """Final norm + unembedding (+ Gemma 2's logit soft-cap), or ``None`` if the model's layout is unknown."""
-    base = getattr(model, "model", None)
-    norm = getattr(base, "norm", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    unembed = get_out() if callable(get_out) else None
-    if not isinstance(norm, nn.Module) or not isinstance(unembed, nn.Module):
-        return None
-    logits = unembed(norm(h))
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def _run_suffix(model: nn.Module, capture: _Capture, start: int, h: Tensor) -> Tensor | None:
-    """Run blocks ``start …`` and the head on ``h`` with the recorded block arguments."""
-    blocks = decoder_layers(model)
-    with torch.no_grad():
-        for j in range(start, len(blocks)):
-            args, kwargs = capture.calls[j]
-            h = _hidden(blocks[j](h, *args, **kwargs))
-        return _head(model, h)
-
-
+# ----------------------------------------------------------------------------------- losses
 def _token_loss(logits: Tensor, ids: Tensor) -> Tensor:
     """(batch, seq − 1) float64 next-token losses."""
     b, s, v = logits.shape
@@ -497,7 +421,8 @@ def _token_loss(logits: Tensor, ids: Tensor) -> Tensor:
 
 
 def _token_kl(clean_logits: Tensor, logits: Tensor) -> Tensor:
-    """(batch, seq − 1) KL(clean ‖ replaced) of the next-token distributions, summed in float64."""
+    """(batch, seq − 1) KL(clean ‖ replaced) of the next-token distributions, summed in float64
+    (the reference for :class:`_CleanDist`)."""
     out = []
     # One chunk at a time: (batch, seq, vocab) in float64 would be GBs for a 49k vocabulary.
     for b in range(logits.shape[0]):
@@ -505,6 +430,29 @@ def _token_kl(clean_logits: Tensor, logits: Tensor) -> Tensor:
         log_q = torch.log_softmax(logits[b, :-1].float(), dim=-1)
         out.append((log_p.exp() * (log_p - log_q)).sum(-1, dtype=torch.float64))
     return torch.stack(out)
+
+
+class _CleanDist:
+    """Clean next-token log-probabilities of one batch, normalised once for every scheme.
+
+    :meth:`compare` gives what :func:`_token_loss` and :func:`_token_kl` give, with one log-softmax
+    per scheme instead of three.
+    """
+
+    def __init__(self, clean_logits: Tensor, ids: Tensor) -> None:
+        self.log_p = torch.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+        self.targets = ids[:, 1:, None]
+        self.loss = -self.log_p.gather(-1, self.targets).squeeze(-1).double()
+
+    def compare(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss, kl), each (batch, seq − 1) float64, of the replaced ``logits``."""
+        loss, kl = [], []
+        for b in range(logits.shape[0]):  # one chunk at a time, as in _token_kl
+            log_q = torch.log_softmax(logits[b, :-1].float(), dim=-1)
+            loss.append(-log_q.gather(-1, self.targets[b]).squeeze(-1))
+            log_p = self.log_p[b]
+            kl.append((log_p.exp() * (log_p - log_q)).sum(-1, dtype=torch.float64))
+        return torch.stack(loss).double(), torch.stack(kl)
 
 
 # ----------------------------------------------------------------------------------- schemes
@@ -709,7 +657,7 @@ def _fit_linear(
         range(0, ids.shape[0], config.batch_size), desc="fit linear maps", leave=False, disable=not progress
     ):
         b_ids, b_mask = ids[start : start + config.batch_size], mask[start : start + config.batch_size]
-        cap = _clean_pass(model, b_ids, b_mask, want)
+        cap = capture_forward(model, b_ids, b_mask, layers=want)
         for t in layers:
             keep, _ = _counted(
                 b_mask, cap.hidden[t - 1], cap.hidden[t], config.outlier_factor, _meds(config, t)
@@ -822,7 +770,12 @@ def approximate_layers(
         "fit_mask": None if fit_mask is None else tensor_digest(fit_mask),
         "ridge": config.ridge,
     }
-    state: dict[str, Any] = {"linear": None, "checked": not config.suffix, "cache_dir": cache_dir}
+    state: dict[str, Any] = {
+        "linear": None,
+        "checked": not config.suffix,
+        "cache_dir": cache_dir,
+        "captures": _capture_store(model, tokens, layers),
+    }
 
     def compute(t: int, todo: tuple[Scheme, ...]) -> ApproximationResult:
         if any(s.kind == "linear" for s in todo) and state["linear"] is None:
@@ -870,6 +823,37 @@ def approximate_layers(
     return ApproximationResult(rows=tuple(rows))
 
 
+# Clean passes of all batches are kept for the next layer when they fit in this much memory.
+_CAPTURE_BUDGET = 2 << 30
+
+
+def _capture_store(model: nn.Module, tokens: Tensor, layers: Sequence[int]) -> dict[str, Any] | None:
+    """Room to share clean forward passes between layers (each layer would otherwise rerun the whole
+    model once per batch), or ``None`` when their logits and hidden states would not fit the budget."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
+    want = sorted({t - 1 for t in layers} | set(layers))
+    d_model = weight.shape[1]
+    per_token = (weight.shape[0] + len(want) * d_model) * weight.element_size()
+    if tokens.numel() * per_token > _CAPTURE_BUDGET:
+        return None
+    return {"want": want, "by_start": {}}
+
+
+def _clean_capture(
+    model: nn.Module, ids: Tensor, mask: Tensor, start: int, want: Sequence[int], state: dict[str, Any]
+) -> ForwardCapture:
+    store = state.get("captures")
+    if store is None:
+        return capture_forward(model, ids, mask, layers=want)
+    by_start = store["by_start"]
+    if start not in by_start:
+        by_start[start] = capture_forward(model, ids, mask, layers=store["want"])
+    return by_start[start]
+
+
 def _approximate_layer(
     model: nn.Module,
     tokens: Tensor,
@@ -905,10 +889,11 @@ def _approximate_layer(
     for start in bar:
         ids = tokens[start : start + config.batch_size].to(device)
         mask = token_mask[start : start + config.batch_size].to(device)
-        cap = _clean_pass(model, ids, mask, [t - 1, t] if need_prev else [t])
+        cap = _clean_capture(model, ids, mask, start, [t - 1, t] if need_prev else [t], state)
         h_prev = cap.hidden.get(t - 1) if need_prev else None
         h_cur = cap.hidden[t]
-        clean_loss = _token_loss(cap.logits, ids)
+        clean_dist = _CleanDist(cap.logits, ids)
+        clean_loss = clean_dist.loss
         counted, outlier = _counted(mask, h_prev, h_cur, config.outlier_factor, _meds(config, t))
         if not accs:
             accs = {s.label: _Acc(h_cur.shape[-1]) for s in config.schemes}
@@ -928,24 +913,26 @@ def _approximate_layer(
                 h_hat = _scheme_state(s, prep, h_prev, h_cur).to(h_cur.dtype)
                 h_hat = torch.where(passthrough[..., None], h_cur, h_hat)
                 if use_suffix:
-                    logits = _run_suffix(model, cap, t + 1, h_hat)
+                    logits = run_suffix(model, cap, t + 1, h_hat)
                     assert logits is not None  # _check_suffix succeeded
                 else:
                     with replaced_layer(model, t, h_hat):
                         logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
             acc = accs[s.label]
             acc.add_state(h_cur, h_hat, counted)
-            acc.add_loss(clean_loss, _token_loss(logits, ids), _token_kl(cap.logits, logits), loss_keep)
+            acc.add_loss(clean_loss, *clean_dist.compare(logits), loss_keep)
             acc.passthrough += int(outlier.sum())
     l0_prev, l0_cur = (l0[k][0] / l0[k][1] if l0[k][1] else math.nan for k in ("prev", "cur"))
     rows = (replace(accs[s.label].row(t, s.label), l0_prev=l0_prev, l0_cur=l0_cur) for s in config.schemes)
     return ApproximationResult(rows=tuple(rows))
 
 
-def _check_suffix(model: nn.Module, cap: _Capture, t: int, h_cur: Tensor, clean: Tensor, ids: Tensor) -> bool:
+def _check_suffix(
+    model: nn.Module, cap: ForwardCapture, t: int, h_cur: Tensor, clean: Tensor, ids: Tensor
+) -> bool:
     """Does running blocks t+1… and the head on the clean h_t reproduce the clean loss?"""
     try:
-        logits = _run_suffix(model, cap, t + 1, h_cur)
+        logits = run_suffix(model, cap, t + 1, h_cur)
     except (KeyError, TypeError, RuntimeError) as exc:
         logger.warning("suffix run unavailable (%s); running the full model for every scheme", exc)
         return False

@@ -28,6 +28,7 @@ draws are reported.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,7 @@ from saematch_core.results import (
     acts_digest,
     array_rows,
     cached_match,
+    cached_matches,
     finite_mean,
     load_or_compute,
     map_layer_pairs,
@@ -309,6 +311,9 @@ def parameter_mse(
         cache_dir=cache_dir,
         force=force,
         progress=progress,
+        prefetch=lambda missing: cached_matches(
+            [(saes[la], saes[lb], cfg) for la, lb in missing for cfg in methods.values()], cache_dir
+        ),
     )
     return ParameterMSEResult(rows=tuple(r for part in parts for r in part.rows))
 
@@ -393,6 +398,78 @@ def _topk_update(best_v: Tensor, best_i: Tensor, v: Tensor, idx: Tensor, k: int)
     return top.values, ii.gather(0, top.indices)
 
 
+@dataclass(frozen=True, eq=False)
+class _PairSums:
+    """float64 running sums of :class:`Coactivation` (on the host)."""
+
+    count_a: Tensor
+    count_b: Tensor
+    sum_a: Tensor
+    sq_a: Tensor
+    sum_b: Tensor
+    sq_b: Tensor
+    both: dict[str, Tensor]
+    prod: dict[str, Tensor]
+
+    @classmethod
+    def zeros(cls, fa: int, fb: int, names: Sequence[str]) -> _PairSums:
+        z = functools.partial(torch.zeros, dtype=torch.float64)
+        return cls(
+            count_a=z(fa),
+            count_b=z(fb),
+            sum_a=z(fa),
+            sq_a=z(fa),
+            sum_b=z(fb),
+            sq_b=z(fb),
+            both={k: z(fa) for k in names},
+            prod={k: z(fa) for k in names},
+        )
+
+
+def _add_pair_sums(
+    sums: _PairSums, ca: Tensor, cb: Tensor, safe: Mapping[str, Tensor], has: Mapping[str, Tensor]
+) -> None:
+    """Add one chunk of codes ``ca`` (n, F_A) and ``cb`` (n, F_B) to ``sums``.
+
+    Works on the codes' nonzeros only (a few percent of the entries for a sparse SAE), so the cost
+    grows with L0, not with the width; :func:`_add_pair_sums_dense` is the reference.
+    """
+    f64 = torch.float64
+    for codes, count, total, squares in (
+        (cb, sums.count_b, sums.sum_b, sums.sq_b),
+        (ca, sums.count_a, sums.sum_a, sums.sq_a),  # last: its nonzeros are reused below
+    ):
+        tok, feat = codes.nonzero(as_tuple=True)
+        vals = codes[tok, feat].to(f64)
+        feat_cpu, vals_cpu = feat.cpu(), vals.cpu()
+        count.index_add_(0, feat_cpu, (vals_cpu > 0).to(f64))
+        total.index_add_(0, feat_cpu, vals_cpu)
+        squares.index_add_(0, feat_cpu, vals_cpu * vals_cpu)
+    va = vals
+    for k in safe:
+        partner = cb[tok, safe[k][feat]].to(f64) * has[k][feat]
+        sums.both[k].index_add_(0, feat_cpu, ((va > 0) & (partner > 0)).to(f64).cpu())
+        sums.prod[k].index_add_(0, feat_cpu, (va * partner).cpu())
+
+
+def _add_pair_sums_dense(
+    sums: _PairSums, ca: Tensor, cb: Tensor, safe: Mapping[str, Tensor], has: Mapping[str, Tensor]
+) -> None:
+    """Reference for :func:`_add_pair_sums`: the same sums over every (token, feature) entry."""
+    ca, cb = ca.double(), cb.double()
+    act_a, act_b = ca > 0, cb > 0
+    sums.count_a.add_(act_a.sum(0).cpu())
+    sums.count_b.add_(act_b.sum(0).cpu())
+    sums.sum_a.add_(ca.sum(0).cpu())
+    sums.sq_a.add_((ca * ca).sum(0).cpu())
+    sums.sum_b.add_(cb.sum(0).cpu())
+    sums.sq_b.add_((cb * cb).sum(0).cpu())
+    for k in safe:
+        partner = cb.index_select(1, safe[k]) * has[k]
+        sums.both[k].add_((act_a & (partner > 0)).sum(0).cpu())
+        sums.prod[k].add_((ca * partner).sum(0).cpu())
+
+
 def coactivation(
     sae_a: SAE,
     sae_b: SAE,
@@ -436,11 +513,7 @@ def coactivation(
             raise ValueError(f"token_ids: expected shape ({n},), got {tuple(ids.shape)}")
         ids = ids.long().cpu()
     dev, f64 = sae_a.device, torch.float64
-    count_a, count_b = torch.zeros(fa, dtype=f64), torch.zeros(fb, dtype=f64)
-    sum_a, sq_a = torch.zeros(fa, dtype=f64), torch.zeros(fa, dtype=f64)
-    sum_b, sq_b = torch.zeros(fb, dtype=f64), torch.zeros(fb, dtype=f64)
-    both = {k: torch.zeros(fa, dtype=f64) for k in checked}
-    prod = {k: torch.zeros(fa, dtype=f64) for k in checked}
+    sums = _PairSums.zeros(fa, fb, list(checked))
     safe = {k: p.clamp(min=0).to(dev) for k, p in checked.items()}
     has = {k: (p >= 0).to(dev) for k, p in checked.items()}
     top = None
@@ -461,24 +534,14 @@ def coactivation(
         with torch.no_grad():
             xa = array_rows(acts_a, s, s + chunk_size, device=dev, dtype=sae_a.dtype)
             xb = array_rows(acts_b, s, s + chunk_size, device=dev, dtype=sae_b.dtype)
-            ca = sae_a.encode(xa[rows.to(dev)]).to(f64)
-            cb = sae_b.encode(xb[rows.to(dev)]).to(f64)
+            ca = sae_a.encode(xa[rows.to(dev)])
+            cb = sae_b.encode(xb[rows.to(dev)])
         n_kept += int(rows.numel())
-        act_a, act_b = ca > 0, cb > 0
-        count_a += act_a.sum(0).cpu()
-        count_b += act_b.sum(0).cpu()
-        sum_a += ca.sum(0).cpu()
-        sq_a += (ca * ca).sum(0).cpu()
-        sum_b += cb.sum(0).cpu()
-        sq_b += (cb * cb).sum(0).cpu()
-        for k in checked:
-            partner = cb.index_select(1, safe[k]) * has[k]
-            both[k] += (act_a & (partner > 0)).sum(0).cpu()
-            prod[k] += (ca * partner).sum(0).cpu()
+        _add_pair_sums(sums, ca, cb, safe, has)
         if top is not None:
             flat = (rows + s).cpu()
-            top[0], top[1] = _topk_update(top[0], top[1], ca.cpu(), flat, top_k)
-            top[2], top[3] = _topk_update(top[2], top[3], cb.cpu(), flat, top_k)
+            top[0], top[1] = _topk_update(top[0], top[1], ca.to(f64).cpu(), flat, top_k)
+            top[2], top[3] = _topk_update(top[2], top[3], cb.to(f64).cpu(), flat, top_k)
     top_a = top_b = None
     if top is not None:
         # Only positive activations count as "top activating"; the rest are padding.
@@ -487,14 +550,14 @@ def coactivation(
     return Coactivation(
         n_tokens=n_kept,
         perms=checked,
-        count_a=count_a,
-        count_b=count_b,
-        sum_a=sum_a,
-        sq_a=sq_a,
-        sum_b=sum_b,
-        sq_b=sq_b,
-        both=both,
-        prod=prod,
+        count_a=sums.count_a,
+        count_b=sums.count_b,
+        sum_a=sums.sum_a,
+        sq_a=sums.sq_a,
+        sum_b=sums.sum_b,
+        sq_b=sums.sq_b,
+        both=sums.both,
+        prod=sums.prod,
         top_a=top_a,
         top_b=top_b,
         token_ids=ids,

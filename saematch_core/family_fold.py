@@ -49,6 +49,7 @@ from saematch_core.results import (
     cached_match,
     finite_mean,
     map_layer_pairs,
+    parallel_map,
 )
 from saematch_core.sae import SAE
 
@@ -261,11 +262,14 @@ def _family_perms(
     cache_dir: str | Path | None,
 ) -> dict[str, Tensor]:
     ones_a, ones_b = torch.ones(a.d_sae, dtype=torch.float64), torch.ones(b.d_sae, dtype=torch.float64)
-    perms = {"raw": match_scaled(a, b, ones_a, ones_b, cfg).perm}
+    scales = {"raw": (ones_a, ones_b)}
     if scale_a is not None and scale_b is not None:
-        perms["data_scale"] = match_scaled(a, b, scale_a, scale_b, cfg).perm
+        scales["data_scale"] = (scale_a, scale_b)
     if float(a.b_dec.abs().sum()) > 0 and float(b.b_dec.abs().sum()) > 0:
-        perms["weight_scale"] = match_scaled(a, b, weight_scale(a), weight_scale(b), cfg).perm
+        scales["weight_scale"] = (weight_scale(a), weight_scale(b))
+    # Independent exact solves: in parallel (see results.parallel_map).
+    solved = parallel_map(lambda sc: match_scaled(a, b, sc[0], sc[1], cfg).perm, list(scales.values()))
+    perms = dict(zip(scales, solved, strict=True))
     if a.activation == "jumprelu" and b.activation == "jumprelu":
         perms["theta"] = cached_match(a, b, replace(cfg, fold=True), cache_dir).perm
     return perms

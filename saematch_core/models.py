@@ -34,13 +34,17 @@ from saematch_core.profiles import ModelConfig
 
 __all__ = [
     "ByteTokenizer",
+    "ForwardCapture",
     "LoadedModel",
     "Tokenizer",
+    "capture_forward",
     "capture_residuals",
     "decoder_layers",
     "load_model",
     "locate_gguf",
+    "output_head",
     "replace_residual",
+    "run_suffix",
     "token_losses",
 ]
 
@@ -184,6 +188,93 @@ def capture_residuals(model: nn.Module, input_ids: Tensor, *, layers: Sequence[i
         for h in handles:
             h.remove()
     return torch.stack([captured[i] for i in wanted])
+
+
+@dataclass
+class ForwardCapture:
+    """What one clean forward pass records, enough to re-run the model from any block."""
+
+    logits: Tensor
+    """(batch, seq, vocab) clean logits."""
+    hidden: dict[int, Tensor]
+    """Block index → its output hidden state (batch, seq, d_model); ``-1``: the input of block 0."""
+    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]]
+    """Block index → the arguments it was called with, minus the hidden state (masks, positions)."""
+
+
+def capture_forward(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *, layers: Sequence[int] = ()
+) -> ForwardCapture:
+    """One full forward pass recording the outputs of blocks ``layers`` (``-1``: the input of block 0)
+    and the arguments of every block, for :func:`run_suffix`.
+
+    ``attention_mask`` (batch, seq), when given, is passed to the model (False/0 for padding).
+    """
+    blocks = decoder_layers(model)
+    want = {int(i) for i in layers}
+    hidden: dict[int, Tensor] = {}
+    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    handles = []
+
+    def pre(index: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            kw = dict(kwargs)
+            # run_suffix passes the hidden state positionally, so drop it from the recorded call.
+            h_in = args[0] if args else kw.pop("hidden_states")
+            calls[index] = (args[1:], kw)
+            if index == 0 and -1 in want:
+                hidden[-1] = h_in.detach()
+
+        return hook
+
+    def post(index: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: Any, output: Any) -> None:
+            hidden[index] = _hidden(output).detach()
+
+        return hook
+
+    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask.long()}
+    try:
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
+            if i in want:
+                handles.append(block.register_forward_hook(post(i)))
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return ForwardCapture(logits=logits, hidden=hidden, calls=calls)
+
+
+def output_head(model: nn.Module, h: Tensor) -> Tensor | None:
+    """Final norm + unembedding (+ Gemma 2's logit soft-cap), or ``None`` if the model's layout is unknown."""
+    base = getattr(model, "model", None)
+    norm = getattr(base, "norm", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    unembed = get_out() if callable(get_out) else None
+    if not isinstance(norm, nn.Module) or not isinstance(unembed, nn.Module):
+        return None
+    logits = unembed(norm(h))
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def run_suffix(model: nn.Module, capture: ForwardCapture, start: int, h: Tensor) -> Tensor | None:
+    """Logits from running blocks ``start …`` and the head on ``h``, with the block arguments recorded
+    by :func:`capture_forward`; ``None`` if the model's head layout is unknown.
+
+    Callers should check once that the suffix run on the clean hidden state reproduces the clean
+    logits (a model whose blocks read more than their recorded arguments would not).
+    """
+    blocks = decoder_layers(model)
+    with torch.no_grad():
+        for j in range(start, len(blocks)):
+            args, kwargs = capture.calls[j]
+            h = _hidden(blocks[j](h, *args, **kwargs))
+        return output_head(model, h)
 
 
 @contextlib.contextmanager

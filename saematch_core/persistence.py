@@ -31,6 +31,7 @@ from saematch_core.results import (
     JsonResult,
     acts_digest,
     cached_match,
+    cached_matches,
     finite_mean,
     load_or_compute,
     sae_digest,
@@ -142,15 +143,20 @@ def persistence(
     }
 
     def compute() -> PersistenceResult:
-        step: dict[int, Tensor] = {}
+        # Every exact solve up front, in parallel; the loop below then reads them from the cache.
+        steps = sorted({t for _, ts in plan for t in ts})
+        solved = cached_matches(
+            [(saes[t - 1], saes[t], cfg) for t in steps]
+            + [(saes[s], saes[t], cfg) for s, ts in plan for t in ts if t > s + 1],
+            cache_dir,
+        )
+        step: dict[int, Tensor] = {t - 1: r.perm for t, r in zip(steps, solved, strict=False)}
         rows = []
         g = torch.Generator().manual_seed(seed)
         total = sum(len(ts) for _, ts in plan)
         bar = tqdm(total=total, desc="persistence", disable=not progress)
         for s, targets in plan:
             for t in targets:
-                if t - 1 not in step:
-                    step[t - 1] = cached_match(saes[t - 1], saes[t], cfg, cache_dir).perm
                 composed = compose_chain([step[i] for i in range(s, t)])
                 direct = composed if t == s + 1 else cached_match(saes[s], saes[t], cfg, cache_dir).perm
                 both = (composed >= 0) & (direct >= 0)

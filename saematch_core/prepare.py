@@ -50,7 +50,7 @@ from saematch_core.formats import list_hub_files, load_sae, save_sae
 from saematch_core.models import LoadedModel, load_model
 from saematch_core.profiles import Profile, SAETrainConfig, get_profile
 from saematch_core.sae import SAE
-from saematch_core.train import SAEQuality, delta_loss, sae_quality, sae_replacement, train_sae
+from saematch_core.train import DeltaLoss, SAEQuality, sae_quality, sae_replacement, train_sae
 
 __all__ = ["PrepareResult", "SAERecord", "prepare", "sae_file"]
 
@@ -257,6 +257,23 @@ def _rows(cache: ActivationCache, layer: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(cache.layer(layer)[usable], dtype=np.float32))
 
 
+class _LayerRows:
+    """The usable training rows of one layer at a time (~0.5 GB on ``default``), read once per layer."""
+
+    def __init__(self, cache: ActivationCache | None) -> None:
+        self.cache = cache
+        self.layer: int | None = None
+        self.rows: torch.Tensor | None = None
+
+    def __call__(self, layer: int) -> torch.Tensor:
+        if self.cache is None:
+            raise ValueError("training rows: this profile has no training activations")
+        if self.rows is None or self.layer != layer:
+            self.rows, self.layer = None, None  # free the previous layer first
+            self.rows, self.layer = _rows(self.cache, layer), layer
+        return self.rows
+
+
 def _delta_batch(cache: ActivationCache, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation chunks for ΔL, taken round-robin over corpora until ``n_tokens``, right-padded."""
     by_corpus: dict[str, list[int]] = {}
@@ -281,27 +298,21 @@ def _delta_batch(cache: ActivationCache, n_tokens: int) -> tuple[torch.Tensor, t
 
 
 class _DeltaLoss:
-    """ΔL of SAEs on a fixed set of evaluation chunks, clean losses computed once."""
+    """ΔL of SAEs on a fixed set of evaluation chunks; the clean pass runs on the first call only."""
 
     def __init__(self, loaded: LoadedModel, cache: ActivationCache, n_tokens: int, batch_size: int) -> None:
-        self.model = loaded.model
+        self.loaded = loaded
         self.batch_size = batch_size
         self.cache = cache
-        self.ids, self.lengths = _delta_batch(cache, n_tokens)
-        self.clean: torch.Tensor | None = None
+        self.n_tokens = n_tokens
+        self.probe: DeltaLoss | None = None
 
     def __call__(self, sae: SAE, layer: int) -> float:
+        if self.probe is None:
+            ids, lengths = _delta_batch(self.cache, self.n_tokens)
+            self.probe = DeltaLoss(self.loaded.model, ids, lengths, batch_size=self.batch_size)
         limit = self.cache.outlier_factor * float(self.cache.median_norms[layer])
-        value, self.clean = delta_loss(
-            self.model,
-            self.ids,
-            self.lengths,
-            layer,
-            sae_replacement(sae, norm_limit=limit),
-            clean=self.clean,
-            batch_size=self.batch_size,
-        )
-        return value
+        return self.probe(layer, sae_replacement(sae, norm_limit=limit))
 
 
 def _write_sidecar(folder: Path, path: Path, key: str, record: SAERecord, extra: dict[str, Any]) -> None:
@@ -420,15 +431,19 @@ def prepare(
             else None
         )
 
-        records: list[SAERecord] = []
+        records: list[SAERecord | None] = [None] * len(jobs)
         t = time.perf_counter()
-        bar = tqdm(jobs, desc=f"SAEs ({profile.name})", unit="sae", disable=not progress)
-        for job in bar:
+        # Layer by layer, so that all SAEs of one layer read its training rows once.
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i].layer)
+        rows = _LayerRows(caches.get("train"))
+        bar = tqdm(order, desc=f"SAEs ({profile.name})", unit="sae", disable=not progress)
+        for index in bar:
+            job = jobs[index]
             path = sae_file(folder, job.family, job.layer, job.setting)
             key = _job_key(profile, job)
             side = _read_sidecar(path)
             if not force and side is not None and side.get("key") == key and path.is_file():
-                records.append(SAERecord.from_dict(side["record"], folder))
+                records[index] = SAERecord.from_dict(side["record"], folder)
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             bar.set_postfix_str(f"{job.family} layer {job.layer} {job.setting}")
@@ -444,7 +459,7 @@ def prepare(
                     "setting": job.setting,
                 }
                 result = train_sae(
-                    _rows(caches["train"], job.layer),
+                    rows(job.layer),
                     job.config,
                     progress=progress,
                     desc=f"L{job.layer}",
@@ -469,7 +484,7 @@ def prepare(
                 train_seconds=seconds,
             )
             _write_sidecar(folder, path, key, record, extra)
-            records.append(record)
+            records[index] = record
             logger.info(
                 "%s layer %d %s: L0 %.1f, FVU %.3f, dead %.3f, ΔL %s",
                 job.family,
@@ -482,6 +497,8 @@ def prepare(
             )
         timings["saes"] = time.perf_counter() - t
         seconds = time.perf_counter() - t0
+        done = [r for r in records if r is not None]
+        assert len(done) == len(jobs)  # every job wrote its record
         write_manifest(
             folder,
             {
@@ -490,7 +507,7 @@ def prepare(
                 "complete": True,
                 "saematch_version": __version__,
                 "profile": profile.to_dict(),
-                "records": [r.to_dict(folder) for r in records],
+                "records": [r.to_dict(folder) for r in done],
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "seconds": round(seconds, 3),
                 "disk_bytes": _disk_bytes(folder.rglob("*")),
@@ -499,7 +516,7 @@ def prepare(
         return PrepareResult(
             profile=profile.name,
             folder=folder,
-            records=tuple(records),
+            records=tuple(done),
             seconds=seconds,
             cached=False,
             activation_folders=act_folders,

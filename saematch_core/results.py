@@ -21,10 +21,12 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -43,11 +45,14 @@ __all__ = [
     "acts_digest",
     "array_rows",
     "cached_match",
+    "cached_matches",
+    "default_workers",
     "finite_mean",
     "load_or_compute",
     "map_layer_pairs",
     "model_digest",
     "pair_spec",
+    "parallel_map",
     "read_result",
     "result_path",
     "sae_digest",
@@ -59,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 R = TypeVar("R", bound="JsonResult")
+T = TypeVar("T")
+U = TypeVar("U")
 
 ArrayLike = Tensor | np.ndarray
 """Activations: a tensor or numpy array (a ``np.memmap`` is read chunk by chunk)."""
@@ -300,22 +307,75 @@ def cached_match(
     the ``device`` it ran on; an unreadable file is recomputed. ``cache_dir`` defaults to
     ``cache_root()/results``.
     """
+    path = _match_path(sae_a, sae_b, config, cache_dir)
+    found = _read_match(path)
+    if found is not None:
+        return found
+    result = match(sae_a, sae_b, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.to_json(path)
+    return result
+
+
+def _match_path(sae_a: SAE, sae_b: SAE, config: MatchConfig, cache_dir: str | Path | None) -> Path:
     spec = {
         "a": sae_digest(sae_a),
         "b": sae_digest(sae_b),
         "config": {k: v for k, v in config.to_dict().items() if k != "device"},
     }
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "results"
-    path = root / "match" / f"{content_key(spec)}.json"
-    if path.is_file():
-        try:
-            return MatchResult.from_json(path)
-        except (ValueError, KeyError, TypeError) as exc:
-            logger.warning("%s: unreadable cached matching (%s); recomputing", path, exc)
-    result = match(sae_a, sae_b, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result.to_json(path)
-    return result
+    return root / "match" / f"{content_key(spec)}.json"
+
+
+def _read_match(path: Path) -> MatchResult | None:
+    if not path.is_file():
+        return None
+    try:
+        return MatchResult.from_json(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        logger.warning("%s: unreadable cached matching (%s); recomputing", path, exc)
+        return None
+
+
+def default_workers() -> int:
+    """Threads for independent exact solves: the number of CPUs, at most 4."""
+    return min(4, os.cpu_count() or 1)
+
+
+def parallel_map(fn: Callable[[T], U], items: Sequence[T], *, workers: int | None = None) -> list[U]:
+    """``[fn(x) for x in items]``, ``workers`` at a time in threads (results in order).
+
+    Meant for exact matchings: scipy's solver, single-threaded and most of an exact match's time on
+    2048-wide SAEs, releases the GIL, so two solves overlap on two cores. ``workers`` defaults to
+    :func:`default_workers`; 1 runs them one after the other.
+    """
+    workers = default_workers() if workers is None else workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
+    if len(items) < 2 or workers == 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def cached_matches(
+    jobs: Sequence[tuple[SAE, SAE, MatchConfig]],
+    cache_dir: str | Path | None = None,
+    *,
+    workers: int | None = None,
+) -> list[MatchResult]:
+    """:func:`cached_match` of every ``(sae_a, sae_b, config)``, the uncached ones solved in parallel
+    (:func:`parallel_map`)."""
+    jobs = list(jobs)
+    found = [_read_match(_match_path(a, b, cfg, cache_dir)) for a, b, cfg in jobs]
+    todo = [i for i, r in enumerate(found) if r is None]
+
+    def solve(i: int) -> MatchResult:
+        a, b, cfg = jobs[i]
+        return cached_match(a, b, cfg, cache_dir)
+
+    solved = dict(zip(todo, parallel_map(solve, todo, workers=workers), strict=True))
+    return [r if r is not None else solved[i] for i, r in enumerate(found)]
 
 
 def read_result(result_type: type[R], path: Path) -> R | None:
@@ -411,6 +471,7 @@ def map_layer_pairs(
     cache_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    prefetch: Callable[[list[tuple[int, int]]], object] | None = None,
 ) -> list[R]:
     """``compute(layer_a, layer_b)`` for every pair, each cached on its own (:func:`load_or_compute`).
 
@@ -424,18 +485,32 @@ def map_layer_pairs(
     pairs : (layer_a, layer_b), computed in this order behind one tqdm bar named ``desc``.
     compute : called only on a cache miss (or with ``force``).
     activations, keep : recorded in the spec as :func:`pair_spec` describes.
+    prefetch : called once with the pairs that will be computed (cache misses) before any of them,
+        e.g. to solve their matchings in parallel with :func:`cached_matches`.
 
     Returns
     -------
     list of ``result_type``, one per pair, in order.
     """
-    out = []
-    for la, lb in tqdm(list(pairs), desc=desc, disable=not progress):
+    pairs = list(pairs)
+    keys = []
+    for la, lb in pairs:
         with_data = activations is not None and la in activations and lb in activations
         acts = (activations[la], activations[lb]) if with_data and activations is not None else None
         key = pair_spec(saes[la], saes[lb], (la, lb), acts=acts, keep=keep)
         if spec is not None:
             key.update(spec(la, lb) if callable(spec) else spec)
+        keys.append(key)
+    if prefetch is not None:
+        missing = [
+            pair
+            for pair, key in zip(pairs, keys, strict=True)
+            if force or read_result(result_type, result_path(result_type, key, cache_dir)) is None
+        ]
+        if missing:
+            prefetch(missing)
+    out = []
+    for (la, lb), key in tqdm(list(zip(pairs, keys, strict=True)), desc=desc, disable=not progress):
         out.append(
             load_or_compute(
                 result_type, key, lambda la=la, lb=lb: compute(la, lb), cache_dir=cache_dir, force=force

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +38,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saematch_core.models import replace_residual, token_losses
+from saematch_core.models import (
+    ForwardCapture,
+    capture_forward,
+    decoder_layers,
+    replace_residual,
+    run_suffix,
+    token_losses,
+)
 from saematch_core.profiles import SAETrainConfig
 from saematch_core.sae import SAE
 
 __all__ = [
+    "DeltaLoss",
     "SAEQuality",
     "TrainResult",
     "delta_loss",
@@ -396,8 +404,110 @@ def delta_loss(
         clean = losses()
     with replace_residual(model, layer, replacement):
         replaced = losses()
-    pos = torch.arange(input_ids.shape[1] - 1)[None]
+    return _mean_increase(replaced, clean, lengths), clean
+
+
+def _mean_increase(replaced: Tensor, clean: Tensor, lengths: Tensor) -> float:
+    pos = torch.arange(clean.shape[1])[None]
     mask = (pos >= 1) & (pos < (lengths[:, None] - 1))
     if not bool(mask.any()):
         raise ValueError("lengths: expected at least one row with 3 or more tokens")
-    return float((replaced - clean)[mask].mean()), clean
+    return float((replaced - clean)[mask].mean())
+
+
+def _losses_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
+    # The same arithmetic as models.token_losses, so both paths give the same numbers.
+    logp = torch.log_softmax(logits.float()[:, :-1], dim=-1)
+    return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+class DeltaLoss:
+    """:func:`delta_loss` for many replacements on the same chunks, without rerunning the prefix.
+
+    The clean forward pass runs once and records every block's output; a replacement after block
+    ``L`` then reruns only blocks ``L+1 …`` and the head. The recorded hidden states take
+    ``n_layers × batch × seq × d_model`` floats. Models whose blocks cannot be rerun from the
+    recorded arguments fall back to full forward passes (checked once, on the clean states).
+
+    Parameters
+    ----------
+    model, input_ids, lengths, batch_size : as for :func:`delta_loss`.
+    layers : the layers that will be replaced (default all), the only outputs kept.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        input_ids: Tensor,
+        lengths: Tensor,
+        *,
+        batch_size: int = 8,
+        layers: Sequence[int] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        self.model = model
+        self.lengths = lengths
+        self.batch_size = batch_size
+        device = next(model.parameters()).device
+        self.input_ids = input_ids.to(device)
+        n_blocks = len(decoder_layers(model))
+        self.layers = tuple(range(n_blocks)) if layers is None else tuple(int(i) for i in layers)
+        self.captures: list[ForwardCapture] = []
+        clean = []
+        for i in range(0, len(self.input_ids), batch_size):
+            ids = self.input_ids[i : i + batch_size]
+            cap = capture_forward(model, ids, layers=self.layers)
+            clean.append(_losses_from_logits(cap.logits, ids).cpu())
+            cap.logits = cap.logits[:, :0]  # only the losses are needed
+            self.captures.append(cap)
+        self.clean = torch.cat(clean)
+        self._suffix_ok: bool | None = None
+
+    def __call__(self, layer: int, replacement: Callable[[Tensor], Tensor]) -> float:
+        """ΔL in nats/token when the residual after ``layer`` is replaced by ``replacement(h)``."""
+        if layer not in self.layers:
+            raise ValueError(f"layer: expected one of the recorded layers {list(self.layers)}, got {layer}")
+        if self._suffix_ok is None:
+            self._suffix_ok = self._check_suffix(layer)
+        if not self._suffix_ok:
+            return delta_loss(
+                self.model,
+                self.input_ids,
+                self.lengths,
+                layer,
+                replacement,
+                clean=self.clean,
+                batch_size=self.batch_size,
+            )[0]
+        start, replaced = 0, []
+        for cap in self.captures:
+            h = cap.hidden[layer]
+            new = replacement(h)
+            if new.shape != h.shape:
+                raise ValueError(
+                    f"replacement: expected output shape {tuple(h.shape)}, got {tuple(new.shape)}"
+                )
+            logits = run_suffix(self.model, cap, layer + 1, new.to(h.dtype))
+            assert logits is not None  # checked in _check_suffix
+            ids = self.input_ids[start : start + h.shape[0]]
+            replaced.append(_losses_from_logits(logits, ids).cpu())
+            start += h.shape[0]
+        return _mean_increase(torch.cat(replaced), self.clean, self.lengths)
+
+    def _check_suffix(self, layer: int) -> bool:
+        cap = self.captures[0]
+        try:
+            logits = run_suffix(self.model, cap, layer + 1, cap.hidden[layer])
+        except (KeyError, TypeError, RuntimeError) as exc:
+            logger.warning("suffix run unavailable (%s); ΔL runs the full model", exc)
+            return False
+        n = cap.hidden[layer].shape[0]
+        if logits is None or logits.shape[:2] != self.input_ids[:n].shape:
+            return False
+        ok = torch.allclose(
+            _losses_from_logits(logits, self.input_ids[:n]).cpu(), self.clean[:n], atol=1e-4, rtol=1e-4
+        )
+        if not ok:
+            logger.warning("suffix run disagrees with the full model; ΔL runs the full model")
+        return bool(ok)

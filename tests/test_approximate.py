@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from saematch_core import approximate
 from saematch_core.approximate import (
     ApproximationConfig,
     ApproximationResult,
@@ -151,6 +153,32 @@ def test_suffix_run_agrees_with_full_model_hooks(model: nn.Module, tmp_path) -> 
         assert a.delta_loss == pytest.approx(b.delta_loss, abs=1e-5)
         assert a.explained_variance == pytest.approx(b.explained_variance, abs=1e-6)
         assert a.kl == pytest.approx(b.kl, abs=1e-5)
+
+
+def test_shared_clean_passes_give_the_same_rows(model: nn.Module, tmp_path, monkeypatch) -> None:
+    # Several layers and batches: the shared clean passes must be reused, not mixed up between batches.
+    saes = sae_set(model)
+    ids = tokens(n=5, seq=9, seed=3)
+    run = functools.partial(
+        approximate_layers,
+        model,
+        ids,
+        saes,
+        ApproximationConfig(schemes=no_linear(), batch_size=2),
+        layers=[1, 2],
+        progress=False,
+    )
+    calls = []
+    real = approximate.capture_forward
+    monkeypatch.setattr(approximate, "capture_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared = run(cache_dir=tmp_path / "a")
+    assert len(calls) == 3  # one clean pass per batch, for both layers
+    monkeypatch.setattr(approximate, "_CAPTURE_BUDGET", 0)
+    alone = run(cache_dir=tmp_path / "b")
+    assert len(calls) == 3 + 2 * 3
+    for a, b in zip(shared.rows, alone.rows, strict=True):
+        assert (a.layer, a.scheme) == (b.layer, b.scheme)
+        assert a.delta_loss == b.delta_loss and a.explained_variance == b.explained_variance
 
 
 def test_planted_permutation_matching_beats_identity_order(model: nn.Module, tmp_path) -> None:
@@ -362,3 +390,17 @@ def test_outlier_tokens_are_passed_through_and_counted_apart(tmp_path) -> None:
     res2 = approximate_layers(model, ids, {}, given, layers=[1], cache_dir=tmp_path, progress=False)
     assert res2.row(1, "drop").n_passthrough == 0
     assert res2.row(1, "drop").kl == pytest.approx(full.row(1, "drop").kl)
+
+
+def test_clean_distribution_gives_the_reference_loss_and_kl() -> None:
+    from saematch_core.approximate import _CleanDist, _token_kl, _token_loss
+
+    g = torch.Generator().manual_seed(4)
+    clean, logits = torch.randn(3, 7, 50, generator=g), torch.randn(3, 7, 50, generator=g)
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    dist = _CleanDist(clean, ids)
+    loss, kl = dist.compare(logits)
+    torch.testing.assert_close(dist.loss, _token_loss(clean, ids))
+    torch.testing.assert_close(loss, _token_loss(logits, ids))
+    torch.testing.assert_close(kl, _token_kl(clean, logits))
+    assert float(dist.compare(clean)[1].abs().max()) < 1e-6  # no change, no divergence

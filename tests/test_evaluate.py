@@ -227,3 +227,27 @@ def test_input_errors_name_the_parameter() -> None:
         coactivation(sae, sae, acts(), acts(), {}, keep=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="quantiles"):
         scale_vs_depth({0: sae}, quantiles=(1.5,))
+
+
+def test_sparse_pair_sums_agree_with_dense_reference() -> None:
+    from saematch_core.evaluate import _add_pair_sums, _add_pair_sums_dense, _PairSums
+
+    g = torch.Generator().manual_seed(3)
+    n, fa, fb = 300, 40, 33
+    # Sparse codes with a few negative entries (allowed by the sums), dead columns and -1 partners.
+    ca = torch.randn(n, fa, generator=g) * (torch.rand(n, fa, generator=g) < 0.1)
+    cb = torch.randn(n, fb, generator=g).abs() * (torch.rand(n, fb, generator=g) < 0.1)
+    ca[:, 5] = 0.0
+    perms = {"p": random_partners(fa, fb, g), "q": torch.randint(-1, fb, (fa,), generator=g)}
+    safe = {k: p.clamp(min=0) for k, p in perms.items()}
+    has = {k: p >= 0 for k, p in perms.items()}
+    fast, ref = _PairSums.zeros(fa, fb, list(perms)), _PairSums.zeros(fa, fb, list(perms))
+    for rows in (slice(0, 128), slice(128, 300)):
+        _add_pair_sums(fast, ca[rows], cb[rows], safe, has)
+        _add_pair_sums_dense(ref, ca[rows], cb[rows], safe, has)
+    for name in ("count_a", "count_b", "sum_a", "sq_a", "sum_b", "sq_b"):
+        torch.testing.assert_close(getattr(fast, name), getattr(ref, name), rtol=1e-12, atol=1e-12)
+    for k in perms:
+        torch.testing.assert_close(fast.both[k], ref.both[k], rtol=0, atol=0)
+        torch.testing.assert_close(fast.prod[k], ref.prod[k], rtol=1e-12, atol=1e-12)
+    assert float(ref.both["p"].sum()) > 0 and float(ref.count_a[5]) == 0

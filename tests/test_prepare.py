@@ -58,7 +58,15 @@ def test_prepare_builds_caches_and_reuses_them(
     toy_corpora: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     profile = _tiny()
+    reads: list[int] = []
+    real_rows = prepare_module._rows
+    monkeypatch.setattr(prepare_module, "_rows", lambda c, layer: reads.append(layer) or real_rows(c, layer))
     result = prepare(profile, cache_dir=tmp_path, progress=False)
+    # Trained layer by layer: each layer's training rows are read once (plus once per SAE for the
+    # evaluation rows), and the records still come in job order.
+    n_train = len([r for r in result.records if r.train_seconds is not None])
+    assert len(reads) == len(set(r.layer for r in result.records)) + n_train
+    assert [(r.family, r.layer) for r in result.records] == [(j.family, j.layer) for j in _jobs(profile)]
     assert not result.cached and result.folder == tmp_path / "smoke"
     assert [r.family for r in result.records].count("main") == 4
     assert len(result.records) == 4 + 2 * 2 + 2 * 2 + 1

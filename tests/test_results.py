@@ -18,10 +18,12 @@ from saematch_core.results import (
     JsonResult,
     acts_digest,
     cached_match,
+    cached_matches,
     finite_mean,
     load_or_compute,
     map_layer_pairs,
     pair_spec,
+    parallel_map,
     result_path,
     sae_digest,
     tensor_digest,
@@ -179,6 +181,12 @@ def test_map_layer_pairs_caches_each_pair_under_its_spec(tmp_path) -> None:
     assert calls == [(1, 2), (0, 1), (0, 1), (1, 2)]
     run(force=True)
     assert len(calls) == 6
+    # prefetch sees exactly the pairs that will be computed, before any of them
+    seen: list[list[tuple[int, int]]] = []
+    run(prefetch=lambda missing: seen.append((missing, list(calls))))
+    assert seen == []  # everything cached: not called
+    run(spec={"seed": 9}, prefetch=lambda missing: seen.append((missing, list(calls))))
+    assert seen == [([(1, 2), (0, 1)], calls[:6])] and len(calls) == 8
 
 
 def test_array_rows_copies_read_only_memmaps_without_warning(tmp_path) -> None:
@@ -212,3 +220,19 @@ def test_cached_match_reuses_the_disk_copy_and_survives_corruption(tmp_path: Pat
     files[0].write_text("{not json")
     fixed = cached_match(a, b, cfg, tmp_path)
     assert torch.equal(fixed.perm, first.perm) and fixed.run_id != first.run_id
+
+
+def test_cached_matches_solves_in_threads_like_one_by_one(tmp_path: Path) -> None:
+    saes = [make_sae(16, 24, seed=i) for i in range(4)]
+    jobs = [(saes[i], saes[i + 1], cfg) for i in range(3) for cfg in (MatchConfig(), MatchConfig(fold=False))]
+    a, b, cfg = jobs[1]
+    cached_match(a, b, cfg, tmp_path)  # one is cached already
+    parallel = cached_matches(jobs, tmp_path, workers=3)
+    serial = [match(a, b, cfg) for a, b, cfg in jobs]
+    assert [torch.equal(p.perm, s.perm) for p, s in zip(parallel, serial, strict=True)] == [True] * 6
+    assert len(list((tmp_path / "match").glob("*.json"))) == 6
+    again = cached_matches(jobs, tmp_path, workers=1)
+    assert [r.run_id for r in again] == [r.run_id for r in parallel]  # all read back, none re-solved
+    assert parallel_map(lambda x: x * x, list(range(7)), workers=3) == [x * x for x in range(7)]
+    with pytest.raises(ValueError, match="workers: expected an int >= 1"):
+        parallel_map(abs, [1, 2], workers=0)

@@ -7,9 +7,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from saematch_core import train
 from saematch_core.models import load_model, replace_residual, token_losses
 from saematch_core.profiles import SAETrainConfig, get_profile
 from saematch_core.train import (
+    DeltaLoss,
     _JumpReLU,
     _Step,
     delta_loss,
@@ -182,6 +184,27 @@ def test_delta_loss_on_a_tiny_model() -> None:
     diff = hooked - clean
     reference = torch.cat([diff[0, 1:11], diff[1, 1:7]]).mean()
     assert replaced == pytest.approx(float(reference), rel=1e-5, abs=1e-7)
+
+
+def test_delta_loss_probe_agrees_with_full_forward_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model(get_profile("smoke").model).model
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([12, 9, 6])
+    sae = train_sae(torch.randn(256, 32) * 0.1, _small_config(n_tokens=256), progress=False).sae
+    probe = DeltaLoss(model, ids, lengths, batch_size=2)
+    for layer in (0, 1, 2):
+        for fn in (sae_replacement(sae, norm_limit=1e9), lambda h: 0.5 * h):
+            ref, _ = delta_loss(model, ids, lengths, layer, fn, batch_size=2)
+            assert probe(layer, fn) == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    assert probe(1, lambda h: h.clone()) == 0.0
+    with pytest.raises(ValueError, match="replacement: expected output shape"):
+        probe(1, lambda h: h[..., :3])
+    # A model whose suffix cannot be rerun falls back to full passes, with the same numbers.
+    monkeypatch.setattr(train, "run_suffix", lambda *a, **k: None)
+    fallback = DeltaLoss(model, ids, lengths, batch_size=2)
+    ref, _ = delta_loss(model, ids, lengths, 1, lambda h: 0.5 * h, batch_size=2)
+    assert fallback(1, lambda h: 0.5 * h) == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    assert fallback._suffix_ok is False
 
 
 def test_small_saes_train_single_threaded_and_restore_threads(monkeypatch: pytest.MonkeyPatch) -> None:
