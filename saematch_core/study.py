@@ -40,7 +40,7 @@ from saematch_core.match import MatchConfig, MatchResult
 from saematch_core.models import LoadedModel, load_model
 from saematch_core.prepare import PrepareResult, prepare
 from saematch_core.profiles import Profile, get_profile
-from saematch_core.results import cached_match
+from saematch_core.results import cached_matches
 from saematch_core.sae import SAE
 
 __all__ = [
@@ -240,12 +240,11 @@ class Study:
         """
         cfg = MatchConfig() if config is None else config
         key = json.dumps(cfg.to_dict(), sort_keys=True)
-        out = {}
-        for a, b in self.pairs:
-            if (a, b, key) not in self._matches:
-                self._matches[(a, b, key)] = cached_match(self.saes[a], self.saes[b], cfg, self.results_dir)
-            out[(a, b)] = self._matches[(a, b, key)]
-        return out
+        todo = [(a, b) for a, b in self.pairs if (a, b, key) not in self._matches]
+        solved = cached_matches([(self.saes[a], self.saes[b], cfg) for a, b in todo], self.results_dir)
+        for (a, b), result in zip(todo, solved, strict=True):
+            self._matches[(a, b, key)] = result
+        return {(a, b): self._matches[(a, b, key)] for a, b in self.pairs}
 
     # ------------------------------------------------------------------------------ token batches
     def corpus_batch(self, corpus: str, max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
