@@ -14,7 +14,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-__all__ = ["capped_envelope", "exact_dots", "line_envelope", "sparse_sap", "topk2"]
+__all__ = ["capped_envelope", "exact_dots", "line_envelope", "sparse_sap", "topk2", "topk2_bf16"]
 
 
 @nb.njit(cache=True, fastmath=True)
@@ -277,60 +277,79 @@ def line_envelope(slopes, intercepts, xs):  # pragma: no cover - compiled
     return out
 
 
+@nb.njit(cache=True, inline="always")
+def _sift_down(hv, hi, k, pos, x, j):  # pragma: no cover - compiled
+    """Put ``(x, j)`` at ``pos`` of the min-heap ``(hv, hi)`` of size ``k`` and sift it down."""
+    while True:
+        c = 2 * pos + 1
+        if c >= k:
+            break
+        if c + 1 < k and hv[c + 1] < hv[c]:
+            c += 1
+        if hv[c] >= x:
+            break
+        hv[pos] = hv[c]
+        hi[pos] = hi[c]
+        pos = c
+    hv[pos] = x
+    hi[pos] = j
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _topk2_row(row, inv, k, scaled, bv, bi, cv, ci):  # pragma: no cover - compiled
+    """Best ``k`` of ``row`` into the min-heap ``(bv, bi)`` and of ``row · inv`` into ``(cv, ci)``."""
+    m = row.shape[0]
+    for t in range(k):
+        x = np.float64(row[t])
+        bv[t] = x
+        bi[t] = t
+        if scaled:
+            cv[t] = x * inv[t]
+            ci[t] = t
+    for t in range(k // 2 - 1, -1, -1):  # heapify
+        _sift_down(bv, bi, k, t, bv[t], bi[t])
+        if scaled:
+            _sift_down(cv, ci, k, t, cv[t], ci[t])
+    for j in range(k, m):
+        x = np.float64(row[j])
+        if x > bv[0]:
+            _sift_down(bv, bi, k, 0, x, j)
+        if scaled:
+            y = x * inv[j]
+            if y > cv[0]:
+                _sift_down(cv, ci, k, 0, y, j)
+
+
 @nb.njit(cache=True, parallel=True, fastmath=True)
 def topk2(S, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma: no cover - compiled
     """Per row of ``S`` (r, m): the top-``k`` columns of ``S`` and of ``S · inv`` (column scaling).
 
-    One pass over the block; ``idx_*`` (r, k) int64 and ``val_*`` (r, k) float64 are filled in place
-    (unsorted). With ``inv`` of length 0 the scaled outputs are left untouched.
+    One pass over the block, keeping each order's best ``k`` in a min-heap (an entry that beats the
+    root costs ``log k`` steps); ``idx_*`` (r, k) int64 and ``val_*`` (r, k) float64 are filled in
+    place (unsorted). With ``inv`` of length 0 the scaled outputs are left untouched.
     """
     r, m = S.shape
     scaled = inv.shape[0] == m
     for i in nb.prange(r):
-        bv = np.empty(k, np.float64)
-        bi = np.empty(k, np.int64)
-        cv = np.empty(k, np.float64)
-        ci = np.empty(k, np.int64)
-        for t in range(k):
-            x = np.float64(S[i, t])
-            bv[t] = x
-            bi[t] = t
-            if scaled:
-                cv[t] = x * inv[t]
-                ci[t] = t
-        bmin = 0
-        cmin = 0
-        for t in range(1, k):
-            if bv[t] < bv[bmin]:
-                bmin = t
-            if scaled and cv[t] < cv[cmin]:
-                cmin = t
-        bth = bv[bmin]
-        cth = cv[cmin] if scaled else 0.0
-        for j in range(k, m):
-            x = np.float64(S[i, j])
-            if x > bth:
-                bv[bmin] = x
-                bi[bmin] = j
-                for t in range(k):
-                    if bv[t] < bv[bmin]:
-                        bmin = t
-                bth = bv[bmin]
-            if scaled:
-                y = x * inv[j]
-                if y > cth:
-                    cv[cmin] = y
-                    ci[cmin] = j
-                    for t in range(k):
-                        if cv[t] < cv[cmin]:
-                            cmin = t
-                    cth = cv[cmin]
-        for t in range(k):
-            idx_raw[i, t] = bi[t]
-            val_raw[i, t] = bv[t]
-            if scaled:
-                idx_scaled[i, t] = ci[t]
-                val_scaled[i, t] = cv[t]
+        _topk2_row(S[i], inv, k, scaled, val_raw[i], idx_raw[i], val_scaled[i], idx_scaled[i])
+
+
+@nb.njit(cache=True, parallel=True, fastmath=True)
+def topk2_bf16(S16, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma: no cover - compiled
+    """:func:`topk2` of a bfloat16 block given as its raw ``uint16`` bits (r, m).
+
+    Each row is widened to float32 in a small scratch buffer (a bfloat16 is the top half of a
+    float32), which saves converting and storing the whole block first.
+    """
+    r, m = S16.shape
+    scaled = inv.shape[0] == m
+    for i in nb.prange(r):
+        bits = np.empty(m, np.uint32)
+        for j in range(m):
+            bits[j] = np.uint32(S16[i, j]) << 16
+        _topk2_row(
+            bits.view(np.float32), inv, k, scaled, val_raw[i], idx_raw[i], val_scaled[i], idx_scaled[i]
+        )
 
 
 @nb.njit(cache=True)

@@ -49,7 +49,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from saematch_core._jv_numba import capped_envelope, exact_dots, line_envelope, sparse_sap, topk2
+from saematch_core._jv_numba import (
+    capped_envelope,
+    exact_dots,
+    line_envelope,
+    sparse_sap,
+    topk2,
+    topk2_bf16,
+)
 
 __all__ = ["Precision", "SparseLAPResult", "solve_inner_product", "solve_scores"]
 
@@ -105,9 +112,10 @@ class _Oracle:
     inv_norm: np.ndarray  # (m,) 1/‖Y_j‖ (0 for zero rows), or (0,) without norms
     row_inv_norm: Tensor | None  # (n,) 1/‖X_i‖ on the block device, or None without norms
 
-    def block(self, rows: np.ndarray, *, candidates: bool = False) -> Tensor:
+    def block(self, rows: np.ndarray, *, candidates: bool = False, native: bool = False) -> Tensor:
         """Float32 scores of ``rows``; ``candidates=True`` may compute them in a faster, coarser
-        precision whose error stays below :attr:`margin` (instead of :attr:`block_margin`)."""
+        precision whose error stays below :attr:`margin` (instead of :attr:`block_margin`), and
+        ``native=True`` then returns them in that precision (e.g. bfloat16) instead of float32."""
         raise NotImplementedError
 
     def scaled_(self, S: Tensor) -> Tensor:
@@ -171,7 +179,7 @@ class _InnerProductOracle(_Oracle):
     def scaled_(self, S: Tensor) -> Tensor:
         return S.mul_(self._inv_norm[None, :])
 
-    def block(self, rows: np.ndarray, *, candidates: bool = False) -> Tensor:
+    def block(self, rows: np.ndarray, *, candidates: bool = False, native: bool = False) -> Tensor:
         # One reused output buffer: a fresh (rows, m) tensor per block costs page faults comparable to
         # a good share of the GEMM itself. The returned block is valid until the next call.
         if self._buf is None or self._buf.shape[0] < rows.size:
@@ -195,7 +203,7 @@ class _InnerProductOracle(_Oracle):
             torch.matmul(lhs, Yt, out=self._cbuf[: rows.size])
         finally:
             cuda.allow_bf16_reduced_precision_reduction = reduced
-        return out.copy_(self._cbuf[: rows.size])
+        return self._cbuf[: rows.size] if native else out.copy_(self._cbuf[: rows.size])
 
     def exact(self, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
         out = np.empty(ii.shape[0], np.float64)
@@ -216,8 +224,8 @@ class _DenseOracle(_Oracle):
         self.inv_norm = np.zeros(0)
         self.row_inv_norm = None
 
-    def block(self, rows: np.ndarray, *, candidates: bool = False) -> Tensor:
-        del candidates  # the scores are given exactly
+    def block(self, rows: np.ndarray, *, candidates: bool = False, native: bool = False) -> Tensor:
+        del candidates, native  # the scores are given exactly
         return torch.from_numpy(self._S[rows])
 
     def exact(self, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
@@ -274,13 +282,18 @@ def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size
             gi.append(np.repeat(blk, m))
             gj.append(np.tile(np.arange(m, dtype=np.int64), len(blk)))
             continue
-        S = oracle.block(blk, candidates=True)
+        S = oracle.block(blk, candidates=True, native=True)
         if S.device.type == "cpu":
             # one fused pass of a compiled scan beats two torch.topk calls on the CPU
             ir, vr = np.empty((len(blk), depth), np.int64), np.empty((len(blk), depth))
             isc, vsc = np.empty((len(blk), depth), np.int64), np.empty((len(blk), depth))
-            topk2(S.numpy(), oracle.inv_norm, depth, ir, vr, isc, vsc)
+            if S.dtype == torch.bfloat16:
+                bits = S.view(torch.int16).numpy().view(np.uint16)
+                topk2_bf16(bits, oracle.inv_norm, depth, ir, vr, isc, vsc)
+            else:
+                topk2(S.numpy(), oracle.inv_norm, depth, ir, vr, isc, vsc)
         else:
+            S = S.float()
             vals, idx = torch.topk(S, depth, dim=1, sorted=False)
             ir, vr = idx.cpu().numpy().astype(np.int64), vals.double().cpu().numpy()
             if scaled:

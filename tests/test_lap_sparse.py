@@ -12,7 +12,14 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from saematch_core._jv_numba import capped_envelope, exact_dots, line_envelope, sparse_sap, topk2
+from saematch_core._jv_numba import (
+    capped_envelope,
+    exact_dots,
+    line_envelope,
+    sparse_sap,
+    topk2,
+    topk2_bf16,
+)
 from saematch_core.lap_sparse import (
     Precision,
     SparseLAPResult,
@@ -306,6 +313,21 @@ def test_topk2_and_exact_dots_vs_torch() -> None:
     scaled = S.double() * torch.from_numpy(inv)
     np.testing.assert_allclose(np.sort(vsc, 1), np.sort(torch.topk(scaled, k).values.numpy(), 1))
     np.testing.assert_array_equal(np.sort(ir, 1), np.sort(torch.topk(S, k).indices.numpy(), 1))
+    # bfloat16 blocks, read from their raw bits: the same as topk2 on the widened values (k up to m)
+    Sb = (S * 7).to(torch.bfloat16)
+    for kk in (k, 17, 50):
+        got = [
+            np.empty((13, kk), np.int64),
+            np.empty((13, kk)),
+            np.empty((13, kk), np.int64),
+            np.empty((13, kk)),
+        ]
+        ref = [np.empty_like(a) for a in got]
+        topk2_bf16(Sb.view(torch.int16).numpy().view(np.uint16), inv, kk, *got)
+        topk2(Sb.float().numpy(), inv, kk, *ref)
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(np.sort(a, 1), np.sort(b, 1))
+        np.testing.assert_allclose(np.sort(got[1], 1), np.sort(torch.topk(Sb.double(), kk).values.numpy(), 1))
     X, Y = torch.randn(5, 7, generator=g), torch.randn(6, 7, generator=g)
     ii, jj = np.array([0, 4, 2], np.int64), np.array([5, 0, 3], np.int64)
     out = np.empty(3)
