@@ -24,7 +24,15 @@ from tqdm.auto import tqdm
 from saematch_core.approximate import matched_reconstruction
 from saematch_core.evaluate import MatchingScoreResult, default_methods, matching_scores
 from saematch_core.match import MatchConfig
-from saematch_core.results import ArrayLike, JsonResult, array_rows, finite_mean
+from saematch_core.results import (
+    ArrayLike,
+    JsonResult,
+    acts_digest,
+    array_rows,
+    finite_mean,
+    load_or_compute,
+    sae_digest,
+)
 from saematch_core.sae import SAE
 
 __all__ = ["SeedCeilingResult", "SeedCeilingRow", "explained_variance", "seed_ceiling"]
@@ -140,6 +148,7 @@ def seed_ceiling(
     n_null: int = 5,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    force: bool = False,
     progress: bool = True,
 ) -> SeedCeilingResult:
     """Matching Scores of same-layer (other seed) and neighbouring-layer matchings.
@@ -151,9 +160,9 @@ def seed_ceiling(
     activations : layer → evaluation residuals (n_tokens, d_in), the same tokens for every layer.
     methods : name → matching (default: ``folded`` and ``unfolded`` of
         :func:`~saematch_core.evaluate.default_methods`).
-    keep, n_null, seed, cache_dir : as in :func:`~saematch_core.evaluate.matching_scores`; each
-        Matching Score is cached on its own, so the neighbouring-layer scores are shared with
-        section 2 when its methods and null agree.
+    keep, n_null, seed, cache_dir, force : as in :func:`~saematch_core.evaluate.matching_scores`;
+        the whole result is cached, and so is each Matching Score on its own, so the
+        neighbouring-layer scores are shared with section 2 when its methods and null agree.
 
     Examples
     --------
@@ -190,24 +199,40 @@ def seed_ceiling(
             keep=keep,
         )
 
-    rows = []
-    for t in tqdm(layers, desc="seed ceiling", disable=not progress):
-        same = score(t, t, saes[t], seed_saes[t])
-        prev = score(t - 1, t, saes[t - 1], saes[t]) if t - 1 in saes and t - 1 in activations else None
-        nxt = score(t, t + 1, saes[t], saes[t + 1]) if t + 1 in saes and t + 1 in activations else None
-        own = ev_self(saes[t], t)
-        for name, cfg in methods.items():
-            rows.append(
-                SeedCeilingRow(
-                    layer=t,
-                    method=name,
-                    same_layer=same.row(name).matching_score,
-                    previous=math.nan if prev is None else prev.row(name).matching_score,
-                    next=math.nan if nxt is None else nxt.row(name).matching_score,
-                    random=same.row("random").matching_score if n_null else math.nan,
-                    ev_self=own,
-                    ev_same_layer=ev_swap(saes[t], seed_saes[t], cfg, t, t),
-                    ev_previous=math.nan if prev is None else ev_swap(saes[t - 1], saes[t], cfg, t - 1, t),
+    around = sorted({u for t in layers for u in (t - 1, t, t + 1) if u in saes and u in activations})
+    spec = {
+        "saes": {str(u): sae_digest(saes[u]) for u in around},
+        "seed_saes": {str(t): sae_digest(seed_saes[t]) for t in layers},
+        "acts": {str(u): acts_digest(activations[u]) for u in around},
+        "keep": None if keep is None else acts_digest(keep),
+        "methods": {k: v.to_dict() for k, v in methods.items()},
+        "n_null": n_null,
+        "seed": seed,
+    }
+
+    def compute() -> SeedCeilingResult:
+        rows = []
+        for t in tqdm(layers, desc="seed ceiling", disable=not progress):
+            same = score(t, t, saes[t], seed_saes[t])
+            prev = score(t - 1, t, saes[t - 1], saes[t]) if t - 1 in saes and t - 1 in activations else None
+            nxt = score(t, t + 1, saes[t], saes[t + 1]) if t + 1 in saes and t + 1 in activations else None
+            own = ev_self(saes[t], t)
+            for name, cfg in methods.items():
+                rows.append(
+                    SeedCeilingRow(
+                        layer=t,
+                        method=name,
+                        same_layer=same.row(name).matching_score,
+                        previous=math.nan if prev is None else prev.row(name).matching_score,
+                        next=math.nan if nxt is None else nxt.row(name).matching_score,
+                        random=same.row("random").matching_score if n_null else math.nan,
+                        ev_self=own,
+                        ev_same_layer=ev_swap(saes[t], seed_saes[t], cfg, t, t),
+                        ev_previous=math.nan
+                        if prev is None
+                        else ev_swap(saes[t - 1], saes[t], cfg, t - 1, t),
+                    )
                 )
-            )
-    return SeedCeilingResult(rows=tuple(rows))
+        return SeedCeilingResult(rows=tuple(rows))
+
+    return load_or_compute(SeedCeilingResult, spec, compute, cache_dir=cache_dir, force=force)

@@ -32,6 +32,12 @@ def test_a_permuted_copy_reaches_the_ceiling_and_strangers_do_not(tmp_path: Path
     assert folded.ev_previous != pytest.approx(folded.ev_self, rel=1e-3)
     again = SeedCeilingResult.from_dict(res.to_dict())
     assert again == res
+    # cached as a whole: a rerun reads it back; another seed SAE is another key
+    files = list((tmp_path / "seed_ceiling").glob("*.json"))
+    assert len(files) == 1
+    assert seed_ceiling(saes, {1: copy}, acts, n_null=2, cache_dir=tmp_path, progress=False) == res
+    other = seed_ceiling(saes, {1: saes[0]}, acts, n_null=2, cache_dir=tmp_path, progress=False)
+    assert other != res and len(list((tmp_path / "seed_ceiling").glob("*.json"))) == 2
 
 
 def test_edges_of_the_depth_have_one_neighbour(tmp_path: Path) -> None:
