@@ -30,6 +30,24 @@ def exact_dots(X, Y, ii, jj, out):  # pragma: no cover - compiled
         out[e] = acc
 
 
+@nb.njit(cache=True, inline="always")
+def _sift_down(hv, hi, k, pos, x, j):  # pragma: no cover - compiled
+    """Put ``(x, j)`` at ``pos`` of the min-heap ``(hv, hi)`` of size ``k`` and sift it down."""
+    while True:
+        c = 2 * pos + 1
+        if c >= k:
+            break
+        if c + 1 < k and hv[c + 1] < hv[c]:
+            c += 1
+        if hv[c] >= x:
+            break
+        hv[pos] = hv[c]
+        hi[pos] = hi[c]
+        pos = c
+    hv[pos] = x
+    hi[pos] = j
+
+
 @nb.njit(cache=True)
 def _push(hk, hc, size, key, col):  # pragma: no cover - compiled
     pos = size
@@ -48,24 +66,8 @@ def _push(hk, hc, size, key, col):  # pragma: no cover - compiled
 @nb.njit(cache=True)
 def _pop(hk, hc, size):  # pragma: no cover - compiled
     size -= 1
-    if size == 0:
-        return 0
-    key = hk[size]
-    col = hc[size]
-    pos = 0
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        if child + 1 < size and hk[child + 1] < hk[child]:
-            child += 1
-        if hk[child] >= key:
-            break
-        hk[pos] = hk[child]
-        hc[pos] = hc[child]
-        pos = child
-    hk[pos] = key
-    hc[pos] = col
+    if size > 0:
+        _sift_down(hk, hc, size, 0, hk[size], hc[size])
     return size
 
 
@@ -275,24 +277,6 @@ def line_envelope(slopes, intercepts, xs):  # pragma: no cover - compiled
             p += 1
         out[qorder[t]] = hs[p] * x + hb[p]
     return out
-
-
-@nb.njit(cache=True, inline="always")
-def _sift_down(hv, hi, k, pos, x, j):  # pragma: no cover - compiled
-    """Put ``(x, j)`` at ``pos`` of the min-heap ``(hv, hi)`` of size ``k`` and sift it down."""
-    while True:
-        c = 2 * pos + 1
-        if c >= k:
-            break
-        if c + 1 < k and hv[c + 1] < hv[c]:
-            c += 1
-        if hv[c] >= x:
-            break
-        hv[pos] = hv[c]
-        hi[pos] = hi[c]
-        pos = c
-    hv[pos] = x
-    hi[pos] = j
 
 
 @nb.njit(cache=True, inline="always", fastmath=True)

@@ -28,6 +28,7 @@ draws are reported.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -398,38 +399,30 @@ def _topk_update(best_v: Tensor, best_i: Tensor, v: Tensor, idx: Tensor, k: int)
     return top.values, ii.gather(0, top.indices)
 
 
-@dataclass(frozen=True, eq=False)
-class _PairSums:
-    """float64 running sums of :class:`Coactivation` (on the host)."""
-
-    count_a: Tensor
-    count_b: Tensor
-    sum_a: Tensor
-    sq_a: Tensor
-    sum_b: Tensor
-    sq_b: Tensor
-    both: dict[str, Tensor]
-    prod: dict[str, Tensor]
-
-    @classmethod
-    def zeros(cls, fa: int, fb: int, names: Sequence[str]) -> _PairSums:
-        z = functools.partial(torch.zeros, dtype=torch.float64)
-        return cls(
-            count_a=z(fa),
-            count_b=z(fb),
-            sum_a=z(fa),
-            sq_a=z(fa),
-            sum_b=z(fb),
-            sq_b=z(fb),
-            both={k: z(fa) for k in names},
-            prod={k: z(fa) for k in names},
-        )
+def _zero_sums(fa: int, fb: int, perms: dict[str, Tensor], token_ids: Tensor | None = None) -> Coactivation:
+    """A :class:`Coactivation` with every sum zero, for :func:`_add_pair_sums` to fill in place."""
+    z = functools.partial(torch.zeros, dtype=torch.float64)
+    return Coactivation(
+        n_tokens=0,
+        perms=perms,
+        count_a=z(fa),
+        count_b=z(fb),
+        sum_a=z(fa),
+        sq_a=z(fa),
+        sum_b=z(fb),
+        sq_b=z(fb),
+        both={k: z(fa) for k in perms},
+        prod={k: z(fa) for k in perms},
+        top_a=None,
+        top_b=None,
+        token_ids=token_ids,
+    )
 
 
 def _add_pair_sums(
-    sums: _PairSums, ca: Tensor, cb: Tensor, safe: Mapping[str, Tensor], has: Mapping[str, Tensor]
+    sums: Coactivation, ca: Tensor, cb: Tensor, safe: Mapping[str, Tensor], has: Mapping[str, Tensor]
 ) -> None:
-    """Add one chunk of codes ``ca`` (n, F_A) and ``cb`` (n, F_B) to ``sums``.
+    """Add one chunk of codes ``ca`` (n, F_A) and ``cb`` (n, F_B) to the float64 sums of ``sums``.
 
     Works on the codes' nonzeros only (a few percent of the entries for a sparse SAE), so the cost
     grows with L0, not with the width; :func:`_add_pair_sums_dense` is the reference.
@@ -453,7 +446,7 @@ def _add_pair_sums(
 
 
 def _add_pair_sums_dense(
-    sums: _PairSums, ca: Tensor, cb: Tensor, safe: Mapping[str, Tensor], has: Mapping[str, Tensor]
+    sums: Coactivation, ca: Tensor, cb: Tensor, safe: Mapping[str, Tensor], has: Mapping[str, Tensor]
 ) -> None:
     """Reference for :func:`_add_pair_sums`: the same sums over every (token, feature) entry."""
     ca, cb = ca.double(), cb.double()
@@ -513,7 +506,7 @@ def coactivation(
             raise ValueError(f"token_ids: expected shape ({n},), got {tuple(ids.shape)}")
         ids = ids.long().cpu()
     dev, f64 = sae_a.device, torch.float64
-    sums = _PairSums.zeros(fa, fb, list(checked))
+    sums = _zero_sums(fa, fb, checked, ids)
     safe = {k: p.clamp(min=0).to(dev) for k, p in checked.items()}
     has = {k: (p >= 0).to(dev) for k, p in checked.items()}
     top = None
@@ -547,21 +540,7 @@ def coactivation(
         # Only positive activations count as "top activating"; the rest are padding.
         top_a = torch.where(top[0] > 0, top[1], torch.full_like(top[1], -1))
         top_b = torch.where(top[2] > 0, top[3], torch.full_like(top[3], -1))
-    return Coactivation(
-        n_tokens=n_kept,
-        perms=checked,
-        count_a=sums.count_a,
-        count_b=sums.count_b,
-        sum_a=sums.sum_a,
-        sq_a=sums.sq_a,
-        sum_b=sums.sum_b,
-        sq_b=sums.sq_b,
-        both=sums.both,
-        prod=sums.prod,
-        top_a=top_a,
-        top_b=top_b,
-        token_ids=ids,
-    )
+    return dataclasses.replace(sums, n_tokens=n_kept, top_a=top_a, top_b=top_b)
 
 
 def _set_jaccard(a: Tensor, b: Tensor) -> float:
