@@ -342,6 +342,14 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def _memory_bytes() -> int:
+    """Physical memory of this machine (a generous 64 GiB where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return 64 << 30
+
+
 def parallel_map(fn: Callable[[T], U], items: Sequence[T], *, workers: int | None = None) -> list[U]:
     """``[fn(x) for x in items]``, ``workers`` at a time in threads (results in order).
 
@@ -365,10 +373,18 @@ def cached_matches(
     workers: int | None = None,
 ) -> list[MatchResult]:
     """:func:`cached_match` of every ``(sae_a, sae_b, config)``, the uncached ones solved in parallel
-    (:func:`parallel_map`)."""
+    (:func:`parallel_map`).
+
+    Each dense ``"scipy"`` solve holds an ``F_A × F_B`` float64 matrix, so fewer of them run at once
+    when ``workers`` of them would need more than half of the machine's memory.
+    """
     jobs = list(jobs)
     found = [_read_match(_match_path(a, b, cfg, cache_dir)) for a, b, cfg in jobs]
     todo = [i for i, r in enumerate(found) if r is None]
+    workers = default_workers() if workers is None else workers
+    dense = [8 * jobs[i][0].d_sae * jobs[i][1].d_sae for i in todo if jobs[i][2].solver == "scipy"]
+    if dense and isinstance(workers, int) and workers > 1:
+        workers = max(1, min(workers, _memory_bytes() // (2 * max(dense))))
 
     def solve(i: int) -> MatchResult:
         a, b, cfg = jobs[i]

@@ -182,7 +182,7 @@ def test_map_layer_pairs_caches_each_pair_under_its_spec(tmp_path) -> None:
     run(force=True)
     assert len(calls) == 6
     # prefetch sees exactly the pairs that will be computed, before any of them
-    seen: list[list[tuple[int, int]]] = []
+    seen: list[tuple[list[tuple[int, int]], list[tuple[int, int]]]] = []
     run(prefetch=lambda missing: seen.append((missing, list(calls))))
     assert seen == []  # everything cached: not called
     run(spec={"seed": 9}, prefetch=lambda missing: seen.append((missing, list(calls))))
@@ -234,5 +234,28 @@ def test_cached_matches_solves_in_threads_like_one_by_one(tmp_path: Path) -> Non
     again = cached_matches(jobs, tmp_path, workers=1)
     assert [r.run_id for r in again] == [r.run_id for r in parallel]  # all read back, none re-solved
     assert parallel_map(lambda x: x * x, list(range(7)), workers=3) == [x * x for x in range(7)]
+
+
+def test_cached_matches_runs_fewer_dense_solves_at_once_when_memory_is_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from saematch_core import results
+
+    saes = [make_sae(8, 16, seed=i) for i in range(3)]
+    jobs = [(saes[i], saes[i + 1], MatchConfig()) for i in range(2)]
+    seen: list[int | None] = []
+    real = results.parallel_map
+    monkeypatch.setattr(
+        results, "parallel_map", lambda fn, items, workers: seen.append(workers) or real(fn, items)
+    )
+    # each dense solve holds 16 × 16 float64 = 2 KiB: 5 KiB of memory leaves room for one at a time
+    monkeypatch.setattr(results, "_memory_bytes", lambda: 5 * 1024)
+    cached_matches(jobs, tmp_path / "a", workers=4)
+    monkeypatch.setattr(results, "_memory_bytes", lambda: 1 << 30)
+    cached_matches(jobs, tmp_path / "b", workers=4)
+    sparse = [(a, b, MatchConfig(solver="sparse")) for a, b, _ in jobs]
+    monkeypatch.setattr(results, "_memory_bytes", lambda: 0)
+    cached_matches(sparse, tmp_path / "c", workers=4)  # no dense matrix: not limited
+    assert seen == [1, 4, 4]
     with pytest.raises(ValueError, match="workers: expected an int >= 1"):
         parallel_map(abs, [1, 2], workers=0)
