@@ -57,6 +57,7 @@ from saematch_core._jv_numba import (
     topk2,
     topk2_bf16,
 )
+from saematch_core.sae import nonfinite_summary
 
 __all__ = ["Precision", "SparseLAPResult", "solve_inner_product", "solve_scores"]
 
@@ -602,12 +603,9 @@ def _check_matrix(name: str, t: Tensor) -> None:
         raise ValueError(f"{name}: expected a 2-D array, got shape {tuple(t.shape)}")
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.int16, torch.int8)):
         raise TypeError(f"{name}: expected a float or int dtype, got {t.dtype}")
-    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        return  # a finite float64 sum proves every entry finite
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        first = tuple(int(x) for x in torch.nonzero(bad)[0])
-        raise ValueError(f"{name}: {int(bad.sum())} non-finite entries, first at {first}")
+    problem = nonfinite_summary(t)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from saematch_core.errors import SAEValidationError
 
-__all__ = ["SAE", "Activation", "ForwardOutput"]
+__all__ = ["SAE", "Activation", "ForwardOutput", "nonfinite_summary"]
 
 Activation = Literal["jumprelu", "relu", "topk"]
 _ACTIVATIONS: tuple[str, ...] = get_args(Activation)
@@ -37,16 +37,29 @@ class ForwardOutput(NamedTuple):
     """Reconstruction ``x̂``, shape ``(..., d_in)``."""
 
 
-def _check_finite(name: str, t: Tensor) -> None:
-    # A finite float64 sum proves every entry finite (a NaN or inf propagates): one fused reduction
-    # instead of a boolean mask; SAEs are re-validated by every fold and permute.
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        return
+def nonfinite_summary(t: Tensor) -> str | None:
+    """``"N non-finite (NaN/inf) entries, first at (i, j)"`` when ``t`` has any, else ``None``.
+
+    A finite float64 sum proves every entry finite (a NaN or inf propagates): the common case costs
+    one fused reduction instead of a boolean mask (SAEs are re-validated by every fold and permute).
+
+    >>> nonfinite_summary(torch.tensor([[1.0, float("nan")], [float("inf"), 0.0]]))
+    '2 non-finite (NaN/inf) entries, first at (0, 1)'
+    """
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return None
     bad = ~torch.isfinite(t)
     n_bad = int(bad.sum())
-    if n_bad:
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise SAEValidationError(f"{name}: {n_bad} non-finite (NaN/inf) entries, first at {first}")
+    if not n_bad:
+        return None  # the sum overflowed, the entries are fine
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    return f"{n_bad} non-finite (NaN/inf) entries, first at {first}"
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    problem = nonfinite_summary(t)
+    if problem is not None:
+        raise SAEValidationError(f"{name}: {problem}")
 
 
 @dataclass(frozen=True, eq=False)

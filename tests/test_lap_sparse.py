@@ -213,7 +213,7 @@ def test_empty() -> None:
         (
             torch.tensor([[0.0, float("nan")]]),
             torch.zeros(2, 2),
-            r"X: 1 non-finite entries, first at \(0, 1\)",
+            r"X: 1 non-finite \(NaN/inf\) entries, first at \(0, 1\)",
         ),
     ],
 )
