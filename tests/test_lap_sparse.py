@@ -124,6 +124,38 @@ def test_adversarial_inner_product_small_norm_partners() -> None:
     assert res.rounds > 1
 
 
+def _hub_instance(n: int, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    # A few large-norm "hub" columns top every row's list: most rows find no partner in the first graph.
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g).abs()
+    Y = torch.randn(n, d, generator=g).abs() * torch.where(torch.arange(n) < 4, 50.0, 1.0)[:, None]
+    return X, Y
+
+
+def test_hub_dominated_problems_fall_back_to_the_dense_solver(monkeypatch: pytest.MonkeyPatch) -> None:
+    from saematch_core import lap_sparse
+
+    X, Y = _hub_instance(200)
+    S = (X.double() @ Y.double().T).numpy()
+    sparse = solve_inner_product(X, Y, k=2)  # 40,000 entries: below the fallback's minimum size
+    _check(sparse, S)
+    assert sparse.n_candidates < S.size
+    monkeypatch.setattr(lap_sparse, "_DENSE_MIN_ENTRIES", 0)
+    dense = solve_inner_product(X, Y, k=2)
+    _check(dense, S)
+    assert dense.n_candidates == S.size and dense.rounds >= 1 and dense.max_violation == 0.0
+    assert dense.total == pytest.approx(sparse.total, rel=1e-12)
+    # the rule: over a quarter of the rows unmatched, or a graph past 1/16 of the entries, within sizes
+    assert lap_sparse._dense_is_faster(100, 100, 0, 26) and not lap_sparse._dense_is_faster(100, 100, 0, 25)
+    assert lap_sparse._dense_is_faster(100, 100, 626, 0) and not lap_sparse._dense_is_faster(100, 100, 625, 0)
+    monkeypatch.setattr(lap_sparse, "_DENSE_MAX_BYTES", 8 * 100 * 100 - 8)
+    assert not lap_sparse._dense_is_faster(100, 100, 10**6, 100)
+    # an explicit score matrix has no dense fallback (it would be the same matrix): still solved sparsely
+    scores = solve_scores(S, k=2)
+    _check(scores, S)
+    assert scores.n_candidates < S.size
+
+
 def test_max_rounds_reports_uncertified_result_honestly() -> None:
     S = _popular_columns(40, 40, seed=0)
     res = solve_scores(S, k=2, max_rounds=1)
