@@ -446,6 +446,10 @@ class DeltaLoss:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+            raise ValueError(
+                f"input_ids: expected shape (batch >= 1, seq >= 2), got {tuple(input_ids.shape)}"
+            )
         self.model = model
         self.lengths = lengths
         self.batch_size = batch_size

@@ -199,6 +199,8 @@ def test_delta_loss_probe_agrees_with_full_forward_passes(monkeypatch: pytest.Mo
     assert probe(1, lambda h: h.clone()) == 0.0
     with pytest.raises(ValueError, match="replacement: expected output shape"):
         probe(1, lambda h: h[..., :3])
+    with pytest.raises(ValueError, match=r"input_ids: expected shape \(batch >= 1, seq >= 2\)"):
+        DeltaLoss(model, ids[:0], lengths[:0])
     # A model whose suffix cannot be rerun falls back to full passes, with the same numbers.
     monkeypatch.setattr(train, "run_suffix", lambda *a, **k: None)
     fallback = DeltaLoss(model, ids, lengths, batch_size=2)
