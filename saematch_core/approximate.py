@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -83,7 +83,7 @@ __all__ = [
     "hybrid_schemes",
     "l0_sweep",
     "loss_split",
-    "matched_reconstruction",
+    "matched_reconstructor",
     "replaced_layer",
 ]
 
@@ -512,18 +512,22 @@ def _scheme_state(scheme: Scheme, prep: _Prepared, h_prev: Tensor | None, h_cur:
     return moved + (codes * ~well) @ prev.W_dec + cur.b_dec
 
 
-def matched_reconstruction(
-    sae_a: SAE, sae_b: SAE, h_a: Tensor, config: MatchConfig, *, cache_dir: str | Path | None = None
-) -> Tensor:
-    """SAE Match's stand-in for the state SAE B reads: ``decode_B(P(encode_A(h_a)))``.
+def matched_reconstructor(
+    sae_a: SAE, sae_b: SAE, config: MatchConfig, *, cache_dir: str | Path | None = None
+) -> Callable[[Tensor], Tensor]:
+    """SAE Match's stand-in for the state SAE B reads, as a function ``h_a ↦ decode_B(P(encode_A(h_a)))``.
 
     The replacement of Figs. 10/11 without the model: encode ``h_a`` (n, d_in) with SAE A, move the
     codes to B's feature order with the matching (:func:`~saematch_core.results.cached_match`;
-    folded SAEs where the matching folds), decode with SAE B. Returns (n, d_in).
+    folded SAEs where the matching folds), decode with SAE B; returns (n, d_in). The matching is
+    looked up once, here, so the function can be applied chunk after chunk.
     """
     a, b, result = _matched_pair(sae_a, sae_b, config, cache_dir)
-    perm = result.perm.to(h_a.device)
-    return b.decode(_permute_codes(a.encode(h_a), perm, b.d_sae))
+
+    def reconstruct(h_a: Tensor) -> Tensor:
+        return b.decode(_permute_codes(a.encode(h_a), result.perm.to(h_a.device), b.d_sae))
+
+    return reconstruct
 
 
 def _matched_pair(

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saematch_core.approximate import matched_reconstruction
+from saematch_core.approximate import matched_reconstructor
 from saematch_core.evaluate import MatchingScoreResult, default_methods, matching_scores
 from saematch_core.match import MatchConfig
 from saematch_core.results import (
@@ -193,7 +193,7 @@ def seed_ceiling(
 
     def ev_swap(a: SAE, b: SAE, cfg: MatchConfig, source: int, target: int) -> float:
         return explained_variance(
-            lambda h: matched_reconstruction(a, b, h, cfg, cache_dir=cache_dir),
+            matched_reconstructor(a, b, cfg, cache_dir=cache_dir),
             activations[source],
             activations[target],
             keep=keep,
