@@ -517,18 +517,22 @@ def map_layer_pairs(
         if spec is not None:
             key.update(spec(la, lb) if callable(spec) else spec)
         keys.append(key)
+    # With a prefetch, the cache is read up front (once) to know the misses.
+    found: list[R | None] = [None] * len(pairs)
     if prefetch is not None:
-        missing = [
-            pair
-            for pair, key in zip(pairs, keys, strict=True)
-            if force or read_result(result_type, result_path(result_type, key, cache_dir)) is None
-        ]
+        if not force:
+            found = [read_result(result_type, result_path(result_type, key, cache_dir)) for key in keys]
+        missing = [pair for pair, hit in zip(pairs, found, strict=True) if hit is None]
         if missing:
             prefetch(missing)
     out = []
-    for (la, lb), key in tqdm(list(zip(pairs, keys, strict=True)), desc=desc, disable=not progress):
+    for (la, lb), key, hit in tqdm(
+        list(zip(pairs, keys, found, strict=True)), desc=desc, disable=not progress
+    ):
         out.append(
-            load_or_compute(
+            hit
+            if hit is not None
+            else load_or_compute(
                 result_type, key, lambda la=la, lb=lb: compute(la, lb), cache_dir=cache_dir, force=force
             )
         )
