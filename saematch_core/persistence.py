@@ -30,7 +30,6 @@ from saematch_core.results import (
     ArrayLike,
     JsonResult,
     acts_digest,
-    cached_match,
     cached_matches,
     finite_mean,
     load_or_compute,
@@ -143,14 +142,15 @@ def persistence(
     }
 
     def compute() -> PersistenceResult:
-        # Every exact solve up front, in parallel; the loop below then reads them from the cache.
+        # Every exact solve up front, in parallel: consecutive steps and the longer direct matchings.
         steps = sorted({t for _, ts in plan for t in ts})
+        longer = [(s, t) for s, ts in plan for t in ts if t > s + 1]
         solved = cached_matches(
-            [(saes[t - 1], saes[t], cfg) for t in steps]
-            + [(saes[s], saes[t], cfg) for s, ts in plan for t in ts if t > s + 1],
+            [(saes[t - 1], saes[t], cfg) for t in steps] + [(saes[s], saes[t], cfg) for s, t in longer],
             cache_dir,
         )
-        step: dict[int, Tensor] = {t - 1: r.perm for t, r in zip(steps, solved, strict=False)}
+        step: dict[int, Tensor] = {t - 1: r.perm for t, r in zip(steps, solved[: len(steps)], strict=True)}
+        direct_perm = {pair: r.perm for pair, r in zip(longer, solved[len(steps) :], strict=True)}
         rows = []
         g = torch.Generator().manual_seed(seed)
         total = sum(len(ts) for _, ts in plan)
@@ -158,7 +158,7 @@ def persistence(
         for s, targets in plan:
             for t in targets:
                 composed = compose_chain([step[i] for i in range(s, t)])
-                direct = composed if t == s + 1 else cached_match(saes[s], saes[t], cfg, cache_dir).perm
+                direct = composed if t == s + 1 else direct_perm[(s, t)]
                 both = (composed >= 0) & (direct >= 0)
                 scores = (math.nan, math.nan, math.nan)
                 if activations is not None and s in activations and t in activations:
