@@ -56,7 +56,14 @@ from tqdm.auto import tqdm
 
 from saematch_core.fold import fold
 from saematch_core.match import MatchConfig, MatchResult
-from saematch_core.models import ForwardCapture, capture_forward, decoder_layers, replace_residual, run_suffix
+from saematch_core.models import (
+    ForwardCapture,
+    capture_forward,
+    decoder_layers,
+    replace_residual,
+    run_suffix,
+    suffix_reproduces,
+)
 from saematch_core.results import (
     JsonResult,
     cached_match,
@@ -909,7 +916,7 @@ def _approximate_layer(
         passthrough = ~counted
         loss_keep = counted[:, :-1] & mask[:, 1:]
         if not state["checked"]:
-            state["suffix_ok"] = _check_suffix(model, cap, t, h_cur, clean_loss, ids)
+            state["suffix_ok"] = suffix_reproduces(model, cap, t + 1, ids)
             state["checked"] = True
         use_suffix = config.suffix and state.get("suffix_ok", False)
         for s in config.schemes:
@@ -918,7 +925,7 @@ def _approximate_layer(
                 h_hat = torch.where(passthrough[..., None], h_cur, h_hat)
                 if use_suffix:
                     logits = run_suffix(model, cap, t + 1, h_hat)
-                    assert logits is not None  # _check_suffix succeeded
+                    assert logits is not None  # suffix_reproduces succeeded
                 else:
                     with replaced_layer(model, t, h_hat):
                         logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
@@ -929,21 +936,3 @@ def _approximate_layer(
     l0_prev, l0_cur = (l0[k][0] / l0[k][1] if l0[k][1] else math.nan for k in ("prev", "cur"))
     rows = (replace(accs[s.label].row(t, s.label), l0_prev=l0_prev, l0_cur=l0_cur) for s in config.schemes)
     return ApproximationResult(rows=tuple(rows))
-
-
-def _check_suffix(
-    model: nn.Module, cap: ForwardCapture, t: int, h_cur: Tensor, clean: Tensor, ids: Tensor
-) -> bool:
-    """Does running blocks t+1… and the head on the clean h_t reproduce the clean loss?"""
-    try:
-        logits = run_suffix(model, cap, t + 1, h_cur)
-    except (KeyError, TypeError, RuntimeError) as exc:
-        logger.warning("suffix run unavailable (%s); running the full model for every scheme", exc)
-        return False
-    if logits is None or logits.shape != cap.logits.shape:
-        logger.warning("unknown model head layout; running the full model for every scheme")
-        return False
-    ok = torch.allclose(_token_loss(logits, ids), clean, atol=1e-4, rtol=1e-4)
-    if not ok:
-        logger.warning("suffix run disagrees with the full model; running the full model for every scheme")
-    return bool(ok)

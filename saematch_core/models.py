@@ -42,9 +42,11 @@ __all__ = [
     "decoder_layers",
     "load_model",
     "locate_gguf",
+    "next_token_losses",
     "output_head",
     "replace_residual",
     "run_suffix",
+    "suffix_reproduces",
     "token_losses",
 ]
 
@@ -266,8 +268,8 @@ def run_suffix(model: nn.Module, capture: ForwardCapture, start: int, h: Tensor)
     """Logits from running blocks ``start …`` and the head on ``h``, with the block arguments recorded
     by :func:`capture_forward`; ``None`` if the model's head layout is unknown.
 
-    Callers should check once that the suffix run on the clean hidden state reproduces the clean
-    logits (a model whose blocks read more than their recorded arguments would not).
+    Callers check once with :func:`suffix_reproduces` that this gives the clean losses (a model whose
+    blocks read more than their recorded arguments would not).
     """
     blocks = decoder_layers(model)
     with torch.no_grad():
@@ -275,6 +277,29 @@ def run_suffix(model: nn.Module, capture: ForwardCapture, start: int, h: Tensor)
             args, kwargs = capture.calls[j]
             h = _hidden(blocks[j](h, *args, **kwargs))
         return output_head(model, h)
+
+
+def suffix_reproduces(model: nn.Module, capture: ForwardCapture, start: int, input_ids: Tensor) -> bool:
+    """Does :func:`run_suffix` from block ``start`` on the recorded clean state give the clean
+    next-token losses (within 1e-4)? ``False``, with a warning, when it does not or cannot run:
+    callers then run the full model with a hook instead."""
+    try:
+        logits = run_suffix(model, capture, start, capture.hidden[start - 1])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        logger.warning("suffix run unavailable (%s); running the full model instead", exc)
+        return False
+    if logits is None or logits.shape != capture.logits.shape:
+        logger.warning("unknown model head layout; running the full model instead")
+        return False
+    ok = torch.allclose(
+        next_token_losses(logits, input_ids),
+        next_token_losses(capture.logits, input_ids),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    if not ok:
+        logger.warning("suffix run disagrees with the full model; running the full model instead")
+    return bool(ok)
 
 
 @contextlib.contextmanager
@@ -319,8 +344,13 @@ def token_losses(model: nn.Module, input_ids: Tensor) -> Tensor:
         raise ValueError(f"input_ids: expected shape (batch, seq >= 2), got {tuple(input_ids.shape)}")
     input_ids = input_ids.to(next(model.parameters()).device)
     with torch.no_grad():
-        logits = model(input_ids=input_ids, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    return next_token_losses(logits, input_ids)
+
+
+def next_token_losses(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """(batch, seq − 1) float32 ``-log p(x[t+1] | x[:t+1])`` from logits (batch, seq, vocab)."""
+    logp = torch.log_softmax(logits.float()[:, :-1], dim=-1)
     return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 

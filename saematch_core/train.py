@@ -42,8 +42,10 @@ from saematch_core.models import (
     ForwardCapture,
     capture_forward,
     decoder_layers,
+    next_token_losses,
     replace_residual,
     run_suffix,
+    suffix_reproduces,
     token_losses,
 )
 from saematch_core.profiles import SAETrainConfig
@@ -415,12 +417,6 @@ def _mean_increase(replaced: Tensor, clean: Tensor, lengths: Tensor) -> float:
     return float((replaced - clean)[mask].mean())
 
 
-def _losses_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
-    # The same arithmetic as models.token_losses, so both paths give the same numbers.
-    logp = torch.log_softmax(logits.float()[:, :-1], dim=-1)
-    return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
 class DeltaLoss:
     """:func:`delta_loss` for many replacements on the same chunks, without rerunning the prefix.
 
@@ -459,22 +455,22 @@ class DeltaLoss:
         self.layers = tuple(range(n_blocks)) if layers is None else tuple(int(i) for i in layers)
         self.captures: list[ForwardCapture] = []
         clean = []
+        self.suffix_ok = False
         for i in range(0, len(self.input_ids), batch_size):
             ids = self.input_ids[i : i + batch_size]
             cap = capture_forward(model, ids, layers=self.layers)
-            clean.append(_losses_from_logits(cap.logits, ids).cpu())
+            clean.append(next_token_losses(cap.logits, ids).cpu())
+            if i == 0 and self.layers:
+                self.suffix_ok = suffix_reproduces(model, cap, self.layers[0] + 1, ids)
             cap.logits = cap.logits[:, :0]  # only the losses are needed
             self.captures.append(cap)
         self.clean = torch.cat(clean)
-        self._suffix_ok: bool | None = None
 
     def __call__(self, layer: int, replacement: Callable[[Tensor], Tensor]) -> float:
         """ΔL in nats/token when the residual after ``layer`` is replaced by ``replacement(h)``."""
         if layer not in self.layers:
             raise ValueError(f"layer: expected one of the recorded layers {list(self.layers)}, got {layer}")
-        if self._suffix_ok is None:
-            self._suffix_ok = self._check_suffix(layer)
-        if not self._suffix_ok:
+        if not self.suffix_ok:
             return delta_loss(
                 self.model,
                 self.input_ids,
@@ -493,25 +489,8 @@ class DeltaLoss:
                     f"replacement: expected output shape {tuple(h.shape)}, got {tuple(new.shape)}"
                 )
             logits = run_suffix(self.model, cap, layer + 1, new.to(h.dtype))
-            assert logits is not None  # checked in _check_suffix
+            assert logits is not None  # checked by suffix_reproduces
             ids = self.input_ids[start : start + h.shape[0]]
-            replaced.append(_losses_from_logits(logits, ids).cpu())
+            replaced.append(next_token_losses(logits, ids).cpu())
             start += h.shape[0]
         return _mean_increase(torch.cat(replaced), self.clean, self.lengths)
-
-    def _check_suffix(self, layer: int) -> bool:
-        cap = self.captures[0]
-        try:
-            logits = run_suffix(self.model, cap, layer + 1, cap.hidden[layer])
-        except (KeyError, TypeError, RuntimeError) as exc:
-            logger.warning("suffix run unavailable (%s); ΔL runs the full model", exc)
-            return False
-        n = cap.hidden[layer].shape[0]
-        if logits is None or logits.shape[:2] != self.input_ids[:n].shape:
-            return False
-        ok = torch.allclose(
-            _losses_from_logits(logits, self.input_ids[:n]).cpu(), self.clean[:n], atol=1e-4, rtol=1e-4
-        )
-        if not ok:
-            logger.warning("suffix run disagrees with the full model; ΔL runs the full model")
-        return bool(ok)

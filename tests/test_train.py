@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from saematch_core import train
+from saematch_core import models, train
 from saematch_core.models import load_model, replace_residual, token_losses
 from saematch_core.profiles import SAETrainConfig, get_profile
 from saematch_core.train import (
@@ -202,11 +202,13 @@ def test_delta_loss_probe_agrees_with_full_forward_passes(monkeypatch: pytest.Mo
     with pytest.raises(ValueError, match=r"input_ids: expected shape \(batch >= 1, seq >= 2\)"):
         DeltaLoss(model, ids[:0], lengths[:0])
     # A model whose suffix cannot be rerun falls back to full passes, with the same numbers.
-    monkeypatch.setattr(train, "run_suffix", lambda *a, **k: None)
+    for module in (train, models):
+        monkeypatch.setattr(module, "run_suffix", lambda *a, **k: None)
     fallback = DeltaLoss(model, ids, lengths, batch_size=2)
     ref, _ = delta_loss(model, ids, lengths, 1, lambda h: 0.5 * h, batch_size=2)
     assert fallback(1, lambda h: 0.5 * h) == pytest.approx(ref, rel=1e-5, abs=1e-7)
-    assert fallback._suffix_ok is False
+    assert fallback.suffix_ok is False
+    assert probe.suffix_ok is True
 
 
 def test_small_saes_train_single_threaded_and_restore_threads(monkeypatch: pytest.MonkeyPatch) -> None:
