@@ -16,6 +16,7 @@ from saematch_core._jv_numba import (
     capped_envelope,
     exact_dots,
     line_envelope,
+    reduced_scan,
     sparse_sap,
     topk2,
     topk2_bf16,
@@ -24,6 +25,8 @@ from saematch_core.lap_sparse import (
     Precision,
     SparseLAPResult,
     _InnerProductOracle,
+    _scan_reduced,
+    _scan_reduced_torch,
     solve_inner_product,
     solve_scores,
 )
@@ -180,6 +183,7 @@ def test_bfloat16_candidate_blocks_stay_within_their_margin() -> None:
     g = torch.Generator().manual_seed(11)
     X = torch.randn(64, 2304, generator=g) * torch.exp(torch.randn(64, 1, generator=g))
     Y = torch.randn(300, 2304, generator=g) * torch.exp(torch.randn(300, 1, generator=g))
+    Y[:64] = 1.3 * X  # aligned pairs: |S| = ‖x‖‖y‖, where the output rounding is largest
     oracle = _InnerProductOracle(X, Y, torch.device("cpu"), "bfloat16")
     rows = np.arange(64)
     coarse = oracle.block(rows, candidates=True).double().numpy()
@@ -327,6 +331,47 @@ def test_capped_envelope_vs_brute_force() -> None:
         ref = (np.minimum(kth[:, None], alpha[:, None] * ny[None]) + negv[None]).max(axis=1)
         np.testing.assert_allclose(got[alpha > 0], ref[alpha > 0])
         assert np.isinf(got[alpha <= 0]).all()
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_chunked_topk2_on_long_rows_vs_torch(ties: bool) -> None:
+    # Long rows exercise the chunk filter (the k-th largest chunk maximum as a threshold); integer
+    # scores put many ties at the threshold, where only the values are determined.
+    rng = np.random.default_rng(3)
+    S = rng.integers(-20, 20, (9, 1003)).astype(np.float32) if ties else rng.standard_normal((9, 1003))
+    S = np.ascontiguousarray(S, np.float32)
+    inv = rng.random(1003) + 0.25
+    for k in (1, 8, 32, 200):
+        out = [np.empty((9, k), np.int64), np.empty((9, k)), np.empty((9, k), np.int64), np.empty((9, k))]
+        topk2(S, inv, k, *out)
+        t = torch.from_numpy(S).double()
+        np.testing.assert_array_equal(np.sort(out[1], 1), np.sort(torch.topk(t, k).values.numpy(), 1))
+        scaled = t * torch.from_numpy(inv)
+        np.testing.assert_array_equal(np.sort(out[3], 1), np.sort(torch.topk(scaled, k).values.numpy(), 1))
+        # the indices point at the values reported
+        np.testing.assert_array_equal(np.take_along_axis(S, out[0], 1).astype(np.float64), out[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reduced_scan_matches_the_torch_reference(dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(4)
+    r, m, depth = 6, 517, 16
+    S = torch.from_numpy(rng.standard_normal((r, m))).to(dtype)
+    V = rng.random(m)
+    # row 0: more entries above its threshold than ``depth`` (searched again); row 5: none
+    lo = np.array([-3.0, 1.0, 1.5, 2.0, 2.2, 50.0])
+    got = _scan_reduced(S, V, lo, depth)
+    ref = _scan_reduced_torch(S, V, lo, depth)
+    got_near = sorted(zip(got[0].tolist(), got[1].tolist(), strict=True))
+    assert got_near == sorted(zip(ref[0].tolist(), ref[1].tolist(), strict=True))
+    assert {i for i, _ in got_near} >= {0, 1} and all(i != 5 for i, _ in got_near)
+    np.testing.assert_allclose(np.sort(got[3], 1), np.sort(ref[3], 1), rtol=0, atol=0)
+    R = S.double().numpy() - V
+    np.testing.assert_array_equal(np.take_along_axis(R, got[2], 1), got[3])
+    cnt = np.empty(r, np.int64)
+    tj, tv = np.empty((r, depth), np.int64), np.empty((r, depth))
+    reduced_scan(S.numpy(), V, lo, tj, tv, cnt)
+    np.testing.assert_array_equal(cnt, (R > lo[:, None]).sum(axis=1))
 
 
 def test_topk2_and_exact_dots_vs_torch() -> None:

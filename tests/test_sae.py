@@ -7,6 +7,7 @@ import torch
 from conftest import make_sae
 
 from saematch_core import SAE, SAEValidationError
+from saematch_core.sae import nonfinite_summary
 
 
 def test_forward_matches_definition() -> None:
@@ -103,3 +104,16 @@ def test_to_changes_dtype_and_keeps_values() -> None:
     )
     torch.testing.assert_close(half.W_enc.float(), sae.W_enc)
     assert isinstance(half, SAE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_summary_fast_paths(dtype: torch.dtype) -> None:
+    # finite entries whose sum overflows the dtype (and float32/float64 alike at their maximum)
+    big = torch.full((4, 3), torch.finfo(dtype).max, dtype=dtype)
+    assert nonfinite_summary(big) is None
+    assert nonfinite_summary(torch.zeros(0, 3, dtype=dtype)) is None
+    bad = big.clone()
+    bad[2, 1] = float("nan")
+    bad[3, 0] = -float("inf")
+    assert nonfinite_summary(bad) == "2 non-finite (NaN/inf) entries, first at (2, 1)"
+    assert nonfinite_summary(torch.ones(3, dtype=torch.int64)) is None
