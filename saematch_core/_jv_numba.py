@@ -12,6 +12,9 @@
   ``k``-th largest chunk maximum bounds the row's ``k``-th largest entry from below, so only the few
   chunks that reach it are offered to the heap (2× faster than offering every entry).
 * :func:`line_envelope` / :func:`capped_envelope` — upper envelopes behind the certificate's bounds.
+
+The public kernels release the GIL (``nogil``), so solves in several Python threads overlap; see
+:func:`saematch_core.lap_sparse.threadsafe` for when that is allowed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ __all__ = [
 ]
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def exact_dots(X, Y, ii, jj, out):  # pragma: no cover - compiled
     """``out[e] = Σ_k float64(X[ii[e], k]) · float64(Y[jj[e], k])`` for every pair ``e``."""
     d = X.shape[1]
@@ -84,7 +87,7 @@ def _pop(hk, hc, size):  # pragma: no cover - compiled
     return size
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_tol, stuck):  # pragma: no cover
     """Solve ``min Σ c_{i, col4row[i]}`` over full row matchings of the CSR graph, in place.
 
@@ -256,7 +259,7 @@ def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_tol, st
     return n_fail
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def line_envelope(slopes, intercepts, xs):  # pragma: no cover - compiled
     """``out[q] = max_j (slopes[j] · xs[q] + intercepts[j])`` for every query, in O((m + Q) log m)."""
     m = slopes.shape[0]
@@ -368,7 +371,7 @@ def _topk2_row(row, inv, k, scaled, bv, bi, cv, ci, cmx, cmy):  # pragma: no cov
                         _sift_down(cv, ci, k, 0, y, j)
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def topk2(S, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma: no cover - compiled
     """Per row of ``S`` (r, m): the top-``k`` columns of ``S`` and of ``S · inv`` (column scaling).
 
@@ -386,7 +389,7 @@ def topk2(S, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma: no co
         _topk2_row(S[i], inv, k, scaled, val_raw[i], idx_raw[i], val_scaled[i], idx_scaled[i], cmx, cmy)
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def topk2_bf16(S16, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma: no cover - compiled
     """:func:`topk2` of a bfloat16 block given as its raw ``uint16`` bits (r, m).
 
@@ -416,7 +419,7 @@ def topk2_bf16(S16, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma
         )
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def reduced_scan(S, v, lo, top_j, top_v, n_near):  # pragma: no cover - compiled
     """Per row of ``S`` (r, m): the ``k = top_j.shape[1]`` largest reduced scores ``S_ij - v_j`` and
     how many exceed ``lo[i]``, in float64.
@@ -463,7 +466,7 @@ def reduced_scan(S, v, lo, top_j, top_v, n_near):  # pragma: no cover - compiled
                         _sift_down(hv, hi, k, 0, x, j)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def capped_envelope(ny, negv, kth, alpha):  # pragma: no cover - compiled
     """``out[i] = max_j (min(kth[i], alpha[i] · ny[j]) + negv[j])`` for rows with ``alpha[i] > 0``.
 

@@ -157,7 +157,7 @@ class Scheme:
         label = "match_" + ("folded" if cfg.fold else "unfolded")
         if cfg.metric == "cosine":
             label += "_cosine"
-        if cfg.solver != "scipy":
+        if cfg.solver not in ("scipy", "sparse"):  # the exact solvers give the same matching
             label += f"_{cfg.solver}"
         if tuple(cfg.params) != ("W_enc", "W_dec", "b_enc"):
             label += "_" + "+".join(cfg.params)

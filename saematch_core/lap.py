@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class SolverFn(Protocol):
     """Signature of a registered solver."""
 
     def __call__(
-        self, x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+        self, x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "auto"
     ) -> Assignment: ...
 
 
@@ -168,7 +168,7 @@ def solve(
     metric: str = "mse",
     chunk_size: int = 4096,
     k: int = 8,
-    candidates: str = "float32",
+    candidates: str = "auto",
 ) -> Assignment:
     """Run the solver registered as ``name`` on feature vectors ``x`` (F_A, D) and ``y`` (F_B, D).
 
@@ -214,7 +214,7 @@ def _dense_scores(x: Tensor, y: Tensor, chunk_size: int) -> np.ndarray:
 
 
 def _scipy_solver(
-    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "auto"
 ) -> Assignment:
     del candidates, k
     xs, ys = lap_vectors(x, y, metric)
@@ -234,7 +234,7 @@ def _exact_objective(x: Tensor, y: Tensor, rows: np.ndarray, cols: np.ndarray) -
 
 
 def _sparse_solver(
-    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "auto"
 ) -> Assignment:
     # Imported on first use: numba's import and JIT cache load cost ~1 s that the other solvers never pay.
     from saematch_core import lap_sparse
@@ -242,15 +242,15 @@ def _sparse_solver(
     xs, ys = lap_vectors(x, y, metric)
     swap = xs.shape[0] > ys.shape[0]
     rows_side, cols_side = (ys, xs) if swap else (xs, ys)
-    if candidates not in ("float32", "bfloat16"):
-        raise ValueError(f"candidates: expected 'float32' or 'bfloat16', got {candidates!r}")
+    if candidates not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"candidates: expected 'auto', 'float32' or 'bfloat16', got {candidates!r}")
     res = lap_sparse.solve_inner_product(
         rows_side,
         cols_side,
         k=k,
         device=x.device,
         chunk_size=chunk_size,
-        candidates="bfloat16" if candidates == "bfloat16" else "float32",
+        candidates=cast("lap_sparse.Candidates", candidates),
     )
     cols = np.asarray(res.cols, dtype=np.int64)
     if swap:
@@ -268,7 +268,7 @@ def _sparse_solver(
 
 
 def _greedy_solver(
-    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "auto"
 ) -> Assignment:
     del candidates, k
     if y.shape[0] == 0:
@@ -287,7 +287,7 @@ def _greedy_solver(
 
 
 def _identity_solver(
-    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "float32"
+    x: Tensor, y: Tensor, *, metric: str, chunk_size: int, k: int, candidates: str = "auto"
 ) -> Assignment:
     del candidates, metric, chunk_size, k
     n, m = x.shape[0], y.shape[0]

@@ -66,7 +66,15 @@ from saematch_core._jv_numba import (
 )
 from saematch_core.sae import nonfinite_summary
 
-__all__ = ["Precision", "SparseLAPResult", "solve_inner_product", "solve_scores"]
+__all__ = [
+    "Candidates",
+    "Precision",
+    "SparseLAPResult",
+    "candidate_precision",
+    "solve_inner_product",
+    "solve_scores",
+    "threadsafe",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +94,8 @@ _DENSE_MIN_ENTRIES = 1 << 20
 _DENSE_MAX_BYTES = 512 << 20
 
 Precision = Literal["float32", "bfloat16"]
-_PRECISIONS: tuple[str, ...] = get_args(Precision)
+Candidates = Literal["auto", "float32", "bfloat16"]
+_CANDIDATES: tuple[str, ...] = get_args(Candidates)
 
 
 class SparseLAPResult(NamedTuple):
@@ -700,6 +709,39 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def candidate_precision(device: str | torch.device) -> Precision:
+    """The precision ``candidates="auto"`` picks on ``device``: ``"bfloat16"`` where bfloat16 GEMMs are
+    native (CUDA devices of compute capability 8.0 or more; CPUs with AMX or AVX512-BF16, where they
+    run 3–7× faster than float32), else ``"float32"``. Either gives the same certified optimum."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bfloat16" if torch.cuda.get_device_capability(dev)[0] >= 8 else "float32"
+    if dev.type == "cpu":
+        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):  # private torch.cpu API
+            fn = getattr(torch.cpu, probe, None)
+            if fn is not None and bool(fn()):
+                return "bfloat16"
+    return "float32"
+
+
+def threadsafe() -> bool:
+    """Whether sparse solves may run in several Python threads at once.
+
+    The compiled kernels release the GIL; numba's ``workqueue`` threading layer (its fallback when
+    neither OpenMP nor TBB is available) aborts the process when two threads launch parallel kernels
+    concurrently, ``omp`` and ``tbb`` do not.
+    """
+    from numba.np.ufunc.parallel import threading_layer
+
+    try:
+        layer = threading_layer()
+    except ValueError:  # chosen at the first parallel launch: launch a tiny one
+        one, zero = np.zeros((1, 1)), np.zeros(1, np.int64)
+        exact_dots(one, one, zero, zero, np.empty(1))
+        layer = threading_layer()
+    return layer != "workqueue"
+
+
 def solve_inner_product(
     X: Tensor,
     Y: Tensor,
@@ -711,7 +753,7 @@ def solve_inner_product(
     reference: bool = False,
     max_rounds: int = 100,
     timings: dict[str, float] | None = None,
-    candidates: Precision = "float32",
+    candidates: Candidates = "auto",
 ) -> SparseLAPResult:
     """Assign every row of ``X`` to a distinct row of ``Y`` maximising ``Σ_i ⟨X_i, Y_cols[i]⟩``, exactly.
 
@@ -741,11 +783,11 @@ def solve_inner_product(
         If given, filled with wall-clock seconds per phase: ``candidates_s`` (score blocks and
         top-``k``, growth of ``k``), ``solve_s`` (sparse solves), ``certify_s`` (dual check and new
         edges) and ``total_s`` (not including input validation and copies).
-    candidates : ``"float32"`` or ``"bfloat16"``
+    candidates : ``"auto"``, ``"float32"`` or ``"bfloat16"``
         Precision of the candidate search (the top-``k`` scan and the bounds it leaves). bfloat16
-        GEMMs run ~3× faster on CPUs with AVX512-BF16/AMX and on GPUs; the result stays exact, as the
-        bounds carry bfloat16's rounding error and the certificate re-checks in float32 and float64.
-        Looser bounds can mean more certificate work on hard instances.
+        GEMMs run 3–7× faster on CPUs with AVX512-BF16/AMX and on recent GPUs; the result stays exact,
+        as the bounds carry bfloat16's rounding error and the certificate re-checks in float32 and
+        float64. ``"auto"`` (default) picks bfloat16 where it is native (:func:`candidate_precision`).
 
     Returns
     -------
@@ -782,9 +824,11 @@ def solve_inner_product(
     if _use_reference(reference):
         S = X.detach().cpu().double() @ Y.detach().cpu().double().T
         return _reference(S.numpy())
-    if candidates not in _PRECISIONS:
-        raise ValueError(f"candidates: expected one of {list(_PRECISIONS)}, got {candidates!r}")
-    oracle = _InnerProductOracle(X, Y, _resolve_device(device), candidates)
+    if candidates not in _CANDIDATES:
+        raise ValueError(f"candidates: expected one of {list(_CANDIDATES)}, got {candidates!r}")
+    dev = _resolve_device(device)
+    precision: Precision = candidate_precision(dev) if candidates == "auto" else candidates
+    oracle = _InnerProductOracle(X, Y, dev, precision)
     return _solve(oracle, k=k, chunk_size=chunk_size, tol=tol, max_rounds=max_rounds, timings=timings)
 
 

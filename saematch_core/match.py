@@ -76,10 +76,11 @@ class MatchConfig:
     fold: bool = True
     """Fold JumpReLU thresholds into the weights before matching (paper Eq. 4). Folding is only defined
     for JumpReLU: ReLU/TopK SAEs are used as they are, which :attr:`MatchResult.folded` records."""
-    solver: Solver = "scipy"
-    """``"scipy"``: exact, ``scipy.optimize.linear_sum_assignment`` on the dense float64 score matrix
-    (the reference; needs F_A × F_B × 8 bytes of host memory, 34 GB at F = 65536). ``"sparse"``: exact,
-    certified sparse solver (``saematch_core.lap_sparse``) that never holds the dense matrix.
+    solver: Solver = "sparse"
+    """``"sparse"`` (default): exact, certified sparse solver (``saematch_core.lap_sparse``) that never
+    holds the dense matrix; it proves its result optimal for the dense problem. ``"scipy"``: exact,
+    ``scipy.optimize.linear_sum_assignment`` on the dense float64 score matrix (the reference; needs
+    F_A × F_B × 8 bytes of host memory, 34 GB at F = 65536). Both give the same optimum.
     ``"greedy"``: every feature of A takes its best partner in B under :attr:`metric`; several A features
     may share one partner, so the result is a mapping, not a permutation (Feature Flow is
     ``params=("W_dec",), metric="cosine", fold=False, solver="greedy"``). ``"identity"``: feature i ↔ i
@@ -96,10 +97,11 @@ class MatchConfig:
     """Rows of the score matrix computed at once (memory ~ chunk_size × F_B × itemsize)."""
     sparse_k: int = 8
     """Initial number of candidate partners per feature; used only by the ``"sparse"`` solver."""
-    sparse_candidates: Literal["float32", "bfloat16"] = "float32"
-    """Precision of the ``"sparse"`` solver's candidate search. ``"bfloat16"`` is ~3× faster where
-    bfloat16 GEMMs are native (AVX512-BF16/AMX CPUs, GPUs) and the matching stays exact: the
-    certificate accounts for the rounding and re-checks in float32/float64."""
+    sparse_candidates: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Precision of the ``"sparse"`` solver's candidate search. ``"bfloat16"`` is 3–7× faster where
+    bfloat16 GEMMs are native (AMX/AVX512-BF16 CPUs, GPUs of compute capability 8.0 or more) and the
+    matching stays exact: the certificate accounts for the rounding and re-checks in float32/float64.
+    ``"auto"`` picks bfloat16 exactly there (``lap_sparse.candidate_precision``)."""
 
     def __post_init__(self) -> None:
         params = self.params
@@ -136,9 +138,9 @@ class MatchConfig:
                     ) from exc
         if self.dtype not in DTYPES:
             raise ValueError(f"MatchConfig.dtype: expected one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.sparse_candidates not in ("float32", "bfloat16"):
+        if self.sparse_candidates not in ("auto", "float32", "bfloat16"):
             raise ValueError(
-                "MatchConfig.sparse_candidates: expected 'float32' or 'bfloat16', "
+                "MatchConfig.sparse_candidates: expected 'auto', 'float32' or 'bfloat16', "
                 f"got {self.sparse_candidates!r}"
             )
         for name in ("chunk_size", "sparse_k"):
@@ -386,7 +388,7 @@ def match(a: SAE, b: SAE, config: MatchConfig | None = None, **overrides: Any) -
     a, b : SAE
         Same ``d_in``; widths ``F_A = a.d_sae`` and ``F_B = b.d_sae`` may differ.
     config : MatchConfig, optional
-        Defaults to ``MatchConfig()`` (folded W_enc + W_dec + b_enc, MSE, exact scipy solver).
+        Defaults to ``MatchConfig()`` (folded W_enc + W_dec + b_enc, MSE, exact certified sparse solver).
     **overrides
         Fields of :class:`MatchConfig` to replace, e.g. ``match(a, b, solver="greedy")``.
 

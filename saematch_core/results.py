@@ -353,9 +353,9 @@ def _memory_bytes() -> int:
 def parallel_map(fn: Callable[[T], U], items: Sequence[T], *, workers: int | None = None) -> list[U]:
     """``[fn(x) for x in items]``, ``workers`` at a time in threads (results in order).
 
-    Meant for exact matchings: scipy's solver, single-threaded and most of an exact match's time on
-    2048-wide SAEs, releases the GIL, so two solves overlap on two cores. ``workers`` defaults to
-    :func:`default_workers`; 1 runs them one after the other.
+    Meant for exact matchings: scipy's solver and the sparse solver's compiled kernels release the
+    GIL, so two solves overlap on two cores. ``workers`` defaults to :func:`default_workers`; 1 runs
+    them one after the other.
     """
     workers = default_workers() if workers is None else workers
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -376,15 +376,24 @@ def cached_matches(
     (:func:`parallel_map`).
 
     Each dense ``"scipy"`` solve holds an ``F_A × F_B`` float64 matrix, so fewer of them run at once
-    when ``workers`` of them would need more than half of the machine's memory.
+    when ``workers`` of them would need more than half of the machine's memory. ``"sparse"`` solves
+    (which may also finish densely) run one at a time where numba's threading layer is not
+    thread-safe (:func:`saematch_core.lap_sparse.threadsafe`).
     """
     jobs = list(jobs)
     found = [_read_match(_match_path(a, b, cfg, cache_dir)) for a, b, cfg in jobs]
     todo = [i for i, r in enumerate(found) if r is None]
     workers = default_workers() if workers is None else workers
-    dense = [8 * jobs[i][0].d_sae * jobs[i][1].d_sae for i in todo if jobs[i][2].solver == "scipy"]
-    if dense and isinstance(workers, int) and workers > 1:
-        workers = max(1, min(workers, _memory_bytes() // (2 * max(dense))))
+    exact = [
+        8 * jobs[i][0].d_sae * jobs[i][1].d_sae for i in todo if jobs[i][2].solver in ("scipy", "sparse")
+    ]
+    if exact and isinstance(workers, int) and workers > 1:
+        workers = max(1, min(workers, _memory_bytes() // (2 * max(exact))))
+    if workers != 1 and any(jobs[i][2].solver == "sparse" for i in todo):
+        from saematch_core import lap_sparse  # numba: imported only when needed
+
+        if not lap_sparse.threadsafe():
+            workers = 1
 
     def solve(i: int) -> MatchResult:
         a, b, cfg = jobs[i]

@@ -27,8 +27,10 @@ from saematch_core.lap_sparse import (
     _InnerProductOracle,
     _scan_reduced,
     _scan_reduced_torch,
+    candidate_precision,
     solve_inner_product,
     solve_scores,
+    threadsafe,
 )
 
 TOL = 1e-9
@@ -266,7 +268,9 @@ def test_bad_options(kw: dict, match: str) -> None:
         solve_inner_product(torch.zeros(2, 2), torch.zeros(2, 2), **kw)
     with pytest.raises(ValueError, match="scores: expected n <= m"):
         solve_scores(np.zeros((3, 2)))
-    with pytest.raises(ValueError, match=r"candidates: expected one of \['float32', 'bfloat16'\], got 'fp8'"):
+    with pytest.raises(
+        ValueError, match=r"candidates: expected one of \['auto', 'float32', 'bfloat16'\], got 'fp8'"
+    ):
         solve_inner_product(torch.zeros(2, 2), torch.zeros(2, 2), candidates="fp8")  # type: ignore[arg-type]
 
 
@@ -410,3 +414,25 @@ def test_topk2_and_exact_dots_vs_torch() -> None:
     out = np.empty(3)
     exact_dots(X.numpy(), Y.numpy(), ii, jj, out)
     np.testing.assert_allclose(out, (X.double() @ Y.double().T).numpy()[ii, jj], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")],
+)
+def test_auto_candidates_follow_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, amx: bool, avx512_bf16: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert candidate_precision("cpu") == expected
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(40, 6, generator=g), torch.randn(50, 6, generator=g)
+    _check(solve_inner_product(X, Y, candidates="auto", k=2), (X.double() @ Y.double().T).numpy())
+
+
+def test_threadsafe_reports_the_threading_layer() -> None:
+    from numba.np.ufunc.parallel import threading_layer
+
+    safe = threadsafe()
+    assert safe == (threading_layer() != "workqueue")

@@ -56,7 +56,8 @@ def test_planted_exact_recovery_at_low_noise() -> None:
     a, b, expected = planted(noise=0.01)
     res = match(a, b)
     assert torch.equal(res.perm, expected)
-    assert res.is_permutation and res.shape == (48, 48) and res.solver == "scipy"
+    assert res.is_permutation and res.shape == (48, 48) and res.solver == "sparse"
+    assert res.info["max_violation"] <= 1e-9  # the default solver certifies its optimum
     assert res.folded == (True, True)
     assert res.total_cost == pytest.approx(float(res.cost.sum()))
     assert res.mean_cost < 1e-3
@@ -229,7 +230,7 @@ def test_sparse_solver_equals_scipy(candidates: str) -> None:
 def test_config_defaults_and_round_trip() -> None:
     cfg = MatchConfig()
     assert cfg.params == ("W_enc", "W_dec", "b_enc") and cfg.metric == "mse" and cfg.fold
-    assert cfg.solver == "scipy" and cfg.torch_dtype == torch.float32
+    assert cfg.solver == "sparse" and cfg.sparse_candidates == "auto" and cfg.torch_dtype == torch.float32
     custom = MatchConfig(params=["W_dec", "b_enc"], metric="cosine", solver="greedy", dtype="float64")  # type: ignore[arg-type]
     assert custom.params == ("W_dec", "b_enc")
     data = json.loads(json.dumps(custom.to_dict()))
@@ -255,7 +256,7 @@ def test_config_defaults_and_round_trip() -> None:
         (
             {"sparse_candidates": "float16"},
             ValueError,
-            "MatchConfig.sparse_candidates: expected 'float32' or 'bfloat16', got 'float16'",
+            "MatchConfig.sparse_candidates: expected 'auto', 'float32' or 'bfloat16', got 'float16'",
         ),
         ({"fold": "yes"}, TypeError, "MatchConfig.fold: expected a bool"),
         ({"device": "gpu"}, ValueError, "MatchConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
@@ -292,7 +293,8 @@ def test_json_round_trip_and_layout(tmp_path) -> None:
     assert data["git_commit"] == "abc123" and data["saematch_version"]
     assert set(data) >= {"run_id", "created_ms", "config", "metrics", "details"}
     assert all(isinstance(v, float) for v in data["metrics"].values())
-    assert path.read_text().count("\n") < 60 + len(data["details"]), "one line per pair"
+    text = path.read_text()
+    assert text[text.index('"details"') :].count("\n") == len(data["details"]) + 3, "one line per pair"
     assert [d["a"] for d in data["details"]] == (res.perm >= 0).nonzero().flatten().tolist()
     assert {tuple(d) for d in data["details"]} == {("a", "b", "cost")}
     _assert_same_result(MatchResult.from_json(path), res)
