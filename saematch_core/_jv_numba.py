@@ -302,30 +302,27 @@ _LOWEST = -1.7976931348623157e308
 
 
 @nb.njit(cache=True, inline="always", fastmath=True)
+def _span_max(row, inv, scaled, s, e):  # pragma: no cover - compiled
+    """The maxima of ``row[s:e]`` and of ``row[s:e] · inv[s:e]`` (in float64)."""
+    mx = _LOWEST
+    my = _LOWEST
+    for t in range(s, e):
+        x = np.float64(row[t])
+        mx = max(mx, x)
+        if scaled:
+            my = max(my, x * inv[t])
+    return mx, my
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
 def _chunk_max(row, inv, scaled, cmx, cmy):  # pragma: no cover - compiled
     """``cmx[c]`` / ``cmy[c]``: the maximum of ``row`` / ``row · inv`` over columns ``c·_CHUNK …``."""
     m = row.shape[0]
     full = m // _CHUNK
-    for c in range(full):  # fixed trip count: vectorised
-        mx = _LOWEST
-        my = _LOWEST
-        for t in range(c * _CHUNK, c * _CHUNK + _CHUNK):
-            x = np.float64(row[t])
-            mx = max(mx, x)
-            if scaled:
-                my = max(my, x * inv[t])
-        cmx[c] = mx
-        cmy[c] = my
+    for c in range(full):  # a fixed trip count once inlined: vectorised
+        cmx[c], cmy[c] = _span_max(row, inv, scaled, c * _CHUNK, c * _CHUNK + _CHUNK)
     if full * _CHUNK < m:
-        mx = _LOWEST
-        my = _LOWEST
-        for t in range(full * _CHUNK, m):
-            x = np.float64(row[t])
-            mx = max(mx, x)
-            if scaled:
-                my = max(my, x * inv[t])
-        cmx[full] = mx
-        cmy[full] = my
+        cmx[full], cmy[full] = _span_max(row, inv, scaled, full * _CHUNK, m)
 
 
 @nb.njit(cache=True, inline="always", fastmath=True)
