@@ -9,6 +9,7 @@ import pytest
 from conftest import make_sae
 
 from benchmarks import run
+from benchmarks.planted import NOISE_LEVELS, noise_for
 
 
 def test_benchmark_runs_and_checks_the_optimum(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,3 +50,8 @@ def test_substrate_chain_task_matches_every_consecutive_pair(
     fast = run._child({**spec, "solver": "sparse", "candidates": "bfloat16"})
     assert ref["n_pairs"] == fast["n_pairs"] == 3 and (ref["F"], ref["d"]) == (32, 16)
     assert fast["total"] == pytest.approx(ref["total"], rel=1e-9) and fast["max_violation"] <= 1e-9
+
+
+def test_noise_levels_scale_with_the_dimension() -> None:
+    assert noise_for("hard", 576) == NOISE_LEVELS["hard"]
+    assert noise_for("hard", 2304) == 2 * NOISE_LEVELS["hard"]
