@@ -21,6 +21,7 @@ from numpy.typing import ArrayLike
 
 __all__ = [
     "PLOTLY_CONFIG",
+    "grouped_bars",
     "heatmap",
     "histogram",
     "line_per_layer",
@@ -175,6 +176,41 @@ def lines_by_group(
     fig = _layout(fig, title=f"{title}: {first}", x_title=x_title, y_title=y_title)
     fig.update_layout(margin={"t": 110})
     return fig
+
+
+def grouped_bars(
+    categories: Sequence[str],
+    series: Mapping[str, ArrayLike],
+    *,
+    title: str,
+    x_title: str,
+    y_title: str,
+    log_y: bool = False,
+    reference: tuple[float, str] | None = None,
+) -> go.Figure:
+    """One group of bars per category, one bar (and legend entry) per series; NaN leaves a gap.
+
+    Parameters
+    ----------
+    categories : sequence of n str
+    series : mapping series name → array of shape (n,)
+    reference : (y, label), optional
+        A dashed horizontal line, e.g. a target.
+    """
+    if not series:
+        raise ValueError("series: expected at least one named series, got none")
+    cats = [str(c) for c in categories]
+    fig = go.Figure()
+    for name, values in series.items():
+        ys = _as_1d(f"series[{name!r}]", values, len(cats))
+        fig.add_trace(go.Bar(x=cats, y=ys, name=str(name)))
+    fig.update_layout(barmode="group")
+    if reference is not None:
+        y, label = reference
+        fig.add_hline(y=y, line_dash="dash", line_color="gray", annotation_text=label)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return _layout(fig, title=title, x_title=x_title, y_title=y_title)
 
 
 def scatter(

@@ -51,6 +51,7 @@ __all__ = [
     "Study",
     "agreement_groups",
     "alive_features",
+    "benchmark_series",
     "benchmark_table",
     "chunk_batch",
     "claims_table_html",
@@ -750,6 +751,36 @@ def curves_by_start(result: Any, metric: str = "agreement") -> tuple[list[int], 
         by_d = dict(zip(ds, vs, strict=True))
         curves[s] = [float(by_d.get(d, math.nan)) for d in distances]
     return distances, curves
+
+
+def benchmark_series(
+    path: str | os.PathLike[str], column: str
+) -> tuple[list[str], dict[str, list[float]]] | None:
+    """``column`` of every planted instance in ``make bench``'s ``results.json``, for a grouped bar chart:
+    categories ``"F=… d=… noise"`` (in file order) and one series per candidate precision (NaN where a
+    precision was not run or the value is missing). ``None`` when the file or the column is absent."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    doc = json.loads(p.read_text(encoding="utf-8"))
+    records = [
+        r
+        for r in (doc.get("records", []) if isinstance(doc, dict) else [])
+        if isinstance(r, dict) and r.get("noise") is not None and r.get(column) is not None
+    ]
+    if not records:
+        return None
+    cats: list[str] = []
+    for r in records:
+        cat = f"F={r.get('F')} d={r.get('d')} {r['noise']}"
+        if cat not in cats:
+            cats.append(cat)
+    series: dict[str, list[float]] = {}
+    for r in records:
+        cat = f"F={r.get('F')} d={r.get('d')} {r['noise']}"
+        values = series.setdefault(str(r.get("candidates") or "float32"), [math.nan] * len(cats))
+        values[cats.index(cat)] = float(r[column])
+    return cats, series
 
 
 def benchmark_table(path: str | os.PathLike[str]) -> tuple[list[str], list[list[str]]] | None:

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import pytest
 
 from saematch_core.plots import (
+    grouped_bars,
     heatmap,
     histogram,
     line_per_layer,
@@ -146,3 +147,23 @@ def test_lines_by_group_dropdown_switches_whole_groups() -> None:
         lines_by_group([0, 1, 2], {"prose": {"m": [0, 1]}}, title="t", x_title="x", y_title="y")
     with pytest.raises(ValueError, match="groups: expected at least one"):
         lines_by_group([0], {}, title="t", x_title="x", y_title="y")
+
+
+def test_grouped_bars_one_trace_per_series_with_a_reference_line() -> None:
+    fig = grouped_bars(
+        ["a", "b"],
+        {"float32": [1.5, 2.0], "bfloat16": [0.7, math.nan]},
+        title="t",
+        x_title="instance",
+        y_title="ratio",
+        log_y=True,
+        reference=(1.5, "target"),
+    )
+    assert [tr.name for tr in fig.data] == ["float32", "bfloat16"]
+    assert list(fig.data[0].x) == ["a", "b"] and fig.data[0].y[1] == 2.0
+    assert fig.layout.barmode == "group" and fig.layout.yaxis.type == "log"
+    assert fig.layout.shapes[0].y0 == 1.5
+    with pytest.raises(ValueError, match=r"series\['x'\]: expected length 2"):
+        grouped_bars(["a", "b"], {"x": [1.0]}, title="t", x_title="i", y_title="r")
+    with pytest.raises(ValueError, match="at least one named series"):
+        grouped_bars(["a"], {}, title="t", x_title="i", y_title="r")
