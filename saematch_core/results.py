@@ -366,6 +366,17 @@ def parallel_map(fn: Callable[[T], U], items: Sequence[T], *, workers: int | Non
         return list(pool.map(fn, items))
 
 
+def _solve_bytes(a: SAE, b: SAE, cfg: MatchConfig) -> int:
+    """Rough peak memory of one solve: scipy's dense float64 matrix; for the sparse solver its score
+    blocks (``chunk_size × F`` in float32 and bfloat16) plus a dense fallback of at most 512 MiB."""
+    n, m = sorted((a.d_sae, b.d_sae))
+    if cfg.solver == "scipy":
+        return 8 * n * m
+    if cfg.solver == "sparse":
+        return min(8 * n * m, 512 << 20) + 6 * min(cfg.chunk_size, n) * m
+    return 0
+
+
 def cached_matches(
     jobs: Sequence[tuple[SAE, SAE, MatchConfig]],
     cache_dir: str | Path | None = None,
@@ -376,19 +387,18 @@ def cached_matches(
     (:func:`parallel_map`).
 
     Each dense ``"scipy"`` solve holds an ``F_A × F_B`` float64 matrix, so fewer of them run at once
-    when ``workers`` of them would need more than half of the machine's memory. ``"sparse"`` solves
-    (which may also finish densely) run one at a time where numba's threading layer is not
-    thread-safe (:func:`saematch_core.lap_sparse.threadsafe`).
+    when ``workers`` of them would need more than half of the machine's memory (the sparse solver
+    counts its score blocks and its dense fallback, :func:`_solve_bytes`). ``"sparse"`` solves run one
+    at a time where numba's threading layer is not thread-safe
+    (:func:`saematch_core.lap_sparse.threadsafe`).
     """
     jobs = list(jobs)
     found = [_read_match(_match_path(a, b, cfg, cache_dir)) for a, b, cfg in jobs]
     todo = [i for i, r in enumerate(found) if r is None]
     workers = default_workers() if workers is None else workers
-    exact = [
-        8 * jobs[i][0].d_sae * jobs[i][1].d_sae for i in todo if jobs[i][2].solver in ("scipy", "sparse")
-    ]
-    if exact and isinstance(workers, int) and workers > 1:
-        workers = max(1, min(workers, _memory_bytes() // (2 * max(exact))))
+    need = [_solve_bytes(*jobs[i]) for i in todo]
+    if need and max(need) and isinstance(workers, int) and workers > 1:
+        workers = max(1, min(workers, _memory_bytes() // (2 * max(need))))
     if workers != 1 and any(jobs[i][2].solver == "sparse" for i in todo):
         from saematch_core import lap_sparse  # numba: imported only when needed
 

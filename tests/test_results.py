@@ -255,9 +255,12 @@ def test_cached_matches_runs_fewer_dense_solves_at_once_when_memory_is_short(
     cached_matches(jobs, tmp_path / "b", workers=4)
     sparse = [(a, b, MatchConfig(solver="sparse")) for a, b, _ in jobs]
     cached_matches(sparse, tmp_path / "c", workers=4)
+    # the sparse solver's score blocks (and dense fallback) are counted too: 3.5 KiB each here
+    monkeypatch.setattr(results, "_memory_bytes", lambda: 5 * 1024)
+    cached_matches(sparse, tmp_path / "e", workers=4)
     greedy = [(a, b, MatchConfig(solver="greedy")) for a, b, _ in jobs]
     monkeypatch.setattr(results, "_memory_bytes", lambda: 0)
     cached_matches(greedy, tmp_path / "d", workers=4)  # no matrix held: not limited
-    assert seen == [1, 4, 4 if lap_sparse.threadsafe() else 1, 4]
+    assert seen == [1, 4, 4 if lap_sparse.threadsafe() else 1, 1, 4]
     with pytest.raises(ValueError, match="workers: expected an int >= 1"):
         parallel_map(abs, [1, 2], workers=0)
