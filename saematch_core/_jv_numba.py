@@ -416,6 +416,18 @@ def topk2_bf16(S16, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma
         )
 
 
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _span_reduced(row, v, low, s, e):  # pragma: no cover - compiled
+    """The maximum of ``row[s:e] - v[s:e]`` (float64) and how many of them exceed ``low``."""
+    mx = _LOWEST
+    cnt = 0
+    for t in range(s, e):
+        x = np.float64(row[t]) - v[t]
+        mx = max(mx, x)
+        cnt += x > low
+    return mx, cnt
+
+
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def reduced_scan(S, v, lo, top_j, top_v, n_near):  # pragma: no cover - compiled
     """Per row of ``S`` (r, m): the ``k = top_j.shape[1]`` largest reduced scores ``S_ij - v_j`` and
@@ -431,23 +443,15 @@ def reduced_scan(S, v, lo, top_j, top_v, n_near):  # pragma: no cover - compiled
     nc = (m + _CHUNK - 1) // _CHUNK
     full = m // _CHUNK
     for i in nb.prange(r):
+        row = S[i]
         cmx = np.empty(nc)
-        low = lo[i]
         cnt = 0
         for c in range(full):
-            mx = _LOWEST
-            for t in range(c * _CHUNK, c * _CHUNK + _CHUNK):
-                x = np.float64(S[i, t]) - v[t]
-                mx = max(mx, x)
-                cnt += x > low
-            cmx[c] = mx
+            cmx[c], above = _span_reduced(row, v, lo[i], c * _CHUNK, c * _CHUNK + _CHUNK)
+            cnt += above
         if full < nc:
-            mx = _LOWEST
-            for t in range(full * _CHUNK, m):
-                x = np.float64(S[i, t]) - v[t]
-                mx = max(mx, x)
-                cnt += x > low
-            cmx[full] = mx
+            cmx[full], above = _span_reduced(row, v, lo[i], full * _CHUNK, m)
+            cnt += above
         n_near[i] = cnt
         hv = top_v[i]
         hi = top_j[i]
@@ -458,7 +462,7 @@ def reduced_scan(S, v, lo, top_j, top_v, n_near):  # pragma: no cover - compiled
         for c in range(nc):
             if cmx[c] >= tx:
                 for j in range(c * _CHUNK, min(c * _CHUNK + _CHUNK, m)):
-                    x = np.float64(S[i, j]) - v[j]
+                    x = np.float64(row[j]) - v[j]
                     if x >= tx and x > hv[0]:
                         _sift_down(hv, hi, k, 0, x, j)
 
