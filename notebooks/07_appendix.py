@@ -79,7 +79,7 @@ else:
 # %% [markdown]
 # **End to end against one GEMM.** Our whole certified solve (candidate search, sparse solves,
 # certificate) divided by the time of one dense float32 `F × F × d` GEMM of the same shapes, per
-# planted instance and candidate precision. The target of issue #6 is ≤ 1.5 at F = 16384 (dashed);
+# planted instance and candidate precision. Our target is ≤ 1.5 at F = 16384 (dashed);
 # the paper reports no solver timings. bfloat16 candidates pay off where bfloat16 GEMMs are native;
 # the certificate re-checks in float32, so both precisions reach the same optimum.
 
