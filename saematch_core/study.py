@@ -753,33 +753,33 @@ def curves_by_start(result: Any, metric: str = "agreement") -> tuple[list[int], 
     return distances, curves
 
 
+def _benchmark_records(path: str | os.PathLike[str]) -> list[dict[str, Any]] | None:
+    """The records of ``make bench``'s ``results.json``, or ``None`` when the file is absent."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    doc = json.loads(p.read_text(encoding="utf-8"))
+    records = doc.get("records", []) if isinstance(doc, dict) else []
+    return [r for r in records if isinstance(r, dict)]
+
+
 def benchmark_series(
     path: str | os.PathLike[str], column: str
 ) -> tuple[list[str], dict[str, list[float]]] | None:
     """``column`` of every planted instance in ``make bench``'s ``results.json``, for a grouped bar chart:
     categories ``"F=… d=… noise"`` (in file order) and one series per candidate precision (NaN where a
     precision was not run or the value is missing). ``None`` when the file or the column is absent."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    doc = json.loads(p.read_text(encoding="utf-8"))
     records = [
-        r
-        for r in (doc.get("records", []) if isinstance(doc, dict) else [])
-        if isinstance(r, dict) and r.get("noise") is not None and r.get(column) is not None
+        r for r in _benchmark_records(path) or [] if r.get("noise") is not None and r.get(column) is not None
     ]
     if not records:
         return None
-    cats: list[str] = []
-    for r in records:
-        cat = f"F={r.get('F')} d={r.get('d')} {r['noise']}"
-        if cat not in cats:
-            cats.append(cat)
+    labels = [f"F={r.get('F')} d={r.get('d')} {r['noise']}" for r in records]
+    cats = list(dict.fromkeys(labels))
     series: dict[str, list[float]] = {}
-    for r in records:
-        cat = f"F={r.get('F')} d={r.get('d')} {r['noise']}"
+    for r, label in zip(records, labels, strict=True):
         values = series.setdefault(str(r.get("candidates") or "float32"), [math.nan] * len(cats))
-        values[cats.index(cat)] = float(r[column])
+        values[cats.index(label)] = float(r[column])
     return cats, series
 
 
@@ -788,11 +788,9 @@ def benchmark_table(path: str | os.PathLike[str]) -> tuple[list[str], list[list[
 
     Only the :data:`BENCHMARK_COLUMNS` that some record has are shown.
     """
-    p = Path(path)
-    if not p.is_file():
+    records = _benchmark_records(path)
+    if records is None:
         return None
-    doc = json.loads(p.read_text(encoding="utf-8"))
-    records = doc.get("records", []) if isinstance(doc, dict) else []
     headers = [c for c in BENCHMARK_COLUMNS if any(c in r for r in records)]
 
     def fmt(v: Any) -> str:
