@@ -522,8 +522,9 @@ class _Certificate(NamedTuple):
     """Their columns."""
     n_checked: int
     """Rows whose scores were recomputed (their bounds could not rule out a gain)."""
-    magnitude: float
-    """``Σ_i |S_ic(i)|``, the scale ``gap_bound`` is compared with before a restart."""
+    n_blurred: int
+    """Rows with a gain above the tolerance that adds no edge: on a graph edge, or within the
+    rounding of large prices. Fresh prices (:meth:`_CertifiedSolve.restart`) remove them."""
 
 
 class _CertifiedSolve:
@@ -683,6 +684,9 @@ class _CertifiedSolve:
         rounding = 8.0 * _U32 * (np.abs(T) + v_abs + oracle.row_scale)
         gains = np.zeros(n)
         add: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # rows with a gain above tol that is on the graph or hidden by the prices' rounding: the
+        # prices, not the graph, are at fault
+        blurred = np.zeros(n, np.bool_)
 
         def look(gi: np.ndarray, gj: np.ndarray, exact: np.ndarray | None = None) -> None:
             # exact gains of entries that may gain; those above the tolerance are chased
@@ -691,6 +695,7 @@ class _CertifiedSolve:
             pos = np.flatnonzero(g > 0)  # usually none
             gi, gj, sc, g = gi[pos], gj[pos], sc[pos], g[pos]
             np.maximum.at(gains, gi, g)
+            blurred[gi[g > self.tol * (np.abs(sc) + np.abs(s_c[gi]))]] = True
             bad = g > self._beta(sc, V[gj], s_c[gi], V[c[gi]])
             add.append((gi[bad], gj[bad], g[bad]))
 
@@ -749,6 +754,7 @@ class _CertifiedSolve:
             pos = np.minimum(np.searchsorted(keys, key), keys.size - 1)
             off = first[keys[pos] != key]
             new_i, new_j, new_g = new_i[off], new_j[off], new_g[off]
+        blurred[new_i] = False  # a new edge is progress, not blur
         if new_i.size:
             # Column generation: the largest gains of each row (k of them, doubling every round) make
             # progress while keeping the graph small when the prices are far from the dense optimum.
@@ -763,7 +769,7 @@ class _CertifiedSolve:
             new_i=new_i,
             new_j=new_j,
             n_checked=int(check.size),
-            magnitude=math.fsum(np.abs(s_c).tolist()),
+            n_blurred=int(blurred.sum()),
         )
         logger.debug(
             "round %d: %d edges, %d rows rechecked, %d new edges, gap bound %.3g",
@@ -881,11 +887,15 @@ class _CertifiedSolve:
                     return self.result(cert)
                 self.add_edges(cert.new_i, cert.new_j)
                 continue
-            if cert.gap_bound > self.tol * cert.magnitude and not self.restarted:
-                # gains left only where the prices' rounding hides them (large prices, e.g. after
-                # penalty entries): fresh prices from cold duals on the same graph
+            if cert.n_blurred and not self.restarted:
+                # gains above the tolerance that the graph already holds or the prices' rounding
+                # hides (prices grown far beyond the scores while early graphs lacked good edges,
+                # or after penalty entries): fresh prices from cold duals on the same graph
                 logger.debug(
-                    "round %d: gap bound %.3g; re-solving from cold duals", self.rounds, cert.gap_bound
+                    "round %d: %d rows gain up to %.3g; re-solving from cold duals",
+                    self.rounds,
+                    cert.n_blurred,
+                    float(cert.gains.max()),
                 )
                 self.restart()
                 continue
