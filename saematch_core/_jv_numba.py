@@ -17,6 +17,7 @@
   ``k``-th largest chunk maximum bounds the row's ``k``-th largest entry from below, so only the few
   chunks that reach it are offered to the heap (2× faster than offering every entry).
 * :func:`line_envelope` / :func:`capped_envelope` — upper envelopes behind the certificate's bounds.
+* :func:`row_abs_max` — each row's largest finite magnitude, in one pass.
 
 The public kernels release the GIL (``nogil``), so solves in several Python threads overlap; see
 :func:`saematch_core.lap_sparse.threadsafe` for when that is allowed.
@@ -34,6 +35,7 @@ __all__ = [
     "exact_gains",
     "line_envelope",
     "reduced_scan",
+    "row_abs_max",
     "sparse_sap",
     "topk2",
     "topk2_bf16",
@@ -51,6 +53,24 @@ def exact_dots(X, Y, ii, jj, out):  # pragma: no cover - compiled
         for t in range(d):
             acc += np.float64(X[a, t]) * np.float64(Y[b, t])
         out[e] = acc
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def row_abs_max(S, out):  # pragma: no cover - compiled
+    """``out[i] = max_j |S[i, j]|`` over the finite entries of row ``i`` (0 if none); returns whether
+    ``S`` has a non-finite entry."""
+    n, m = S.shape
+    bad = np.zeros(n, np.bool_)
+    for i in nb.prange(n):
+        best = 0.0
+        for j in range(m):
+            x = abs(S[i, j])
+            if x <= np.inf and x != np.inf:  # finite (NaN fails the first test)
+                best = max(best, x)
+            else:
+                bad[i] = True
+        out[i] = best
+    return bool(bad.any())
 
 
 @nb.njit(cache=True, inline="always")
@@ -101,6 +121,20 @@ def exact_gains(s, vj, t, vc, out):  # pragma: no cover - compiled
             out[e] = total * (1.0 + 2.0**-50) + 5e-324
         else:
             out[e] = 0.0
+
+
+@nb.njit(cache=True, inline="always")
+def _augment(pred, col4row, row4col, sink, root):  # pragma: no cover - compiled
+    """Flip the alternating path that ``pred`` (column → row) traces from ``sink`` back to ``root``."""
+    j = sink
+    while True:
+        i = pred[j]
+        row4col[j] = i
+        nxt = col4row[i]
+        col4row[i] = j
+        if i == root:
+            break
+        j = nxt
 
 
 @nb.njit(cache=True, nogil=True)
@@ -173,15 +207,7 @@ def dense_sap(S, u, v, col4row, row4col):  # pragma: no cover - compiled
         for j in range(m):
             if seen_col[j]:
                 v[j] -= min_val - spc[j]
-        j = sink
-        while True:
-            i = path[j]
-            row4col[j] = i
-            nxt = col4row[i]
-            col4row[i] = j
-            if i == cur:
-                break
-            j = nxt
+        _augment(path, col4row, row4col, sink, cur)
     return -1
 
 
@@ -384,15 +410,7 @@ def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_rel, st
                 delta = minv - dist[j]
                 u[row4col[j]] += delta
                 v[j] -= delta
-            j = sink
-            while True:
-                i = pred[j]
-                row4col[j] = i
-                jn = col4row[i]
-                col4row[i] = j
-                if i == i0:
-                    break
-                j = jn
+            _augment(pred, col4row, row4col, sink, i0)
         for t in range(ntouch):
             j = touched[t]
             dist[j] = inf

@@ -37,12 +37,13 @@ which entries need no exact look carrying a bound on its own rounding. The float
 given matrix for :func:`solve_scores`, and for :func:`solve_inner_product` the float64 evaluation of
 ``⟨X_i, Y_j⟩`` from the inputs widened exactly to float64 (within ``D · 2^-53 · ‖X_i‖ ‖Y_j‖`` of the
 real inner product; another float64 evaluation may round differently by that much). ``gap_bound``
-is 0 when no entry gains at all, which is the usual case; otherwise it is the exact sum of the
-gains left below the tolerance, in the objective's units. The solver never scales ``tol`` by the
-largest norm or score, so a few huge rows or columns, or heavy-tailed norms, do not loosen it for
-the others. When the sparse solver's prices carry rounding beyond the tolerance (after penalty
-entries of order 1e12 moved them), the graph is re-solved once from cold duals before the result
-is returned.
+is 0 when no entry gains at all; otherwise it is the sum, rounded up, of the rows' largest gains,
+in the objective's units: gains below the tolerance, normally at the level of the float64 rounding
+of the prices (1e-21 to 1e-15 of the objective on our benchmarks). The solver never scales ``tol``
+by the largest norm or score, so a few huge rows or columns, or heavy-tailed norms, do not loosen
+it for the others. When gains above the tolerance sit on graph edges or within the rounding of
+prices grown far beyond the scores (after a poor first graph or penalty entries of order 1e12),
+the graph is re-solved once from cold duals before the result is returned.
 
 If the sparse graph has no full matching, ``k`` is doubled for the rows of the failed alternating
 trees, the unmatched rows get edges to their best free columns and (once) every column gets its
@@ -81,6 +82,7 @@ from saematch_core._jv_numba import (
     exact_gains,
     line_envelope,
     reduced_scan,
+    row_abs_max,
     sparse_sap,
     topk2,
     topk2_bf16,
@@ -140,8 +142,8 @@ class SparseLAPResult(NamedTuple):
     ``solve_scores(maximize=False)`` and :func:`solve_cost_matrix`, the total cost."""
     gap_bound: float
     """Proven bound on the shortfall, in the objective's units: no assignment of the float64 problem
-    is better than ``total`` by more than this (see the module docstring). 0 when proven optimal
-    (the usual case, and the scipy reference path, which is exact by construction)."""
+    is better than ``total`` by more than this (see the module docstring). 0 when proven optimal;
+    also 0 on the scipy reference path, which is exact by construction and not re-checked."""
     rounds: int
     """Number of sparse solves (1 when the first candidate graph already certified; 0 on the reference
     path and on the dense method; those before it on the dense fallback)."""
@@ -288,16 +290,11 @@ class _InnerProductOracle(_Oracle):
 class _DenseOracle(_Oracle):
     """An explicit float64 score matrix (``-inf`` = forbidden), used as it is."""
 
-    def __init__(self, S: np.ndarray, chunk_size: int) -> None:
+    def __init__(self, S: np.ndarray) -> None:
         self._S = S
         self.n, self.m = S.shape
-        self.forbidden = False
         self.row_scale = np.zeros(self.n)
-        for blk in _row_blocks(np.arange(self.n), self.m, chunk_size):
-            a = np.abs(S[blk])
-            finite = np.isfinite(a)
-            self.forbidden |= not bool(finite.all())
-            self.row_scale[blk] = np.where(finite, a, 0.0).max(axis=1, initial=0.0)
+        self.forbidden = bool(row_abs_max(S, self.row_scale)) if S.size else False
         self.margin = self.block_margin = self.dense_margin = np.zeros(self.n)
         self.col_norm = None
         self.alpha_margin = np.zeros(self.n)
@@ -307,7 +304,8 @@ class _DenseOracle(_Oracle):
 
     def block(self, rows: np.ndarray, *, candidates: bool = False, native: bool = False) -> Tensor:
         del candidates, native  # the scores are given exactly
-        S = self._S[rows]
+        contiguous = rows.size and rows[-1] - rows[0] == rows.size - 1
+        S = self._S[int(rows[0]) : int(rows[-1]) + 1] if contiguous else self._S[rows]
         if self.forbidden:
             S = np.maximum(S, _FORBIDDEN)  # a copy: -inf → a finite stand-in for the compiled scans
         return torch.from_numpy(S)
@@ -1207,7 +1205,7 @@ def solve_cost_matrix(
         res = _reference(S)
     else:
         res = _run(
-            _DenseOracle(S, chunk_size),
+            _DenseOracle(S),
             k=k,
             chunk_size=chunk_size,
             tol=tol,

@@ -104,8 +104,8 @@ class MatchConfig:
     """Relative tolerance of the ``"sparse"`` solver's certificate: a pair counts as improving the
     matching when its gain exceeds ``tol`` times the magnitude of the two inner products compared,
     each feature's own (never the largest norm), so outlier features do not loosen it. Whatever is
-    left is stated in :attr:`MatchResult.info` ``["gap_bound"]``, in units of :attr:`MatchResult.total_cost`
-    (0 = proven optimal, the usual case)."""
+    left is stated in :attr:`MatchResult.info` ``["gap_bound"]``, in units of
+    :attr:`MatchResult.total_cost` (0 = proven optimal; otherwise float64 rounding of the prices)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", check_params(self.params, name="MatchConfig.params"))

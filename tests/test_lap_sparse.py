@@ -23,6 +23,7 @@ from saematch_core._jv_numba import (
     exact_gains,
     line_envelope,
     reduced_scan,
+    row_abs_max,
     sparse_sap,
     topk2,
     topk2_bf16,
@@ -550,7 +551,7 @@ def test_total_is_exact_and_gap_zero_on_integer_ties() -> None:
 
 
 def _phases(S: np.ndarray, k: int) -> _CertifiedSolve:
-    return _CertifiedSolve(_DenseOracle(S.copy(), 64), k=k, chunk_size=64, tol=1e-13, max_rounds=100)
+    return _CertifiedSolve(_DenseOracle(S.copy()), k=k, chunk_size=64, tol=1e-13, max_rounds=100)
 
 
 def test_phase_candidates_bound_every_other_entry() -> None:
@@ -700,3 +701,13 @@ def test_device_policy_is_the_cost_modules() -> None:
         with pytest.raises(ValueError, match="device: 'cuda' requested but CUDA is not available"):
             solve_inner_product(X, X, device="cuda")
     _check(solve_inner_product(X, X, device="auto"), (X.double() @ X.double().T).numpy())
+
+
+def test_row_abs_max_vs_numpy() -> None:
+    S = np.random.default_rng(31).standard_normal((9, 13))
+    out = np.empty(9)
+    assert not row_abs_max(S, out)
+    np.testing.assert_array_equal(out, np.abs(S).max(axis=1))
+    S[2, 3], S[4, :] = -np.inf, np.inf
+    assert row_abs_max(S, out)
+    assert out[4] == 0.0 and out[2] == np.abs(np.delete(S[2], 3)).max()
