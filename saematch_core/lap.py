@@ -184,12 +184,12 @@ def _infeasible(name: str, shape: tuple[int, ...]) -> InfeasibleMatchError:
 def auto_dense_solver(n_rows: int, n_cols: int) -> Literal["sparse", "scipy"]:
     """The solver ``linear_sum_assignment(solver="auto")`` uses for an ``n_rows × n_cols`` matrix.
 
-    scipy, at every size: on explicit dense matrices the certified sparse solver was faster only on
-    large unstructured ones (uniform or normal random entries from n = 1500: 1.1–2.8×) and slower on
-    everything with structure (a noisy planted permutation, as in feature matching: 0.1–0.5× up to
-    n = 8000; low rank: 0.6–0.9×; many ties: 0.3×) and on small matrices (n <= 1000: 0.4–0.7×),
-    which no cheap look at the matrix tells apart (``benchmarks`` has the measurements). Its
-    strength is inner-product problems, where it never forms the matrix
+    scipy, at every size. Measured side by side (``python -m benchmarks.run --dense``), the
+    certified sparse solver was faster than scipy on large unstructured matrices (uniform random
+    entries: 6.8–7.8× at n = 2000–4000) and slower on structured ones (a noisy planted permutation,
+    as in feature matching: 0.1–0.8× for n = 1000–8000; rank 1: 0.8–0.9×; many ties: 0.3×) and,
+    depending on the draw, on matrices of normal entries or of n <= 1000; nothing cheap tells these
+    apart. Its strength is inner-product problems, where it never forms the matrix
     (:func:`saematch_core.lap_sparse.solve_inner_product`, ``match()``)."""
     del n_rows, n_cols
     return "scipy"
@@ -242,7 +242,7 @@ def linear_sum_assignment(
     The certified solvers prove their answer optimal for the float64 matrix: the total they return
     is within a stated bound (``gap_bound`` of :func:`~saematch_core.lap_sparse.solve_scores`,
     normally 0) of the best total of any assignment. On large unstructured matrices the sparse one
-    is up to 3× faster than scipy; on structured ones (planted permutations, low rank, many ties)
+    is up to 8× faster than scipy; on structured ones (planted permutations, low rank, many ties)
     scipy is faster, and on low-rank ones the sparse solver falls back to its dense kernel.
 
     Examples
