@@ -240,10 +240,11 @@ def linear_sum_assignment(
     Notes
     -----
     The certified solvers prove their answer optimal for the float64 matrix: the total they return
-    is within a stated bound (``gap_bound`` of :func:`~saematch_core.lap_sparse.solve_scores`,
-    normally 0) of the best total of any assignment. On large unstructured matrices the sparse one
-    is up to 8× faster than scipy; on structured ones (planted permutations, low rank, many ties)
-    scipy is faster, and on low-rank ones the sparse solver falls back to its dense kernel.
+    is within a stated bound (``gap_bound`` of :func:`~saematch_core.lap_sparse.solve_scores`: 0, or
+    the float64 rounding of its prices) of the best total of any assignment. On large unstructured
+    matrices the sparse one is up to 8× faster than scipy; on structured ones (planted permutations,
+    low rank, many ties) scipy is faster, and on low-rank ones the sparse solver falls back to its
+    dense kernel.
 
     Examples
     --------
