@@ -14,7 +14,19 @@ from benchmarks.planted import NOISE_LEVELS, noise_for
 from saematch_core.study import benchmark_series, benchmark_table
 
 
-def test_benchmark_runs_and_checks_the_optimum(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.slow
+def test_benchmark_runs_each_measurement_in_its_own_process(tmp_path: Path) -> None:
+    argv = ["--F", "256", "--d", "16", "--noise", "hard", "--candidates", "float32", "--out", str(tmp_path)]
+    assert run.main([*argv, "--timeout", "300"]) == 0
+    (rec,) = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert rec["same_optimum"] is True and rec["ours_peak_rss_mb"] >= rec["ours_base_rss_mb"] > 0
+
+
+def test_benchmark_runs_and_checks_the_optimum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every measurement in this process (the subprocesses only isolate peak memory; slow test above)
+    monkeypatch.setattr(run, "_run_child", lambda spec, timeout: run._child(spec))
     argv = ["--F", "256", "--d", "16", "--noise", "easy", "hard", "--out", str(tmp_path), "--timeout", "300"]
     assert run.main(argv) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
