@@ -26,7 +26,7 @@ from saematch_core.formats import (
     load_sae,
     save_sae,
 )
-from saematch_core.lap import linear_assignment
+from saematch_core.lap import linear_sum_assignment
 from saematch_core.match import MatchConfig, MatchResult, match
 from saematch_core.sae import SAE, Activation, ForwardOutput
 
@@ -58,7 +58,7 @@ __all__ = [
     "invert",
     "is_folded",
     "iter_cost_chunks",
-    "linear_assignment",
+    "linear_sum_assignment",
     "load_sae",
     "match",
     "pair_costs",

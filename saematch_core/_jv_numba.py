@@ -6,12 +6,18 @@
   problems — ``v_j <= 0`` with ``v_j = 0`` on unmatched columns. It warm-starts from any previous
   state (matching, ``u``, ``v``) on a *superset* of the previous edges: a repair pass restores dual
   feasibility, unmatching the rows whose potential had to drop, and then augments every free row.
+* :func:`dense_sap` — the same kind of solver on a dense score matrix (scipy's algorithm: one
+  shortest augmenting path per row, Dijkstra by linear scans), keeping the duals for the
+  certificate; ``-inf`` scores are forbidden edges.
 * :func:`exact_dots` — float64 dot products of selected (row, column) pairs.
+* :func:`exact_gains` — the sign-exact value of ``(s_ij - V_j) - (s_ic - V_c)`` (error-free
+  transformations), so the certificate's last check involves no rounding.
 * :func:`topk2` / :func:`topk2_bf16` / :func:`reduced_scan` — per-row top-``k`` scans of score
   blocks. One vectorised pass takes the maximum of every chunk of :data:`_CHUNK` columns; the
   ``k``-th largest chunk maximum bounds the row's ``k``-th largest entry from below, so only the few
   chunks that reach it are offered to the heap (2× faster than offering every entry).
 * :func:`line_envelope` / :func:`capped_envelope` — upper envelopes behind the certificate's bounds.
+* :func:`row_abs_max` — each row's largest finite magnitude, in one pass.
 
 The public kernels release the GIL (``nogil``), so solves in several Python threads overlap; see
 :func:`saematch_core.lap_sparse.threadsafe` for when that is allowed.
@@ -24,9 +30,12 @@ import numpy as np
 
 __all__ = [
     "capped_envelope",
+    "dense_sap",
     "exact_dots",
+    "exact_gains",
     "line_envelope",
     "reduced_scan",
+    "row_abs_max",
     "sparse_sap",
     "topk2",
     "topk2_bf16",
@@ -44,6 +53,162 @@ def exact_dots(X, Y, ii, jj, out):  # pragma: no cover - compiled
         for t in range(d):
             acc += np.float64(X[a, t]) * np.float64(Y[b, t])
         out[e] = acc
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def row_abs_max(S, out):  # pragma: no cover - compiled
+    """``out[i] = max_j |S[i, j]|`` over the finite entries of row ``i`` (0 if none); returns whether
+    ``S`` has a non-finite entry."""
+    n, m = S.shape
+    bad = np.zeros(n, np.bool_)
+    for i in nb.prange(n):
+        best = 0.0
+        for j in range(m):
+            x = abs(S[i, j])
+            if x <= np.inf and x != np.inf:  # finite (NaN fails the first test)
+                best = max(best, x)
+            else:
+                bad[i] = True
+        out[i] = best
+    return bool(bad.any())
+
+
+@nb.njit(cache=True, inline="always")
+def _two_sum(a, b):  # pragma: no cover - compiled
+    """``a + b = s + e`` exactly (Knuth's TwoSum; needs IEEE arithmetic, so no ``fastmath``)."""
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    return s, e
+
+
+@nb.njit(cache=True, nogil=True)
+def exact_gains(s, vj, t, vc, out):  # pragma: no cover - compiled
+    """``out[e]``: an upper bound on ``max(0, (s[e] - vj[e]) - (t[e] - vc[e]))``, exactly 0 when that
+    real number is ``<= 0``.
+
+    The four terms are summed into a non-overlapping expansion (Shewchuk's grow-expansion of TwoSum
+    steps), whose largest component has the sign of the exact sum; a positive sum is returned
+    rounded up. ``s[e] = -inf`` (a forbidden edge) gives 0.
+    """
+    comp = np.empty(4)
+    for e in range(s.shape[0]):
+        if s[e] == -np.inf:
+            out[e] = 0.0
+            continue
+        terms = (s[e], -vj[e], -t[e], vc[e])
+        size = 0
+        for b in terms:
+            q = b
+            keep = 0
+            for c in range(size):
+                q, err = _two_sum(q, comp[c])
+                if err != 0.0:
+                    comp[keep] = err
+                    keep += 1
+            comp[keep] = q
+            size = keep + 1
+        top = 0.0
+        total = 0.0
+        for c in range(size):
+            total += comp[c]
+            if comp[c] != 0.0:
+                top = comp[c]
+        if not np.isfinite(total):
+            out[e] = np.inf if not total < 0.0 else 0.0
+        elif top > 0.0:
+            # the components below the largest one add less than 3 units in its last place
+            out[e] = total * (1.0 + 2.0**-50) + 5e-324
+        else:
+            out[e] = 0.0
+
+
+@nb.njit(cache=True, inline="always")
+def _augment(pred, col4row, row4col, sink, root):  # pragma: no cover - compiled
+    """Flip the alternating path that ``pred`` (column → row) traces from ``sink`` back to ``root``."""
+    j = sink
+    while True:
+        i = pred[j]
+        row4col[j] = i
+        nxt = col4row[i]
+        col4row[i] = j
+        if i == root:
+            break
+        j = nxt
+
+
+@nb.njit(cache=True, nogil=True)
+def dense_sap(S, u, v, col4row, row4col):  # pragma: no cover - compiled
+    """Maximise ``Σ_i S[i, col4row[i]]`` over full row matchings of a dense (n, m) matrix, n <= m.
+
+    The minimisation form ``c_ij = -S_ij`` is solved from scratch by one shortest augmenting path per
+    row (Dijkstra on reduced costs by linear scans, as scipy's ``linear_sum_assignment`` does), so
+    ``u`` (n,) and ``v`` (m,) end as LP duals: ``u_i + v_j <= c_ij``, tight on matched edges,
+    ``v_j <= 0`` and ``v_j = 0`` on unmatched columns. ``S_ij = -inf`` is a forbidden edge. ``u``,
+    ``v``, ``col4row`` and ``row4col`` are filled in place (their input values are ignored).
+
+    Returns
+    -------
+    int, -1 when every row was matched, else the first row for which no assignment exists
+    (the problem is infeasible).
+    """
+    n, m = S.shape
+    inf = np.inf
+    u[:] = 0.0
+    v[:] = 0.0
+    col4row[:] = -1
+    row4col[:] = -1
+    spc = np.empty(m)
+    path = np.full(m, -1, np.int64)
+    seen_row = np.zeros(n, np.bool_)
+    seen_col = np.zeros(m, np.bool_)
+    remaining = np.empty(m, np.int64)
+    for cur in range(n):
+        for j in range(m):
+            spc[j] = inf
+            seen_col[j] = False
+            remaining[j] = m - 1 - j
+        for i in range(n):
+            seen_row[i] = False
+        n_rem = m
+        min_val = 0.0
+        i = cur
+        sink = -1
+        while sink < 0:
+            seen_row[i] = True
+            lowest = inf
+            index = -1
+            ui = u[i]
+            for it in range(n_rem):
+                j = remaining[it]
+                r = min_val - S[i, j] - ui - v[j]
+                if r < spc[j]:
+                    path[j] = i
+                    spc[j] = r
+                # ties go to a free column: shorter paths, and scipy's choice on constant matrices
+                if spc[j] < lowest or (spc[j] == lowest and row4col[j] < 0):
+                    lowest = spc[j]
+                    index = it
+            if index < 0 or lowest == inf:
+                return cur
+            min_val = lowest
+            j = remaining[index]
+            if row4col[j] < 0:
+                sink = j
+            else:
+                i = row4col[j]
+            seen_col[j] = True
+            n_rem -= 1
+            remaining[index] = remaining[n_rem]
+        u[cur] += min_val
+        for i in range(n):
+            if seen_row[i] and i != cur:
+                u[i] += min_val - spc[col4row[i]]
+        for j in range(m):
+            if seen_col[j]:
+                v[j] -= min_val - spc[j]
+        _augment(path, col4row, row4col, sink, cur)
+    return -1
 
 
 @nb.njit(cache=True, inline="always")
@@ -88,7 +253,7 @@ def _pop(hk, hc, size):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True)
-def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_tol, stuck):  # pragma: no cover
+def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_rel, stuck):  # pragma: no cover
     """Solve ``min Σ c_{i, col4row[i]}`` over full row matchings of the CSR graph, in place.
 
     Parameters
@@ -98,7 +263,9 @@ def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_tol, st
     u, v : float64 (n,), (m,), dual potentials, updated in place (warm start: previous values).
     col4row, row4col : int64 (n,), (m,), matching (-1 = free), updated in place.
     rect : bool, enforce the rectangular dual conditions (``v <= 0``, ``v = 0`` on free columns).
-    feas_tol : float, violations of ``u_i + v_j <= c_ij`` up to this are float noise and kept.
+    feas_rel : float, a matched row whose potential exceeds ``min_j (c_ij - v_j)`` by at most
+        ``feas_rel · (|u_i| + |min_j (c_ij - v_j)|)`` keeps its column (float noise, relative to the
+        row's own magnitudes so that rows of very different scales are treated alike).
     stuck : bool (n,), set True for every row of an alternating tree that found no free column.
 
     Returns
@@ -146,7 +313,7 @@ def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_tol, st
             if j0 < 0:
                 u[i] = best
                 continue
-            if u[i] > best + feas_tol:
+            if u[i] > best + feas_rel * (abs(u[i]) + abs(best)):
                 u[i] = best
                 col4row[i] = -1
                 row4col[j0] = -1
@@ -243,15 +410,7 @@ def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_tol, st
                 delta = minv - dist[j]
                 u[row4col[j]] += delta
                 v[j] -= delta
-            j = sink
-            while True:
-                i = pred[j]
-                row4col[j] = i
-                jn = col4row[i]
-                col4row[i] = j
-                if i == i0:
-                    break
-                j = jn
+            _augment(pred, col4row, row4col, sink, i0)
         for t in range(ntouch):
             j = touched[t]
             dist[j] = inf

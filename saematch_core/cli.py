@@ -312,10 +312,16 @@ def _flag_kwargs(name: str, hint: Any, default: Any) -> dict[str, Any]:
     origin, args = get_origin(hint), get_args(hint)
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if name == "solver":
+        from saematch_core.lap import SOLVERS
+
+        return {"choices": sorted(SOLVERS)}  # every registered solver, including added ones
     if origin is Literal:
         return {"choices": list(args)}
     if hint is int:
         return {"type": int, "metavar": "N"}
+    if hint is float:
+        return {"type": float, "metavar": "X"}
     if hint is str:
         return {"type": str}
     if origin in (Union, types.UnionType) and set(args) == {str, type(None)}:

@@ -29,8 +29,11 @@ from saematch_core.sae import SAE
 __all__ = [
     "DEFAULT_PARAMS",
     "DTYPES",
+    "METRICS",
     "PARAMS",
     "Metric",
+    "check_metric",
+    "check_params",
     "cost_matrix",
     "feature_vectors",
     "iter_cost_chunks",
@@ -41,7 +44,8 @@ __all__ = [
 ]
 
 Metric = Literal["mse", "cosine"]
-_METRICS: tuple[str, ...] = get_args(Metric)
+"""How two features' vectors are compared (see the module docstring)."""
+METRICS: tuple[str, ...] = get_args(Metric)
 
 PARAMS: tuple[str, ...] = ("W_enc", "W_dec", "b_enc")
 """Parameters that can form a feature's vector."""
@@ -59,13 +63,18 @@ DTYPES: dict[str, torch.dtype] = {
 def resolve_device(
     device: str | torch.device | None, *, fallback: torch.device | str = "cpu"
 ) -> torch.device:
-    """Turn a device request into a ``torch.device``.
+    """Turn a device request into a ``torch.device``: the one device policy of the matching code
+    (feature vectors, cost chunks, the solvers' score blocks).
 
-    ``None`` gives ``fallback``; ``"auto"`` gives CUDA when available, else CPU. Asking for CUDA when
-    it is not available raises a ``ValueError`` rather than silently using the CPU.
+    ``None`` gives ``fallback`` (itself a device or ``"auto"``); ``"auto"`` gives CUDA when available,
+    else CPU. Asking for CUDA when it is not available raises a ``ValueError`` rather than silently
+    using the CPU.
+
+    >>> resolve_device(None).type, resolve_device("cpu").type
+    ('cpu', 'cpu')
     """
     if device is None:
-        return torch.device(fallback)
+        device = fallback
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -84,22 +93,24 @@ def resolve_device(
     return dev
 
 
-def _check_params(params: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(params, str):
-        raise TypeError(
-            f"params: expected a sequence of names from {list(PARAMS)}, got the string {params!r}"
-        )
+def check_params(params: Sequence[str], name: str = "params") -> tuple[str, ...]:
+    """``params`` as a tuple if it is a non-empty subset of :data:`PARAMS` without repeats; otherwise a
+    ``TypeError`` (not a sequence of names) or ``ValueError`` whose message starts with ``name``."""
+    if isinstance(params, str) or not isinstance(params, Sequence):
+        raise TypeError(f"{name}: expected a sequence of names from {list(PARAMS)}, got {params!r}")
     out = tuple(params)
     if not out or any(p not in PARAMS for p in out) or len(set(out)) != len(out):
         raise ValueError(
-            f"params: expected a non-empty subset of {list(PARAMS)} without repeats, got {list(out)}"
+            f"{name}: expected a non-empty subset of {list(PARAMS)} without repeats, got {list(out)}"
         )
     return out
 
 
-def _check_metric(metric: str) -> None:
-    if metric not in _METRICS:
-        raise ValueError(f"metric: expected one of {list(_METRICS)}, got {metric!r}")
+def check_metric(metric: object, name: str = "metric") -> Metric:
+    """``metric`` if it is one of :data:`METRICS`, else a ``ValueError`` naming ``name``."""
+    if metric not in METRICS:
+        raise ValueError(f"{name}: expected one of {list(METRICS)}, got {metric!r}")
+    return metric  # type: ignore[return-value]
 
 
 def feature_vectors(
@@ -107,6 +118,7 @@ def feature_vectors(
     params: Sequence[str] = DEFAULT_PARAMS,
     fold: bool = True,
     *,
+    scale: Tensor | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -121,6 +133,11 @@ def feature_vectors(
     fold : bool
         Fold the thresholds of a JumpReLU SAE first (paper Eq. 4). Other activations have no threshold
         to fold and are used as they are.
+    scale : Tensor, shape (d_sae,), optional
+        Per-feature activation scales ``s`` (every entry finite and > 0), for SAEs of any family: the
+        raw weights become ``W_enc[:, i] / s_i``, ``W_dec[i] · s_i``, ``b_enc[i] / s_i`` (computed in
+        float64). Folding is the case ``s = θ``, so ``fold`` must be False with a scale. For ReLU SAEs
+        this preserves the output; for TopK it does not (the vectors are for matching only).
     device, dtype :
         Where and in which floating dtype to return the result (default: the SAE's).
 
@@ -138,15 +155,34 @@ def feature_vectors(
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae: expected an SAE, got {type(sae).__name__}")
-    params = _check_params(params)
-    if fold and sae.activation == "jumprelu":
+    params = check_params(params)
+    if fold and sae.activation == "jumprelu" and scale is None:
         sae = fold_sae(sae)
     parts = {"W_enc": sae.W_enc.T, "W_dec": sae.W_dec, "b_enc": sae.b_enc[:, None]}
+    if scale is not None:
+        if fold:
+            raise ValueError("fold, scale: scaling replaces folding (folding is scale = θ); pass fold=False")
+        s = _check_scale(sae, scale)[:, None]
+        parts = {
+            "W_enc": parts["W_enc"].double() / s,
+            "W_dec": parts["W_dec"].double() * s,
+            "b_enc": parts["b_enc"].double() / s,
+        }
     dev = resolve_device(device, fallback=sae.device)
     dtype = sae.dtype if dtype is None else dtype
     if not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
     return torch.cat([parts[p].to(device=dev, dtype=dtype) for p in params], dim=1)
+
+
+def _check_scale(sae: SAE, scale: Tensor) -> Tensor:
+    s = torch.as_tensor(scale).to(sae.device, torch.float64)
+    if s.shape != (sae.d_sae,):
+        raise ValueError(f"scale: expected shape ({sae.d_sae},), got {tuple(s.shape)}")
+    if not bool((torch.isfinite(s) & (s > 0)).all()):
+        n_bad = int((~(torch.isfinite(s) & (s > 0))).sum())
+        raise ValueError(f"scale: expected every entry finite and > 0, got {n_bad} that are not")
+    return s
 
 
 def _check_pair(a: Tensor, b: Tensor) -> None:
@@ -240,7 +276,7 @@ def iter_cost_chunks(
         Where and in which dtype the algebra runs (default: ``a``'s).
     """
     _check_pair(a, b)
-    _check_metric(metric)
+    check_metric(metric)
     a, b = _place(a, b, device, dtype)
     width = a.shape[1]
     if metric == "cosine":
@@ -307,7 +343,7 @@ def pair_costs(
     Tensor, float64, shape (F_A,), on the CPU; ``nan`` where ``perm == -1``.
     """
     _check_pair(a, b)
-    _check_metric(metric)
+    check_metric(metric)
     perm = torch.as_tensor(perm)
     if perm.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"perm: expected an integer tensor, got {perm.dtype}")

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from saematch_core.evaluate import random_partners
-from saematch_core.lap import linear_assignment
+from saematch_core.lap import linear_sum_assignment
 from saematch_core.match import MatchConfig
 from saematch_core.results import (
     ArrayLike,
@@ -298,7 +298,7 @@ def databased_match(stats: CoactivationMatrix, measure: CorrelationMeasure = "pe
         raise ValueError(f"measure: expected one of {list(CORRELATION_MEASURES)}, got {measure!r}")
     m = stats.measure(measure)
     score = torch.nan_to_num(m, nan=0.0).numpy()
-    rows, cols = linear_assignment(score, maximize=True)
+    rows, cols = linear_sum_assignment(score, maximize=True, solver="scipy")
     perm = torch.full((stats.shape[0],), -1, dtype=torch.long)
     perm[torch.from_numpy(rows)] = torch.from_numpy(cols)
     bad = stats.dead_a | (perm < 0)

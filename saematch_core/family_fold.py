@@ -15,7 +15,7 @@ Scaling by ``s`` (``W_enc[:, i] / s_i``, ``b_enc[i] / s_i``, ``W_dec[i] · s_i``
 SAE's output (positive homogeneity; :func:`saematch_core.fold.rescale_features`), but **not** a TopK
 SAE's: dividing the pre-activations by different ``s_i`` changes which ``k`` features win. So the
 scaled weights are used only as *matching vectors* (:func:`scaled_vectors`,
-:func:`match_scaled`), never as a model. For JumpReLU, ``s = θ`` is exactly folding.
+``match(a, b, scales=(s_a, s_b))``), never as a model. For JumpReLU, ``s = θ`` is exactly folding.
 
 :func:`family_comparison` asks the reviewers' question: on SAEs of the same layers trained with
 each activation, does matching the scaled vectors beat matching the raw ones by a similar margin
@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,11 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saematch_core.cost import DEFAULT_PARAMS, normalize_rows, pair_costs
+from saematch_core.cost import DEFAULT_PARAMS, feature_vectors
 from saematch_core.databased import iter_code_pairs
 from saematch_core.evaluate import matching_scores
-from saematch_core.lap import solve
-from saematch_core.match import MatchConfig, MatchResult
+from saematch_core.match import MatchConfig, match
 from saematch_core.results import (
     ArrayLike,
     JsonResult,
@@ -61,7 +59,6 @@ __all__ = [
     "activation_scale",
     "family_comparison",
     "fill_dead_scale",
-    "match_scaled",
     "scaled_vectors",
     "token_halves",
     "weight_scale",
@@ -118,77 +115,20 @@ def fill_dead_scale(scale: Tensor) -> Tensor:
     return torch.where(ok, s, s[ok].median())
 
 
-def _check_scale(sae: SAE, scale: Tensor, name: str) -> Tensor:
-    s = torch.as_tensor(scale, dtype=torch.float64).cpu()
-    if s.shape != (sae.d_sae,):
-        raise ValueError(f"{name}: expected shape ({sae.d_sae},), got {tuple(s.shape)}")
-    if not bool((torch.isfinite(s) & (s > 0)).all()):
-        raise ValueError(f"{name}: expected every entry finite and > 0 (see fill_dead_scale)")
-    return s
-
-
 def scaled_vectors(
     sae: SAE, scale: Tensor, params: Sequence[str] = DEFAULT_PARAMS, *, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """Matching vectors of ``sae`` with every feature rescaled by ``scale``.
 
     ``W_enc[:, i] / s_i``, ``W_dec[i] · s_i``, ``b_enc[i] / s_i``, concatenated in ``params`` order,
-    from the *raw* (unfolded) weights. For JumpReLU with ``scale = θ`` this equals the folded vectors.
+    from the *raw* (unfolded) weights (:func:`saematch_core.cost.feature_vectors` with ``scale``). For
+    JumpReLU with ``scale = θ`` this equals the folded vectors.
 
     Returns
     -------
     Tensor, shape (d_sae, D), CPU.
     """
-    s = _check_scale(sae, scale, "scale")
-    raw = {"W_enc": sae.W_enc.T, "W_dec": sae.W_dec, "b_enc": sae.b_enc[:, None]}
-    parts = []
-    for p in params:
-        if p not in raw:
-            raise ValueError(f"params: expected names from {sorted(raw)}, got {p!r}")
-        block = raw[p].detach().to("cpu", torch.float64)
-        parts.append(block * s[:, None] if p == "W_dec" else block / s[:, None])
-    return torch.cat(parts, dim=1).to(dtype)
-
-
-def match_scaled(
-    sae_a: SAE, sae_b: SAE, scale_a: Tensor, scale_b: Tensor, config: MatchConfig | None = None
-) -> MatchResult:
-    """Match on :func:`scaled_vectors` of both SAEs (any family); ``config.fold`` is ignored.
-
-    The per-pair costs in the result are on the scaled vectors.
-    """
-    cfg = MatchConfig() if config is None else config
-    t0 = time.perf_counter()
-    va = scaled_vectors(sae_a, scale_a, cfg.params, dtype=cfg.torch_dtype)
-    vb = scaled_vectors(sae_b, scale_b, cfg.params, dtype=cfg.torch_dtype)
-    x, y = va, vb
-    if cfg.metric == "cosine":
-        x, y = normalize_rows(x, name="a"), normalize_rows(y, name="b")
-    res = solve(
-        cfg.solver,
-        x,
-        y,
-        metric=cfg.metric,
-        chunk_size=cfg.chunk_size,
-        k=cfg.sparse_k,
-        candidates=cfg.sparse_candidates,
-    )
-    perm = torch.as_tensor(res.cols, dtype=torch.long)
-    cost = pair_costs(va, vb, perm, metric=cfg.metric)
-    ok = perm >= 0
-    used = perm[ok]
-    return MatchResult(
-        perm=perm,
-        cost=cost,
-        total_cost=float(cost[ok].sum()) if bool(ok.any()) else 0.0,
-        solver=cfg.solver,
-        is_permutation=bool(torch.unique(used).numel() == used.numel()),
-        shape=(sae_a.d_sae, sae_b.d_sae),
-        timings={"total": time.perf_counter() - t0},
-        config=cfg,
-        folded=(False, False),
-        info=res.info,
-    )
+    return feature_vectors(sae, params, fold=False, scale=scale, device="cpu", dtype=dtype)
 
 
 def token_halves(keep: ArrayLike, groups: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +208,8 @@ def _family_perms(
     if float(a.b_dec.abs().sum()) > 0 and float(b.b_dec.abs().sum()) > 0:
         scales["weight_scale"] = (weight_scale(a), weight_scale(b))
     # Independent exact solves: in parallel (see results.parallel_map).
-    solved = parallel_map(lambda sc: match_scaled(a, b, sc[0], sc[1], cfg).perm, list(scales.values()))
+    unfolded = replace(cfg, fold=False)
+    solved = parallel_map(lambda sc: match(a, b, unfolded, scales=sc).perm, list(scales.values()))
     perms = dict(zip(scales, solved, strict=True))
     if a.activation == "jumprelu" and b.activation == "jumprelu":
         perms["theta"] = cached_match(a, b, replace(cfg, fold=True), cache_dir).perm

@@ -12,31 +12,51 @@ almost every feature's partner is its nearest neighbour. This module
    (``S_ij <= t_i`` and ``S_ij <= a_i ‖Y_j‖``),
 2. re-scores the candidate edges exactly in float64 and solves the sparse assignment with a
    shortest-augmenting-path solver that maintains LP dual potentials (:mod:`saematch_core._jv_numba`),
-3. **certifies** the result against the full dense problem with the LP dual. For the rectangular
-   assignment ``max Σ S_ij x_ij`` s.t. every row assigned once, every column at most once, the dual is
-   ``min Σ U_i + Σ V_j`` s.t. ``U_i + V_j >= S_ij`` for all ``(i, j)`` and ``V_j >= 0``. A matching is
-   optimal iff duals exist that are feasible, tight on matched edges and ``V_j = 0`` on unmatched
-   columns (complementary slackness). Feasibility off the graph is checked without recomputing
-   rows whose bound ``max_j (min(t_i, a_i ‖Y_j‖) - V_j) <= U_i`` (plus a rigorous float32 error
-   term) already proves it; reserve entries are checked from their stored scores; the remaining rows
-   are recomputed block by block (never the whole ``n × m``), near-tight entries are re-scored in
-   float64, the most violated entries of each row are added to the graph, and the warm-started solver
-   runs again. A recomputed row keeps its best entries by reduced score ``S_ij - V_j`` and the bound on
+3. **certifies** the result against the full dense problem. The sparse solver leaves a matching
+   ``c`` and column prices ``V_j >= 0`` (0 on unmatched columns). At those prices, the *gain* of entry
+   ``(i, j)`` is ``g_ij = (S_ij - V_j) - (S_ic(i) - V_c(i))``: how much better column ``j`` would serve
+   row ``i``. Weak LP duality (with row potentials ``U_i = max_j (S_ij - V_j)``) gives, for every
+   injective assignment ``σ``,
+
+       ``Σ_i S_iσ(i) <= Σ_i S_ic(i) + Σ_i max(0, max_j g_ij)``,
+
+   so the rows' largest gains bound how far the result can fall short of the optimum. Gains are
+   found without the dense matrix: rows whose bound ``max_j (min(t_i, a_i ‖Y_j‖) - V_j)`` (plus a
+   rigorous float32 error term) is below ``S_ic(i) - V_c(i)`` cannot gain at all; reserve entries are
+   checked from their stored scores; the remaining rows are recomputed block by block (never the
+   whole ``n × m``). Every entry that might gain is re-scored in float64 and its gain evaluated
+   exactly (error-free transformations, :func:`~saematch_core._jv_numba.exact_gains`); entries whose
+   gain exceeds ``tol · (|S_ij| + |S_ic(i)|)`` join the graph, and the warm-started solver runs
+   again. A recomputed row keeps its best entries by reduced score ``S_ij - V_j`` and the bound on
    the rest, which stays valid while ``V`` does not fall, so later rounds rarely recompute it.
 
-The loop stops when no entry violates the dual by more than ``tol``; then for every injective
-assignment ``σ``, ``Σ S_iσ(i) <= total + n · max_violation · scale``, so the result is optimal (exactly,
-up to float64 rounding of the certificate, when ``max_violation`` is 0). If the sparse graph has no
-full matching, ``k`` is doubled for the rows of the failed alternating trees, the unmatched rows get
-edges to their best free columns and (once) every column gets its best ``k`` rows by
-``S_ij / ‖X_i‖``, until it does: a few large-norm "hub" columns that top every row's list then cannot
-starve the others.
+**The guarantee.** The result's ``total`` (the float64 scores of its pairs, summed exactly by
+``math.fsum``) is within ``gap_bound`` of the largest total of any assignment of the same float64
+scores: ``optimum - total <= gap_bound``, proven by the last certificate, with every decision about
+which entries need no exact look carrying a bound on its own rounding. The float64 scores are the
+given matrix for :func:`solve_scores`, and for :func:`solve_inner_product` the float64 evaluation of
+``⟨X_i, Y_j⟩`` from the inputs widened exactly to float64 (within ``D · 2^-53 · ‖X_i‖ ‖Y_j‖`` of the
+real inner product; another float64 evaluation may round differently by that much). ``gap_bound``
+is 0 when no entry gains at all; otherwise it is the sum, rounded up, of the rows' largest gains,
+in the objective's units: gains below the tolerance, normally at the level of the float64 rounding
+of the prices (1e-21 to 1e-15 of the objective on our benchmarks). The solver never scales ``tol``
+by the largest norm or score, so a few huge rows or columns, or heavy-tailed norms, do not loosen
+it for the others. When gains above the tolerance sit on graph edges or within the rounding of
+prices grown far beyond the scores (after a poor first graph or penalty entries of order 1e12),
+the graph is re-solved once from cold duals before the result is returned.
+
+If the sparse graph has no full matching, ``k`` is doubled for the rows of the failed alternating
+trees, the unmatched rows get edges to their best free columns and (once) every column gets its
+best ``k`` rows by ``S_ij / ‖X_i‖``, until it does: a few large-norm "hub" columns that top every
+row's list then cannot starve the others.
 
 Hub-dominated costs leave most rows without a partner in the first graph and then grow it round
 after round (to a third of the dense matrix on the unfolded objective of our trained SAEs). When over
-a quarter of the rows are unmatched or the graph holds more than 1/16 of all entries, a problem whose
-float64 matrix takes at most 512 MiB goes to the dense reference below (exact by construction),
-which is then faster.
+a quarter of the rows are unmatched or the graph holds more than 1/16 of all entries, the problem
+goes to a dense kernel (scipy's algorithm, compiled here, which keeps its duals) and the same
+certificate, which is then faster: for :func:`solve_inner_product` when the float64 matrix takes at
+most 512 MiB (and at least 2^20 entries), for :func:`solve_scores` from 2^16 entries on (the matrix
+is in memory already).
 
 ``SAEMATCH_REFERENCE=1`` (or ``reference=True``) switches to the dense scipy reference
 (:func:`scipy.optimize.linear_sum_assignment` on the float64 matrix).
@@ -48,29 +68,38 @@ import logging
 import math
 import os
 import time
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple
 
 import numpy as np
+import scipy.optimize
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from saematch_core._jv_numba import (
     capped_envelope,
+    dense_sap,
     exact_dots,
+    exact_gains,
     line_envelope,
     reduced_scan,
+    row_abs_max,
     sparse_sap,
     topk2,
     topk2_bf16,
 )
+from saematch_core.cost import resolve_device
+from saematch_core.errors import InfeasibleMatchError
+from saematch_core.lap import DEFAULT_TOL, Candidates, as_cost_matrix, check_candidates, check_tol
 from saematch_core.sae import nonfinite_summary
 
 __all__ = [
     "Candidates",
+    "Method",
     "Precision",
     "SparseLAPResult",
     "candidate_precision",
+    "memory_bytes",
+    "solve_cost_matrix",
     "solve_inner_product",
     "solve_scores",
     "threadsafe",
@@ -79,64 +108,70 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _U32 = 2.0**-24
+_U64 = 2.0**-53
 # A block of scores is at most this many elements (1 GiB in float32), whatever ``chunk_size`` says.
 _MAX_BLOCK = 2**28
-# Relative dual slack below which the warm-start repair keeps a matched row (float64 noise).
-_FEAS_REL = 1e-13
+# Relative dual slack below which the warm-start repair keeps a matched row (float64 noise; well
+# below DEFAULT_TOL, so what it keeps is never a gain the certificate would chase).
+_FEAS_REL = 2.0**-47
 # Candidates kept per row and order, as a multiple of k: the best k enter the graph, the rest are a
 # reserve checked from their stored scores, so the certificate rarely recomputes a row.
 _RESERVE = 4
 # Entries kept per recomputed row (multiple of k), by reduced score S_ij - V_j, for later rounds.
 _PRICED = 8
-# Dense fallback (see _dense_is_faster): graph size relative to the dense matrix, and problem sizes.
+# Dense fallback (see _dense_is_faster): graph size relative to the dense matrix, and problem sizes:
+# for inner products, whose dense matrix must be built first, and for explicit matrices.
 _DENSE_FRACTION = 16
 _DENSE_MIN_ENTRIES = 1 << 20
 _DENSE_MAX_BYTES = 512 << 20
+_DENSE_MIN_ENTRIES_GIVEN = 1 << 16
+# Stand-in for a forbidden (-inf) score inside the compiled scans, which assume finite values.
+_FORBIDDEN = -1e300
 
 Precision = Literal["float32", "bfloat16"]
-Candidates = Literal["auto", "float32", "bfloat16"]
-_CANDIDATES: tuple[str, ...] = get_args(Candidates)
+Method = Literal["sparse", "dense"]
 
 
 class SparseLAPResult(NamedTuple):
-    """Result of :func:`solve_inner_product` / :func:`solve_scores`."""
+    """Result of :func:`solve_inner_product`, :func:`solve_scores` and :func:`solve_cost_matrix`."""
 
     cols: np.ndarray
     """int64 (n,): row ``i`` is assigned to column ``cols[i]`` (all distinct)."""
     total: float
-    """The objective ``Σ_i S[i, cols[i]]``, re-scored in float64 (for ``solve_scores(maximize=False)``,
-    the total cost)."""
-    max_violation: float
-    """The certificate: the largest violation of the LP dual conditions over the full dense problem
-    (feasibility ``U_i + V_j >= S_ij`` for every ``(i, j)``, tightness on matched edges, ``V_j = 0`` on
-    unmatched columns, ``V_j >= 0``), in units of ``scale`` (``max_i ‖X_i‖ · max_j ‖Y_j‖``, or
-    ``max |S|``). ``<= tol`` means proven optimal. 0.0 on the dense reference path (exact by
-    construction)."""
+    """The objective ``Σ_i S[i, cols[i]]`` of the float64 scores, summed exactly (``math.fsum``); for
+    ``solve_scores(maximize=False)`` and :func:`solve_cost_matrix`, the total cost."""
+    gap_bound: float
+    """Proven bound on the shortfall, in the objective's units: no assignment of the float64 problem
+    is better than ``total`` by more than this (see the module docstring). 0 when proven optimal;
+    also 0 on the scipy reference path, which is exact by construction and not re-checked."""
     rounds: int
     """Number of sparse solves (1 when the first candidate graph already certified; 0 on the reference
-    path; those before it on the dense fallback)."""
+    path and on the dense method; those before it on the dense fallback)."""
     n_candidates: int
     """Number of edges in the final sparse graph, not counting the reserve (``n · m`` on the reference
-    path and the dense fallback)."""
+    path and the dense method or fallback)."""
 
 
 class _Oracle:
-    """Access to ``S = X Yᵀ``: float32 (or exact) row blocks, exact entries, error bounds."""
+    """Access to the scores: float32 (or exact) row blocks, exact entries, error bounds."""
 
     n: int
     m: int
-    scale: float
+    row_scale: np.ndarray  # (n,) bound on |S_ij| over the row's finite entries
     margin: np.ndarray  # (n,) bound on |candidate-block entry - exact entry| for each row
     alpha_margin: np.ndarray  # (n,) the same bound for candidate-block entries divided by ‖Y_j‖
     block_margin: np.ndarray  # (n,) bound on |float32-block entry - exact entry| (the certificate's)
+    dense_margin: np.ndarray  # (n,) bound on |dense_exact() entry - exact entry|
     col_norm: np.ndarray | None  # (m,) ‖Y_j‖ when S = X Yᵀ: enables norm-scaled candidates
     inv_norm: np.ndarray  # (m,) 1/‖Y_j‖ (0 for zero rows), or (0,) without norms
     row_inv_norm: Tensor | None  # (n,) 1/‖X_i‖ on the block device, or None without norms
+    dense_entries: tuple[int, int]  # problem sizes (entries) for which the dense fallback is allowed
 
     def block(self, rows: np.ndarray, *, candidates: bool = False, native: bool = False) -> Tensor:
         """Float32 scores of ``rows``; ``candidates=True`` may compute them in a faster, coarser
         precision whose error stays below :attr:`margin` (instead of :attr:`block_margin`), and
-        ``native=True`` then returns them in that precision (e.g. bfloat16) instead of float32."""
+        ``native=True`` then returns them in that precision (e.g. bfloat16) instead of float32.
+        Forbidden entries read as a large finite negative number."""
         raise NotImplementedError
 
     def scaled_(self, S: Tensor) -> Tensor:
@@ -144,10 +179,12 @@ class _Oracle:
         raise NotImplementedError
 
     def exact(self, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+        """The float64 scores of the entries ``(ii, jj)`` (``-inf`` where forbidden)."""
         raise NotImplementedError
 
     def dense_exact(self) -> np.ndarray | None:
-        """The whole score matrix in float64 for the dense fallback, or ``None`` (no fallback)."""
+        """The whole score matrix in float64 (entries within :attr:`dense_margin` of :meth:`exact`'s)
+        for the dense fallback, or ``None`` (no fallback)."""
         return None
 
 
@@ -168,8 +205,11 @@ class _InnerProductOracle(_Oracle):
         xn = torch.linalg.vector_norm(torch.from_numpy(self._Xe), dim=1).double().numpy() * up
         yn = torch.linalg.vector_norm(torch.from_numpy(self._Ye), dim=1).double().numpy() * up
         ymax = float(yn.max()) if self.m else 0.0
-        xmax = float(xn.max()) if self.n else 0.0
-        self.scale = xmax * ymax if xmax * ymax > 0 else 1.0
+        self.row_scale = xn * ymax
+        self.dense_entries = (_DENSE_MIN_ENTRIES, _DENSE_MAX_BYTES // 8)
+        # the dense fallback's float64 GEMM and exact_dots each round within γ_D ‖x‖‖y‖
+        gamma64 = D * _U64 / (1.0 - D * _U64)
+        self.dense_margin = 2.0 * gamma64 * self.row_scale
         # Rigorous float32 error: rounding the inputs to float32 (when they were float64) plus a
         # D-term dot product in any summation order, |err| <= γ Σ|x_k y_k| <= γ ‖x‖‖y‖.
         terms = D + (2 if exact_dtype == torch.float64 else 0)
@@ -178,12 +218,10 @@ class _InnerProductOracle(_Oracle):
             torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
         ):
             gamma += 2.0**-10  # TF32 rounds each input to a 10-bit mantissa
-        # 2× for safety against the bound being applied to a float32-rounded threshold value.
-        self.block_margin = 2.0 * gamma * xn * ymax + 4.0 * _U32 * self.scale
-        self.margin, self.alpha_margin = (
-            self.block_margin,
-            2.0 * (gamma + 4.0 * _U32) * xn + 4.0 * _U32 * xmax,
-        )
+        # 2× for safety against the bound being applied to a float32-rounded threshold value (of
+        # size at most the row's scale: each row's own, so one huge row does not widen the others').
+        self.block_margin = 2.0 * gamma * self.row_scale + 4.0 * _U32 * self.row_scale
+        self.margin, self.alpha_margin = self.block_margin, 2.0 * (gamma + 4.0 * _U32) * xn + 4.0 * _U32 * xn
         self._Xc: Tensor | None = None
         self._Yct: Tensor | None = None
         self._cbuf: Tensor | None = None
@@ -198,8 +236,8 @@ class _InnerProductOracle(_Oracle):
             u = 2.0**-8
             p = (1.0 + u + 2.0 * _U32) ** 2
             gamma_c = (p - 1.0) + gamma * p + u * (1.0 + gamma) * p
-            self.margin = gamma_c * xn * ymax + 4.0 * _U32 * self.scale
-            self.alpha_margin = (gamma_c + 4.0 * _U32) * xn + 4.0 * _U32 * xmax
+            self.margin = gamma_c * self.row_scale + 4.0 * _U32 * self.row_scale
+            self.alpha_margin = (gamma_c + 4.0 * _U32) * xn + 4.0 * _U32 * xn
             self._Xc = self._X32.to(torch.bfloat16)
             self._Yct = self._Y32t.to(torch.bfloat16)
         self.col_norm = yn
@@ -250,23 +288,33 @@ class _InnerProductOracle(_Oracle):
 
 
 class _DenseOracle(_Oracle):
+    """An explicit float64 score matrix (``-inf`` = forbidden), used as it is."""
+
     def __init__(self, S: np.ndarray) -> None:
         self._S = S
         self.n, self.m = S.shape
-        amax = float(np.abs(S).max()) if S.size else 0.0
-        self.scale = amax if amax > 0 else 1.0
-        self.margin = self.block_margin = np.zeros(self.n)
+        self.row_scale = np.zeros(self.n)
+        self.forbidden = bool(row_abs_max(S, self.row_scale)) if S.size else False
+        self.margin = self.block_margin = self.dense_margin = np.zeros(self.n)
         self.col_norm = None
         self.alpha_margin = np.zeros(self.n)
         self.inv_norm = np.zeros(0)
         self.row_inv_norm = None
+        self.dense_entries = (_DENSE_MIN_ENTRIES_GIVEN, self.n * self.m)  # the matrix is in memory already
 
     def block(self, rows: np.ndarray, *, candidates: bool = False, native: bool = False) -> Tensor:
         del candidates, native  # the scores are given exactly
-        return torch.from_numpy(self._S[rows])
+        contiguous = rows.size and rows[-1] - rows[0] == rows.size - 1
+        S = self._S[int(rows[0]) : int(rows[-1]) + 1] if contiguous else self._S[rows]
+        if self.forbidden:
+            S = np.maximum(S, _FORBIDDEN)  # a copy: -inf → a finite stand-in for the compiled scans
+        return torch.from_numpy(S)
 
     def exact(self, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
         return self._S[ii, jj]
+
+    def dense_exact(self) -> np.ndarray | None:
+        return self._S
 
 
 def _row_blocks(rows: np.ndarray, m: int, chunk_size: int) -> list[np.ndarray]:
@@ -308,9 +356,11 @@ def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size
         gi.append(np.repeat(blk, k))
         gj.append(idx[:, :k].ravel())
         if depth > k:
-            ri.append(np.repeat(blk, depth - k))
-            rj.append(idx[:, k:].ravel())
-            rv.append(raw[:, k:].ravel())
+            rest = raw[:, k:].ravel()
+            allowed = rest > _FORBIDDEN  # forbidden entries need no look
+            ri.append(np.repeat(blk, depth - k)[allowed])
+            rj.append(idx[:, k:].ravel()[allowed])
+            rv.append(rest[allowed])
 
     for blk in _row_blocks(rows, m, chunk_size):
         sl = slice(pos, pos + len(blk))
@@ -385,7 +435,8 @@ def _column_candidates(oracle: _Oracle, k: int, chunk_size: int) -> tuple[np.nda
 def _merge(
     keys: np.ndarray, s: np.ndarray, ii: np.ndarray, jj: np.ndarray, m: int, oracle: _Oracle
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Add edges (ii, jj) (exactly re-scored) to the sorted key set; returns new (keys, scores)."""
+    """Add edges (ii, jj) (exactly re-scored; forbidden ones dropped) to the sorted key set; returns
+    new (keys, scores)."""
     new = np.sort(ii * m + jj)
     pos = np.searchsorted(keys, new)
     fresh = np.ones(new.size, np.bool_)
@@ -395,27 +446,10 @@ def _merge(
     new, pos = new[fresh], pos[fresh]
     if new.size == 0:
         return keys, s
+    scores = oracle.exact(new // m, new % m)
+    allowed = scores > -np.inf
     # both sorted: inserting at the search positions keeps the keys sorted
-    return np.insert(keys, pos, new), np.insert(s, pos, oracle.exact(new // m, new % m))
-
-
-def _rescore(
-    oracle: _Oracle,
-    U: np.ndarray,
-    V: np.ndarray,
-    gi: np.ndarray,
-    gj: np.ndarray,
-    tol_abs: float,
-    out: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]],
-) -> float:
-    """Exact reduced costs of the entries (gi, gj): append the violating ones to ``out`` (rows,
-    columns, violations) and return the largest reduced cost (-inf when there is no entry)."""
-    exact_v = oracle.exact(gi, gj) - U[gi] - V[gj]
-    bad = exact_v > tol_abs
-    out[0].append(gi[bad])
-    out[1].append(gj[bad])
-    out[2].append(exact_v[bad])
-    return float(exact_v.max()) if exact_v.size else -math.inf
+    return np.insert(keys, pos[allowed], new[allowed]), np.insert(s, pos[allowed], scores[allowed])
 
 
 def _scan_reduced(
@@ -452,223 +486,436 @@ def _scan_reduced_torch(
     return near[:, 0].astype(np.int64), near[:, 1].astype(np.int64), tj, tv
 
 
-def _solve(
-    oracle: _Oracle, *, k: int, chunk_size: int, tol: float, max_rounds: int, timings: dict[str, float] | None
-) -> SparseLAPResult:
-    clock = {"candidates_s": 0.0, "solve_s": 0.0, "certify_s": 0.0}
-    t0 = time.perf_counter()
-    res = _solve_inner(oracle, k=k, chunk_size=chunk_size, tol=tol, max_rounds=max_rounds, clock=clock)
-    if timings is not None:
-        timings.update(clock, total_s=time.perf_counter() - t0)
-    return res
+def _gains(s: np.ndarray, v_j: np.ndarray, s_c: np.ndarray, v_c: np.ndarray) -> np.ndarray:
+    """Exact gains ``max(0, (s - v_j) - (s_c - v_c))``, rounded up (:func:`exact_gains`)."""
+    out = np.empty(s.shape[0])
+    if s.shape[0]:
+        exact_gains(
+            np.ascontiguousarray(s, np.float64),
+            np.ascontiguousarray(v_j, np.float64),
+            np.ascontiguousarray(s_c, np.float64),
+            np.ascontiguousarray(v_c, np.float64),
+            out,
+        )
+    return out
 
 
-def _solve_inner(
-    oracle: _Oracle, *, k: int, chunk_size: int, tol: float, max_rounds: int, clock: dict[str, float]
-) -> SparseLAPResult:
-    n, m = oracle.n, oracle.m
-    if n == 0:
-        return SparseLAPResult(np.zeros(0, np.int64), 0.0, 0.0, 0, 0)
-    all_rows = np.arange(n, dtype=np.int64)
-    k_row = np.full(n, min(k, m), np.int64)
-    tick = time.perf_counter()
-    cand = _topk_rows(oracle, all_rows, int(k_row[0]), _RESERVE * k, chunk_size)
-    ii, jj, kth, alpha = cand.graph_i, cand.graph_j, cand.kth, cand.alpha
-    res_i, res_j, res_v = cand.reserve_i, cand.reserve_j, cand.reserve_v
-    columns_added = False
-    keys, s = _merge(np.zeros(0, np.int64), np.zeros(0), ii, jj, m, oracle)
-    clock["candidates_s"] += time.perf_counter() - tick
+def _sum_up(values: np.ndarray) -> float:
+    """An upper bound on the exact sum of non-negative ``values`` (0.0 when all are 0)."""
+    total = math.fsum(values.tolist())
+    return math.nextafter(total, math.inf) if total > 0 else 0.0
 
-    u = np.zeros(n)
-    v = np.zeros(m)
-    col4row = np.full(n, -1, np.int64)
-    row4col = np.full(m, -1, np.int64)
-    rect = n < m
-    scale = oracle.scale
-    tol_abs = tol * scale
-    feas_tol = _FEAS_REL * scale
-    rounds = 0
-    max_viol = math.inf
-    # Rows recomputed by the certificate keep their best entries by current reduced score S_ij - V_j
-    # (a "priced reserve") and the bound thr_i on the others; while V does not decrease, unstored
-    # entries stay below thr_i + V_j(then) <= thr_i + V_j(now), so the row need not be recomputed.
-    depth_p = min(_PRICED * k, m)
-    pr_j = np.zeros((n, depth_p), np.int64)
-    pr_v = np.zeros((n, depth_p))
-    pr_thr = np.full(n, np.inf)
-    pr_round = np.zeros(n, np.int64)
-    v_snaps: list[np.ndarray] = []
-    certified_rounds = 0
 
-    def dense_fallback(n_unmatched: int) -> SparseLAPResult | None:
-        # Hub-dominated costs (a few large-norm columns top every row) leave most rows unmatched and
-        # grow the graph round after round; a small problem is then faster solved densely, exactly.
-        if not _dense_is_faster(n, m, keys.size, n_unmatched):
-            return None
+class _Certificate(NamedTuple):
+    """What one certificate pass found for the current matching and prices."""
+
+    gains: np.ndarray
+    """(n,) upper bound on each row's largest gain ``max(0, max_j g_ij)`` (exact arithmetic)."""
+    gap_bound: float
+    """Proven bound on the shortfall: the gains' sum, plus (rectangular problems) the prices that
+    break ``V >= 0`` on matched or ``V = 0`` on unmatched columns (0 for the sparse solver's)."""
+    new_i: np.ndarray
+    """Rows of the off-graph entries whose gain exceeds the tolerance (at most a few per row)."""
+    new_j: np.ndarray
+    """Their columns."""
+    n_checked: int
+    """Rows whose scores were recomputed (their bounds could not rule out a gain)."""
+    n_blurred: int
+    """Rows with a gain above the tolerance that adds no edge: on a graph edge, or within the
+    rounding of large prices. Fresh prices (:meth:`_CertifiedSolve.restart`) remove them."""
+
+
+class _CertifiedSolve:
+    """One certified solve, in phases that can be run (and tested) one at a time.
+
+    :meth:`find_candidates` (the first pass over the score blocks), :meth:`solve_graph` (the sparse
+    solver, warm-started), :meth:`grow` (more edges for rows the graph cannot match),
+    :meth:`certify` (the check against the full dense problem), :meth:`add_edges`,
+    :meth:`solve_dense` (the dense method and fallback) and :meth:`run`, which chains them.
+    """
+
+    def __init__(
+        self,
+        oracle: _Oracle,
+        *,
+        k: int,
+        chunk_size: int,
+        tol: float,
+        max_rounds: int,
+        clock: dict[str, float] | None = None,
+    ) -> None:
+        self.oracle = oracle
+        self.n, self.m = n, m = oracle.n, oracle.m
+        self.k, self.chunk_size, self.tol, self.max_rounds = k, chunk_size, tol, max_rounds
+        self.clock = clock if clock is not None else {"candidates_s": 0.0, "solve_s": 0.0, "certify_s": 0.0}
+        self.all_rows = np.arange(n, dtype=np.int64)
+        self.k_row = np.full(n, min(k, m), np.int64)
+        # the sparse graph: sorted keys i·m + j and their exact scores
+        self.keys = np.zeros(0, np.int64)
+        self.s = np.zeros(0)
+        # bounds on the entries outside the candidates, and the reserve (approximate scores)
+        self.kth = np.full(n, np.inf)
+        self.alpha = np.full(n, np.inf)
+        self.res_i = self.res_j = np.zeros(0, np.int64)
+        self.res_v = np.zeros(0)
+        self.columns_added = False
+        # the sparse solver's state, minimisation form (prices V = -v)
+        self.u = np.zeros(n)
+        self.v = np.zeros(m)
+        self.col4row = np.full(n, -1, np.int64)
+        self.row4col = np.full(m, -1, np.int64)
+        self.rounds = 0
+        self.certified_rounds = 0
+        self.restarted = False
+        # Rows recomputed by the certificate keep their best entries by current reduced score S_ij - V_j
+        # (a "priced reserve") and the bound thr_i on the others; while V does not decrease, unstored
+        # entries stay below thr_i + V_j(then) <= thr_i + V_j(now), so the row need not be recomputed.
+        self.depth_p = min(_PRICED * k, m)
+        self.pr_j = np.zeros((n, self.depth_p), np.int64)
+        self.pr_v = np.zeros((n, self.depth_p))
+        self.pr_thr = np.full(n, np.inf)
+        self.pr_round = np.zeros(n, np.int64)
+        self.v_snaps: list[np.ndarray] = []
+
+    # ------------------------------------------------------------------ phases
+    def find_candidates(self) -> None:
+        """The first pass: every row's top candidates enter the graph, the next ones the reserve, and
+        the bounds ``kth`` / ``alpha`` cover the rest."""
         tick = time.perf_counter()
-        S_dense = oracle.dense_exact()
-        if S_dense is None:
-            return None
-        logger.debug("round %d: %d edges; solving the dense %d × %d problem instead", rounds, keys.size, n, m)
-        res = _reference(S_dense)._replace(rounds=rounds)
-        clock["solve_s"] += time.perf_counter() - tick
-        return res
+        cand = _topk_rows(self.oracle, self.all_rows, int(self.k_row[0]), _RESERVE * self.k, self.chunk_size)
+        self.kth, self.alpha = cand.kth, cand.alpha
+        self.res_i, self.res_j, self.res_v = cand.reserve_i, cand.reserve_j, cand.reserve_v
+        self.add_edges(cand.graph_i, cand.graph_j)
+        self.clock["candidates_s"] += time.perf_counter() - tick
 
-    while True:
-        if (res := dense_fallback(0)) is not None:
-            return res
-        rounds += 1
-        rows_e = keys // m
-        cols_e = keys % m
+    def add_edges(self, ii: np.ndarray, jj: np.ndarray) -> int:
+        """Add entries to the graph (exactly scored; duplicates and forbidden entries dropped);
+        returns how many were new."""
+        before = self.keys.size
+        self.keys, self.s = _merge(self.keys, self.s, ii, jj, self.m, self.oracle)
+        return self.keys.size - before
+
+    def solve_graph(self) -> np.ndarray:
+        """Run the sparse solver (warm-started from the current state) on the graph; returns the
+        rows of the alternating trees that found no free column (empty: every row is matched)."""
+        n, m = self.n, self.m
+        self.rounds += 1
+        rows_e = self.keys // m
         indptr = np.zeros(n + 1, np.int64)
         np.cumsum(np.bincount(rows_e, minlength=n), out=indptr[1:])
         stuck = np.zeros(n, np.bool_)
         tick = time.perf_counter()
-        n_fail = sparse_sap(indptr, cols_e, -s, u, v, col4row, row4col, rect, feas_tol, stuck)
-        clock["solve_s"] += time.perf_counter() - tick
-        if n_fail and (res := dense_fallback(n_fail)) is not None:
-            return res
-        tick = time.perf_counter()
-        if n_fail:
-            grow = np.flatnonzero(stuck & (k_row < m))
-            if grow.size == 0:
-                raise RuntimeError("sparse_sap: no full matching although every row sees every column")
-            logger.debug("round %d: %d rows unmatched, growing k for %d rows", rounds, n_fail, grow.size)
-            new_i, new_j = [], []
-            for kk in np.unique(np.minimum(2 * k_row[grow], m)):
-                sel = grow[np.minimum(2 * k_row[grow], m) == kk]
-                grown = _topk_rows(oracle, sel, int(kk), int(kk), chunk_size)
-                new_i.append(grown.graph_i)
-                new_j.append(grown.graph_j)
-                # entries outside the new top-kk *and* the old candidates obey both bounds
-                kth[sel] = np.minimum(kth[sel], grown.kth)
-                alpha[sel] = np.minimum(alpha[sel], grown.alpha)
-                k_row[sel] = kk
-            # Unmatched rows also see their best *free* columns: on hub-dominated costs (every row's
-            # top candidates are the same few large-norm columns) growing k alone would take rounds
-            # and most of the dense matrix before the graph has a full matching.
-            if not columns_added:
-                col_i, col_j = _column_candidates(oracle, k, chunk_size)
-                new_i.append(col_i)
-                new_j.append(col_j)
-                columns_added = True
-            free_rows, free_cols = np.flatnonzero(col4row < 0), np.flatnonzero(row4col < 0)
-            kf = min(k, free_cols.size)
-            for blk in _row_blocks(free_rows, m, chunk_size) if kf else ():
-                S = oracle.block(blk)
-                idx = (
-                    torch.topk(S[:, torch.from_numpy(free_cols).to(S.device)], kf, dim=1)
-                    .indices.cpu()
-                    .numpy()
-                )
-                new_i.append(np.repeat(blk, kf))
-                new_j.append(free_cols[idx].ravel())
-            keys, s = _merge(keys, s, np.concatenate(new_i), np.concatenate(new_j), m, oracle)
-            clock["candidates_s"] += time.perf_counter() - tick
-            continue
+        sparse_sap(
+            indptr,
+            self.keys % m,
+            -self.s,
+            self.u,
+            self.v,
+            self.col4row,
+            self.row4col,
+            n < m,
+            _FEAS_REL,
+            stuck,
+        )
+        self.clock["solve_s"] += time.perf_counter() - tick
+        return np.flatnonzero(stuck)
 
-        U, V = -u, -v
-        viol = float(np.max(s - U[rows_e] - V[cols_e]))
-        matched_s = s[np.searchsorted(keys, all_rows * m + col4row)]
-        viol = max(viol, float(np.max(np.abs(matched_s - U - V[col4row]))))
-        free_cols = row4col < 0
-        if free_cols.any():
-            viol = max(viol, float(np.max(np.abs(V[free_cols]))))
+    def grow(self, stuck: np.ndarray) -> None:
+        """More edges for the rows of failed alternating trees: ``k`` doubled for them, every
+        unmatched row's best free columns and (once) every column's best rows."""
+        oracle, m, k, chunk_size = self.oracle, self.m, self.k, self.chunk_size
+        tick = time.perf_counter()
+        grow = stuck[self.k_row[stuck] < m]
+        if grow.size == 0:
+            # every row of a failed tree already sees all its allowed columns
+            raise InfeasibleMatchError(
+                f"scores: cost matrix is infeasible: {stuck.size} rows (the first is row {int(stuck[0])}) "
+                "cannot all be assigned to distinct allowed (non-forbidden) columns"
+            )
+        logger.debug("round %d: %d rows unmatched, growing k for %d rows", self.rounds, stuck.size, grow.size)
+        new_i, new_j = [], []
+        doubled = np.minimum(2 * self.k_row[grow], m)
+        for kk in np.unique(doubled):
+            sel = grow[doubled == kk]
+            grown = _topk_rows(oracle, sel, int(kk), int(kk), chunk_size)
+            new_i.append(grown.graph_i)
+            new_j.append(grown.graph_j)
+            # entries outside the new top-kk *and* the old candidates obey both bounds
+            self.kth[sel] = np.minimum(self.kth[sel], grown.kth)
+            self.alpha[sel] = np.minimum(self.alpha[sel], grown.alpha)
+            self.k_row[sel] = kk
+        # Unmatched rows also see their best *free* columns: on hub-dominated costs (every row's top
+        # candidates are the same few large-norm columns) growing k alone would take rounds and most
+        # of the dense matrix before the graph has a full matching.
+        if not self.columns_added:
+            col_i, col_j = _column_candidates(oracle, k, chunk_size)
+            new_i.append(col_i)
+            new_j.append(col_j)
+            self.columns_added = True
+        free_rows, free_cols = np.flatnonzero(self.col4row < 0), np.flatnonzero(self.row4col < 0)
+        kf = min(k, free_cols.size)
+        for blk in _row_blocks(free_rows, m, chunk_size) if kf else ():
+            S = oracle.block(blk)
+            idx = torch.topk(S[:, torch.from_numpy(free_cols).to(S.device)], kf, dim=1).indices.cpu().numpy()
+            new_i.append(np.repeat(blk, kf))
+            new_j.append(free_cols[idx].ravel())
+        self.add_edges(np.concatenate(new_i), np.concatenate(new_j))
+        self.clock["candidates_s"] += time.perf_counter() - tick
+
+    def _beta(self, s: np.ndarray, v_j: np.ndarray, s_c: np.ndarray, v_c: np.ndarray) -> np.ndarray:
+        """The gain above which an entry is chased: ``tol`` relative to the two scores compared, plus
+        the float64 rounding of the prices (which re-solving cannot remove)."""
+        return self.tol * (np.abs(s) + np.abs(s_c)) + 4.0 * _U64 * (np.abs(v_j) + np.abs(v_c))
+
+    def certify(self) -> _Certificate:
+        """Check the current (full) matching against the whole dense problem at the current prices."""
+        oracle, n, m = self.oracle, self.n, self.m
+        tick = time.perf_counter()
+        keys, s, c = self.keys, self.s, self.col4row
+        rows_e, cols_e = keys // m, keys % m
+        V = -self.v
+        s_c = s[np.searchsorted(keys, self.all_rows * m + c)]
+        T = s_c - V[c]  # each row's reduced score at its column (float64; the gains below are exact)
+        v_abs = float(np.abs(V).max())
         v_min = float(V.min())
-        viol = max(viol, -v_min)
+        # float64 rounding of the comparisons below, with a float32-sized safety factor
+        rounding = 8.0 * _U32 * (np.abs(T) + v_abs + oracle.row_scale)
+        gains = np.zeros(n)
+        add: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # rows with a gain above tol that is on the graph or hidden by the prices' rounding: the
+        # prices, not the graph, are at fault
+        blurred = np.zeros(n, np.bool_)
+
+        def look(gi: np.ndarray, gj: np.ndarray, exact: np.ndarray | None = None) -> None:
+            # exact gains of entries that may gain; those above the tolerance are chased
+            sc = oracle.exact(gi, gj) if exact is None else exact
+            g = _gains(sc, V[gj], s_c[gi], V[c[gi]])
+            pos = np.flatnonzero(g > 0)  # usually none
+            gi, gj, sc, g = gi[pos], gj[pos], sc[pos], g[pos]
+            np.maximum.at(gains, gi, g)
+            blurred[gi[g > self.tol * (np.abs(sc) + np.abs(s_c[gi]))]] = True
+            bad = g > self._beta(sc, V[gj], s_c[gi], V[c[gi]])
+            add.append((gi[bad], gj[bad], g[bad]))
+
+        look(rows_e, cols_e, s)  # the graph's edges (every row has one: its matched edge)
         # Off-graph entries of row i are <= kth_i and <= alpha_i ‖Y_j‖ (+ float32 error): rows whose
-        # bound on max_j (S_ij - V_j) is below U_i need no recomputation.
-        bound = kth + oracle.margin - v_min
+        # bound on max_j (S_ij - V_j) is below their reduced score T_i gain nowhere off the graph.
+        bound = self.kth + oracle.margin - v_min
         if oracle.col_norm is not None:
+            alpha = self.alpha
             finite = np.isfinite(alpha)
             env = np.full(n, np.inf)
             env[finite] = line_envelope(oracle.col_norm, -V, alpha[finite] + oracle.alpha_margin[finite])
             env[alpha == -np.inf] = -np.inf
             # both bounds at once: max_j (min(kth_i, alpha_i ‖Y_j‖) - V_j), much tighter when the
             # large-norm columns are the expensive (high V_j) ones
-            capped = capped_envelope(oracle.col_norm, -V, kth + oracle.margin, alpha + oracle.alpha_margin)
+            capped = capped_envelope(
+                oracle.col_norm, -V, self.kth + oracle.margin, alpha + oracle.alpha_margin
+            )
             bound = np.minimum(bound, np.minimum(env, capped))
-        v_snaps.append(V.copy())
-        # how far V fell since each earlier round (0 for square problems: duals only rise there)
-        drop = np.array([max(0.0, float(np.max(snap - V))) for snap in v_snaps])
-        has_pr = np.isfinite(pr_thr)
-        bound[has_pr] = np.minimum(bound[has_pr], pr_thr[has_pr] + drop[pr_round[has_pr]])
-        check = np.flatnonzero(bound - U > 0)
-        add_i, add_j, add_v = [], [], []
-        v_abs = float(np.abs(V).max())
+        self.v_snaps.append(V.copy())
+        # how far V fell since each earlier round (0 for square problems: prices only rise there)
+        drop = np.array([max(0.0, float(np.max(snap - V))) for snap in self.v_snaps])
+        has_pr = np.isfinite(self.pr_thr)
+        bound[has_pr] = np.minimum(bound[has_pr], self.pr_thr[has_pr] + drop[self.pr_round[has_pr]])
+        check = np.flatnonzero(bound - T + rounding > 0)
         rows_pr = np.flatnonzero(has_pr)
-        # stored approximate scores need an exact look only above U_i - slack_i (their error plus the
-        # rounding of the comparison itself)
-        rounding = 8.0 * _U32 * (np.abs(U) + v_abs + scale)
         if rows_pr.size:
-            # priced-reserve entries, like the reserve below
-            pj = pr_j[rows_pr]
-            lo = U[rows_pr] - oracle.block_margin[rows_pr] - rounding[rows_pr]
-            rr, cc = np.nonzero(pr_v[rows_pr] - V[pj] > lo[:, None])
-            gi, gj = rows_pr[rr], pj[rr, cc]
-            viol = max(viol, _rescore(oracle, U, V, gi, gj, tol_abs, (add_i, add_j, add_v)))
-        if res_i.size:
-            # reserve entries: approximate scores first, exact re-scoring near the dual boundary
-            near = np.flatnonzero(res_v - V[res_j] > (U - oracle.margin - rounding)[res_i])
-            gi, gj = res_i[near], res_j[near]
-            viol = max(viol, _rescore(oracle, U, V, gi, gj, tol_abs, (add_i, add_j, add_v)))
-        for blk in _row_blocks(check, m, chunk_size):
+            # priced-reserve entries: stored approximate scores, an exact look near the boundary
+            pj = self.pr_j[rows_pr]
+            lo = T[rows_pr] - oracle.block_margin[rows_pr] - rounding[rows_pr]
+            rr, cc = np.nonzero(self.pr_v[rows_pr] - V[pj] > lo[:, None])
+            look(rows_pr[rr], pj[rr, cc])
+        if self.res_i.size:
+            # reserve entries, the same way
+            near = np.flatnonzero(self.res_v - V[self.res_j] > (T - oracle.margin - rounding)[self.res_i])
+            look(self.res_i[near], self.res_j[near])
+        depth_p = self.depth_p
+        for blk in _row_blocks(check, m, self.chunk_size):
             # reduced scores in float64: only the block's own error separates them from the exact ones
             marg = oracle.block_margin[blk]
-            near_r, near_c, tj, tv = _scan_reduced(oracle.block(blk), V, U[blk] - marg, min(depth_p, m))
+            near_r, near_c, tj, tv = _scan_reduced(
+                oracle.block(blk), V, T[blk] - marg - rounding[blk], depth_p
+            )
             if depth_p < m:
-                pr_j[blk] = tj
-                pr_v[blk] = tv + V[tj]
-                pr_thr[blk] = tv.min(axis=1) + marg
-                pr_round[blk] = len(v_snaps) - 1
-            gi = blk[near_r]
-            viol = max(viol, _rescore(oracle, U, V, gi, near_c, tol_abs, (add_i, add_j, add_v)))
-        max_viol = max(viol, 0.0) / scale
-        new_i = np.concatenate(add_i) if add_i else np.zeros(0, np.int64)
-        new_j = np.concatenate(add_j) if add_j else np.zeros(0, np.int64)
+                self.pr_j[blk] = tj
+                self.pr_v[blk] = tv + V[tj]
+                self.pr_thr[blk] = tv.min(axis=1) + marg
+                self.pr_round[blk] = len(self.v_snaps) - 1
+            look(blk[near_r], near_c)
+        new_i = np.concatenate([a[0] for a in add])
+        new_j = np.concatenate([a[1] for a in add])
+        new_g = np.concatenate([a[2] for a in add])
         if new_i.size:
-            # Column generation: the most violated entries of each row (k of them, doubling every round)
-            # make progress while keeping the graph small when the duals are far from the dense optimum.
-            new_v = np.concatenate(add_v)
-            order = np.lexsort((-new_v, new_i))
+            # only entries off the graph are new edges, each once (several sources may find one)
+            key, first = np.unique(new_i * m + new_j, return_index=True)
+            pos = np.minimum(np.searchsorted(keys, key), keys.size - 1)
+            off = first[keys[pos] != key]
+            new_i, new_j, new_g = new_i[off], new_j[off], new_g[off]
+        blurred[new_i] = False  # a new edge is progress, not blur
+        if new_i.size:
+            # Column generation: the largest gains of each row (k of them, doubling every round) make
+            # progress while keeping the graph small when the prices are far from the dense optimum.
+            order = np.lexsort((-new_g, new_i))
             new_i, new_j = new_i[order], new_j[order]
             starts = np.searchsorted(new_i, new_i, side="left")
-            keep = np.arange(new_i.size) - starts < k << min(certified_rounds, 20)
+            keep = np.arange(new_i.size) - starts < self.k << min(self.certified_rounds, 20)
             new_i, new_j = new_i[keep], new_j[keep]
+        cert = _Certificate(
+            gains=gains,
+            gap_bound=self._gap_bound(gains, V),
+            new_i=new_i,
+            new_j=new_j,
+            n_checked=int(check.size),
+            n_blurred=int(blurred.sum()),
+        )
         logger.debug(
-            "round %d: %d edges, %d rows rechecked, %d violating edges, max violation %.3g",
-            rounds,
+            "round %d: %d edges, %d rows rechecked, %d new edges, gap bound %.3g",
+            self.rounds,
             keys.size,
             check.size,
             new_i.size,
-            max_viol,
+            cert.gap_bound,
         )
-        clock["certify_s"] += time.perf_counter() - tick
-        if new_i.size == 0:
-            break
-        certified_rounds += 1
-        if certified_rounds >= max_rounds:
-            logger.warning("solve: stopped after max_rounds=%d, max violation %.3g", max_rounds, max_viol)
-            break
-        n_keys = keys.size
-        keys, s = _merge(keys, s, new_i, new_j, m, oracle)
-        if keys.size == n_keys:
-            break  # violations only on graph edges: float noise beyond tol, reported honestly
-    total = math.fsum(s[np.searchsorted(keys, all_rows * m + col4row)].tolist())
-    return SparseLAPResult(col4row.copy(), total, max_viol, rounds, int(keys.size))
+        self.clock["certify_s"] += time.perf_counter() - tick
+        return cert
+
+    def _gap_bound(self, gains: np.ndarray, V: np.ndarray) -> float:
+        # Σ_i gain_i, plus for rectangular problems Σ_{j free} max(V_j, 0) + Σ_{j matched} max(-V_j, 0)
+        # (for square ones every assignment pays every price, so the prices cancel)
+        terms = [gains]
+        if self.n < self.m:
+            matched = self.row4col >= 0
+            terms += [np.maximum(V[~matched], 0.0), np.maximum(-V[matched], 0.0)]
+        return _sum_up(np.concatenate(terms))
+
+    def restart(self) -> None:
+        """Forget the warm-start state: the next :meth:`solve_graph` starts from zero prices."""
+        self.u[:] = 0.0
+        self.v[:] = 0.0
+        self.col4row[:] = -1
+        self.row4col[:] = -1
+        self.pr_thr[:] = np.inf
+        self.v_snaps.clear()
+        self.restarted = True
+
+    def solve_dense(self, S: np.ndarray) -> SparseLAPResult:
+        """Solve the dense matrix ``S`` (this oracle's scores, within ``dense_margin``) with the dense
+        kernel, then certify its matching and prices against the exact scores."""
+        oracle, n, m = self.oracle, self.n, self.m
+        tick = time.perf_counter()
+        u, v = np.zeros(n), np.zeros(m)
+        c, r4c = np.full(n, -1, np.int64), np.full(m, -1, np.int64)
+        failed = dense_sap(S, u, v, c, r4c)
+        if failed >= 0:
+            raise InfeasibleMatchError(
+                f"scores: cost matrix is infeasible: row {failed} cannot be assigned along with the rows "
+                "before it without a forbidden entry"
+            )
+        self.clock["solve_s"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        self.col4row, self.row4col = c, r4c
+        V = -v
+        s_c = oracle.exact(self.all_rows, c)
+        T = S[self.all_rows, c] - V[c]
+        # a dense entry and the exact one differ by at most dense_margin: twice that (both entries of
+        # a comparison) plus float64 rounding separates the entries that may gain
+        slack = 2.0 * oracle.dense_margin + 8.0 * _U64 * (
+            np.abs(T) + float(np.abs(V).max()) + oracle.row_scale
+        )
+        gains = np.zeros(n)
+        for blk in _row_blocks(self.all_rows, m, self.chunk_size):
+            with np.errstate(invalid="ignore"):
+                rr, cc = np.nonzero(S[blk] - V[None, :] > (T[blk] - slack[blk])[:, None])
+            gi = blk[rr]
+            np.maximum.at(gains, gi, _gains(oracle.exact(gi, cc), V[cc], s_c[gi], V[c[gi]]))
+        self.clock["certify_s"] += time.perf_counter() - tick
+        return SparseLAPResult(c, math.fsum(s_c.tolist()), self._gap_bound(gains, V), self.rounds, n * m)
+
+    def dense_fallback(self, n_unmatched: int) -> SparseLAPResult | None:
+        """The dense method instead, when the graph has grown too large or matches too few rows
+        (:func:`_dense_is_faster`); ``None`` otherwise."""
+        lo, hi = self.oracle.dense_entries
+        if not _dense_is_faster(self.n, self.m, self.keys.size, n_unmatched, lo, hi):
+            return None
+        tick = time.perf_counter()
+        S = self.oracle.dense_exact()
+        self.clock["candidates_s"] += time.perf_counter() - tick
+        if S is None:
+            return None
+        logger.debug(
+            "round %d: %d edges; solving the dense %d × %d problem instead",
+            self.rounds,
+            self.keys.size,
+            self.n,
+            self.m,
+        )
+        return self.solve_dense(S)
+
+    def result(self, cert: _Certificate) -> SparseLAPResult:
+        s_c = self.s[np.searchsorted(self.keys, self.all_rows * self.m + self.col4row)]
+        return SparseLAPResult(
+            self.col4row.copy(), math.fsum(s_c.tolist()), cert.gap_bound, self.rounds, int(self.keys.size)
+        )
+
+    # ------------------------------------------------------------------ all phases
+    def run(self) -> SparseLAPResult:
+        """Candidates, then solve, grow and certify until the certificate finds nothing to add."""
+        if self.n == 0:
+            return SparseLAPResult(np.zeros(0, np.int64), 0.0, 0.0, 0, 0)
+        self.find_candidates()
+        while True:
+            if (res := self.dense_fallback(0)) is not None:
+                return res
+            stuck = self.solve_graph()
+            if stuck.size:
+                if (res := self.dense_fallback(int((self.col4row < 0).sum()))) is not None:
+                    return res
+                self.grow(stuck)
+                continue
+            cert = self.certify()
+            if cert.new_i.size:
+                self.certified_rounds += 1
+                if self.certified_rounds >= self.max_rounds:
+                    logger.warning(
+                        "solve: stopped after max_rounds=%d with gap bound %.3g",
+                        self.max_rounds,
+                        cert.gap_bound,
+                    )
+                    return self.result(cert)
+                self.add_edges(cert.new_i, cert.new_j)
+                continue
+            if cert.n_blurred and not self.restarted:
+                # gains above the tolerance that the graph already holds or the prices' rounding
+                # hides (prices grown far beyond the scores while early graphs lacked good edges,
+                # or after penalty entries): fresh prices from cold duals on the same graph
+                logger.debug(
+                    "round %d: %d rows gain up to %.3g; re-solving from cold duals",
+                    self.rounds,
+                    cert.n_blurred,
+                    float(cert.gains.max()),
+                )
+                self.restart()
+                continue
+            return self.result(cert)
 
 
-def _dense_is_faster(n: int, m: int, n_edges: int, n_unmatched: int) -> bool:
+def _dense_is_faster(
+    n: int, m: int, n_edges: int, n_unmatched: int, min_entries: int, max_entries: int
+) -> bool:
     """Hub-dominated costs: the graph has grown past 1/16 of all entries, or over a quarter of the
     rows found no partner in it (SAE Match's folded objective leaves < 4 % of them without one).
-    Only for problems of at least 2^20 and at most 512 MiB of float64 entries."""
-    if not _DENSE_MIN_ENTRIES <= n * m <= _DENSE_MAX_BYTES // 8:
+    Only for problems of ``min_entries`` to ``max_entries`` entries."""
+    if not min_entries <= n * m <= max_entries:
         return False
     return n_edges * _DENSE_FRACTION > n * m or 4 * n_unmatched > n
 
 
 def _reference(S: np.ndarray) -> SparseLAPResult:
-    rows, cols = linear_sum_assignment(S, maximize=True)
+    try:
+        rows, cols = scipy.optimize.linear_sum_assignment(S, maximize=True)
+    except ValueError as exc:
+        raise InfeasibleMatchError(f"scores: cost matrix is infeasible ({exc})") from None
     out = np.empty(S.shape[0], np.int64)
     out[rows] = cols
     return SparseLAPResult(out, math.fsum(S[rows, cols].tolist()), 0.0, 0, int(S.size))
@@ -683,30 +930,47 @@ def _check_common(k: int, chunk_size: int, tol: float, max_rounds: int) -> None:
         raise ValueError(f"k: expected an int >= 1, got {k!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol: expected a finite float >= 0, got {tol!r}")
+    check_tol(tol)
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds: expected an int >= 1, got {max_rounds!r}")
 
 
-def _check_matrix(name: str, t: Tensor) -> None:
+def _as_matrix(name: str, a: object) -> Tensor:
+    """A real matrix as a tensor: numpy arrays of any strides, tensors, nested lists; int, unsigned and
+    bool entries widened to float64."""
+    if not isinstance(a, Tensor):
+        arr = np.asarray(a)
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
+            raise TypeError(f"{name}: expected a real float, int or bool dtype, got {arr.dtype}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float64)
+        a = torch.from_numpy(np.ascontiguousarray(arr))  # a copy only for strides torch cannot view
+    t = a
+    if t.is_complex():
+        raise TypeError(f"{name}: expected a real float, int or bool dtype, got {t.dtype}")
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array, got shape {tuple(t.shape)}")
-    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.int16, torch.int8)):
-        raise TypeError(f"{name}: expected a float or int dtype, got {t.dtype}")
+    if not t.is_floating_point():
+        t = t.double()
     problem = nonfinite_summary(t)
     if problem is not None:
         raise ValueError(f"{name}: {problem}")
+    return t
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        logger.warning("device: %s requested but CUDA is not available; using the CPU", dev)
-        return torch.device("cpu")
-    return dev
+def memory_bytes(n: int, m: int, *, chunk_size: int = 4096, k: int = 8) -> int:
+    """Rough peak memory (bytes) of :func:`solve_inner_product` for ``n <= m`` rows and columns, beyond
+    its inputs: one float32 score block and its bfloat16 copy, the candidate state (graph, reserve,
+    priced reserve) and the dense fallback's float64 matrix when the problem is small enough for it."""
+    n, m = sorted((int(n), int(m)))
+    rows = min(n, max(1, min(chunk_size, _MAX_BLOCK // max(m, 1))))
+    blocks = 6 * rows * m
+    depth = min(_PRICED * k, m)
+    # priced reserve (int64 + float64), reserve (2 orders × (RESERVE - 1)k entries of 3 × 8 bytes),
+    # graph edges (keys, scores, CSR: ~4k per row of 24 bytes), ~10 float64 per row and column
+    state = n * (16 * depth + 48 * (_RESERVE - 1) * k + 96 * k) + 80 * (n + m)
+    dense = 8 * n * m if _DENSE_MIN_ENTRIES <= n * m <= _DENSE_MAX_BYTES // 8 else 0
+    return blocks + state + dense
 
 
 def candidate_precision(device: str | torch.device) -> Precision:
@@ -742,14 +1006,38 @@ def threadsafe() -> bool:
     return layer != "workqueue"
 
 
+def _run(
+    oracle: _Oracle,
+    *,
+    k: int,
+    chunk_size: int,
+    tol: float,
+    max_rounds: int,
+    timings: dict[str, float] | None,
+    method: Method = "sparse",
+) -> SparseLAPResult:
+    clock = {"candidates_s": 0.0, "solve_s": 0.0, "certify_s": 0.0}
+    t0 = time.perf_counter()
+    solver = _CertifiedSolve(oracle, k=k, chunk_size=chunk_size, tol=tol, max_rounds=max_rounds, clock=clock)
+    if method == "dense" and oracle.n:
+        S = oracle.dense_exact()
+        assert S is not None  # only explicit matrices take the dense method
+        res = solver.solve_dense(S)
+    else:
+        res = solver.run()
+    if timings is not None:
+        timings.update(clock, total_s=time.perf_counter() - t0)
+    return res
+
+
 def solve_inner_product(
-    X: Tensor,
-    Y: Tensor,
+    X: Tensor | np.ndarray,
+    Y: Tensor | np.ndarray,
     *,
     k: int = 8,
     device: str | torch.device | None = None,
     chunk_size: int = 4096,
-    tol: float = 1e-9,
+    tol: float = DEFAULT_TOL,
     reference: bool = False,
     max_rounds: int = 100,
     timings: dict[str, float] | None = None,
@@ -758,30 +1046,33 @@ def solve_inner_product(
     """Assign every row of ``X`` to a distinct row of ``Y`` maximising ``Σ_i ⟨X_i, Y_cols[i]⟩``, exactly.
 
     Never holds the ``n × m`` score matrix: row blocks of ``X Yᵀ`` are streamed for top-``k``
-    candidates and for the optimality certificate (see the module docstring).
+    candidates and for the optimality certificate (see the module docstring for the guarantee).
 
     Parameters
     ----------
-    X : Tensor, shape (n, D). Rows to assign (e.g. folded parameters of SAE A's features).
-    Y : Tensor, shape (m, D), ``m >= n``. Candidate partners (SAE B's features). Any float dtype;
-        the objective is evaluated in float64 on the values as given.
+    X : Tensor or ndarray, shape (n, D). Rows to assign (e.g. folded parameters of SAE A's features).
+    Y : Tensor or ndarray, shape (m, D), ``m >= n``. Candidate partners (SAE B's features). Any real
+        dtype and strides; the objective is that of the float64 problem, on the values as given.
     k : int
         Initial candidates per row (grown where the sparse graph has no full matching).
     device : str or torch.device, optional
-        Where the score blocks are computed; default CUDA when available, else CPU. Exact re-scoring
-        and the sparse solver run on the CPU.
+        Where the score blocks are computed: ``None`` or ``"auto"`` CUDA when available, else CPU;
+        asking for CUDA without it is an error (:func:`saematch_core.cost.resolve_device`). Exact
+        re-scoring and the sparse solver run on the CPU.
     chunk_size : int
         Rows per score block (capped so a block holds at most 2**28 entries).
     tol : float
-        Accepted dual violation relative to ``scale = max_i ‖X_i‖ · max_j ‖Y_j‖``.
+        Relative tolerance: an entry is added to the graph when its gain exceeds ``tol`` times the
+        magnitude of the two scores compared (|S_ij| + |S_i,cols[i]|). Whatever ``tol``, ``gap_bound``
+        states what is left (see the module docstring).
     reference : bool
         Solve the dense problem with scipy instead (also forced by ``SAEMATCH_REFERENCE=1``).
     max_rounds : int
         Safety limit on certify-and-extend rounds (growing ``k`` does not count); if reached, the
-        result is returned with its (too large) ``max_violation`` and a warning is logged.
+        result is returned with its (larger) ``gap_bound`` and a warning is logged.
     timings : dict, optional
         If given, filled with wall-clock seconds per phase: ``candidates_s`` (score blocks and
-        top-``k``, growth of ``k``), ``solve_s`` (sparse solves), ``certify_s`` (dual check and new
+        top-``k``, growth of ``k``), ``solve_s`` (sparse solves), ``certify_s`` (certificate and new
         edges) and ``total_s`` (not including input validation and copies).
     candidates : ``"auto"``, ``"float32"`` or ``"bfloat16"``
         Precision of the candidate search (the top-``k`` scan and the bounds it leaves). bfloat16
@@ -792,21 +1083,18 @@ def solve_inner_product(
     Returns
     -------
     SparseLAPResult
-        ``cols`` (n,), ``total``, ``max_violation`` (<= ``tol`` means proven optimal), ``rounds``,
-        ``n_candidates``.
+        ``cols`` (n,), ``total``, ``gap_bound`` (0 = proven optimal), ``rounds``, ``n_candidates``.
 
     Examples
     --------
     >>> import torch
     >>> X = torch.eye(3)
     >>> res = solve_inner_product(X, X[[2, 0, 1]])
-    >>> res.cols.tolist(), res.total, res.max_violation <= 1e-9
-    ([1, 2, 0], 3.0, True)
+    >>> res.cols.tolist(), res.total, res.gap_bound
+    ([1, 2, 0], 3.0, 0.0)
     """
-    X = torch.as_tensor(X)
-    Y = torch.as_tensor(Y)
-    _check_matrix("X", X)
-    _check_matrix("Y", Y)
+    X = _as_matrix("X", X)
+    Y = _as_matrix("Y", Y)
     if X.shape[1] != Y.shape[1]:
         raise ValueError(
             f"X, Y: expected the same dimension D, got X {tuple(X.shape)} and Y {tuple(Y.shape)}"
@@ -817,49 +1105,55 @@ def solve_inner_product(
             f"m={Y.shape[0]}; swap the arguments"
         )
     _check_common(k, chunk_size, tol, max_rounds)
-    if not X.is_floating_point():
-        X = X.double()
-    if not Y.is_floating_point():
-        Y = Y.double()
     if _use_reference(reference):
         S = X.detach().cpu().double() @ Y.detach().cpu().double().T
         return _reference(S.numpy())
-    if candidates not in _CANDIDATES:
-        raise ValueError(f"candidates: expected one of {list(_CANDIDATES)}, got {candidates!r}")
-    dev = _resolve_device(device)
+    candidates = check_candidates(candidates)
+    dev = resolve_device(device, fallback="auto")
     precision: Precision = candidate_precision(dev) if candidates == "auto" else candidates
     oracle = _InnerProductOracle(X, Y, dev, precision)
-    return _solve(oracle, k=k, chunk_size=chunk_size, tol=tol, max_rounds=max_rounds, timings=timings)
+    return _run(oracle, k=k, chunk_size=chunk_size, tol=tol, max_rounds=max_rounds, timings=timings)
 
 
 def solve_scores(
-    scores: np.ndarray | Tensor,
+    scores: object,
     *,
     maximize: bool = True,
     k: int = 8,
     chunk_size: int = 4096,
-    tol: float = 1e-9,
+    tol: float = DEFAULT_TOL,
     reference: bool = False,
     max_rounds: int = 100,
     timings: dict[str, float] | None = None,
+    method: Method = "sparse",
 ) -> SparseLAPResult:
-    """The same certified sparse solver on an explicit score (or cost) matrix.
+    """The same certified solver on an explicit score (or cost) matrix.
 
-    Useful for adversarial tests and for cost matrices that are not inner products. The matrix is
-    held in memory (float64); candidates, bounds and the certificate are computed from it exactly, so
-    the only difference to :func:`solve_inner_product` is where the scores come from.
+    The matrix is held in memory (float64); candidates, bounds and the certificate are computed from
+    it exactly, so the only difference to :func:`solve_inner_product` is where the scores come from.
 
     Parameters
     ----------
-    scores : array, shape (n, m), ``n <= m``; finite.
+    scores : array_like, shape (n, m), ``n <= m``
+        Real numeric or bool entries (numpy of any strides, tensors, lists). As in scipy, an infinite
+        entry of the sign that can never be optimal (``-inf`` when maximising, ``+inf`` when
+        minimising) forbids the pairing; NaN and the other infinity are errors.
     maximize : bool
         Maximise ``Σ scores[i, cols[i]]`` (default) or minimise it (``total`` is then the cost).
+    method : ``"sparse"`` or ``"dense"``
+        The candidate graph with its certificate (default), or the dense kernel (scipy's algorithm,
+        with the same certificate) directly.
     k, chunk_size, tol, reference, max_rounds, timings
-        As in :func:`solve_inner_product`; ``tol`` is relative to ``max |scores|``.
+        As in :func:`solve_inner_product`.
 
     Returns
     -------
     SparseLAPResult
+
+    Raises
+    ------
+    InfeasibleMatchError
+        Every assignment uses a forbidden entry.
 
     Examples
     --------
@@ -867,22 +1161,56 @@ def solve_scores(
     >>> solve_scores(np.array([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0]]), maximize=False).cols.tolist()
     [1, 0]
     """
-    t = torch.as_tensor(scores)
-    _check_matrix("scores", t)
-    if t.shape[0] > t.shape[1]:
+    C = as_cost_matrix(scores, maximize, name="scores")  # the costs to minimise (-scores when maximising)
+    if C.shape[0] > C.shape[1]:
         raise ValueError(
-            f"scores: expected n <= m (rows are assigned to distinct columns), got shape {tuple(t.shape)}; "
+            f"scores: expected n <= m (rows are assigned to distinct columns), got shape {C.shape}; "
             "pass the transpose"
         )
-    _check_common(k, chunk_size, tol, max_rounds)
-    S = np.ascontiguousarray(t.detach().cpu().double().numpy())
-    sign = 1.0 if maximize else -1.0
-    S = sign * S
-    res = (
-        _reference(S)
-        if _use_reference(reference)
-        else _solve(
-            _DenseOracle(S), k=k, chunk_size=chunk_size, tol=tol, max_rounds=max_rounds, timings=timings
-        )
+    res = solve_cost_matrix(
+        C,
+        k=k,
+        chunk_size=chunk_size,
+        tol=tol,
+        reference=reference,
+        max_rounds=max_rounds,
+        timings=timings,
+        method=method,
     )
-    return res._replace(total=sign * res.total)
+    return res._replace(total=res.total if not maximize else -res.total)
+
+
+def solve_cost_matrix(
+    C: np.ndarray,
+    *,
+    k: int = 8,
+    chunk_size: int = 4096,
+    tol: float = DEFAULT_TOL,
+    reference: bool = False,
+    max_rounds: int = 100,
+    timings: dict[str, float] | None = None,
+    method: Method = "sparse",
+) -> SparseLAPResult:
+    """Minimise ``Σ_i C[i, cols[i]]`` for a checked cost matrix, consuming it.
+
+    ``C`` is what :func:`saematch_core.lap.as_cost_matrix` returns (C-contiguous float64, ``+inf`` =
+    forbidden, no NaN or ``-inf``), with ``n <= m``; it is negated in place (no second copy of a
+    large matrix). ``total`` is the minimal total cost. Other arguments as in :func:`solve_scores`.
+    """
+    _check_common(k, chunk_size, tol, max_rounds)
+    if method not in ("sparse", "dense"):
+        raise ValueError(f"method: expected 'sparse' or 'dense', got {method!r}")
+    S = np.negative(C, out=C)  # the score form the solver maximises; forbidden entries are -inf
+    if _use_reference(reference):
+        res = _reference(S)
+    else:
+        res = _run(
+            _DenseOracle(S),
+            k=k,
+            chunk_size=chunk_size,
+            tol=tol,
+            max_rounds=max_rounds,
+            timings=timings,
+            method=method,
+        )
+    return res._replace(total=-res.total)

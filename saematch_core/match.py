@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,14 +28,16 @@ from saematch_core.cache import atomic_write_bytes
 from saematch_core.cost import (
     DEFAULT_PARAMS,
     DTYPES,
-    PARAMS,
+    Metric,
+    check_metric,
+    check_params,
     feature_vectors,
     normalize_rows,
     pair_costs,
     resolve_device,
 )
 from saematch_core.errors import SAEValidationError
-from saematch_core.lap import solve
+from saematch_core.lap import DEFAULT_TOL, SOLVERS, Candidates, check_candidates, check_tol, solve
 from saematch_core.sae import SAE
 
 __all__ = ["MATCH_RESULT_KIND", "MATCH_SCHEMA_VERSION", "MatchConfig", "MatchResult", "match"]
@@ -46,11 +48,6 @@ MATCH_RESULT_KIND = "match_result"
 """Value of the ``kind`` key in a :class:`MatchResult` JSON file."""
 MATCH_SCHEMA_VERSION = 1
 """Version of the :class:`MatchResult` JSON / safetensors-metadata layout."""
-
-Metric = Literal["mse", "cosine"]
-Solver = Literal["scipy", "sparse", "greedy", "identity"]
-_METRICS: tuple[str, ...] = get_args(Metric)
-_SOLVERS: tuple[str, ...] = get_args(Solver)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,15 +73,16 @@ class MatchConfig:
     fold: bool = True
     """Fold JumpReLU thresholds into the weights before matching (paper Eq. 4). Folding is only defined
     for JumpReLU: ReLU/TopK SAEs are used as they are, which :attr:`MatchResult.folded` records."""
-    solver: Solver = "sparse"
-    """``"sparse"`` (default): exact, certified sparse solver (``saematch_core.lap_sparse``) that never
-    holds the dense matrix; it proves its result optimal for the dense problem. ``"scipy"``: exact,
-    ``scipy.optimize.linear_sum_assignment`` on the dense float64 score matrix (the reference; needs
-    F_A × F_B × 8 bytes of host memory, 34 GB at F = 65536). Both give the same optimum.
-    ``"greedy"``: every feature of A takes its best partner in B under :attr:`metric`; several A features
-    may share one partner, so the result is a mapping, not a permutation (Feature Flow is
-    ``params=("W_dec",), metric="cosine", fold=False, solver="greedy"``). ``"identity"``: feature i ↔ i
-    (the unmatched, "vanilla" baseline)."""
+    solver: str = "sparse"
+    """Any solver registered in ``saematch_core.lap.SOLVERS`` (``lap.register_solver`` adds one).
+    Built in: ``"sparse"`` (default): exact, certified sparse solver (``saematch_core.lap_sparse``)
+    that never holds the dense matrix; it proves its result optimal for the dense float64 problem, up
+    to ``info["gap_bound"]`` (normally 0). ``"scipy"``: exact, ``scipy.optimize.linear_sum_assignment``
+    on the dense float64 score matrix (the reference; needs F_A × F_B × 8 bytes of host memory, 34 GB
+    at F = 65536). Both give the same optimum. ``"greedy"``: every feature of A takes its best partner
+    in B under :attr:`metric`; several A features may share one partner, so the result is a mapping,
+    not a permutation (Feature Flow is ``params=("W_dec",), metric="cosine", fold=False,
+    solver="greedy"``). ``"identity"``: feature i ↔ i (the unmatched, "vanilla" baseline)."""
     device: str | None = None
     """Where the cost algebra runs: ``None`` (the device of SAE ``a``), ``"cpu"``, ``"cuda"``,
     ``"cuda:1"``, or ``"auto"`` (CUDA when available, else CPU). Asking for CUDA without it is an error."""
@@ -97,33 +95,25 @@ class MatchConfig:
     """Rows of the score matrix computed at once (memory ~ chunk_size × F_B × itemsize)."""
     sparse_k: int = 8
     """Initial number of candidate partners per feature; used only by the ``"sparse"`` solver."""
-    sparse_candidates: Literal["auto", "float32", "bfloat16"] = "auto"
+    sparse_candidates: Candidates = "auto"
     """Precision of the ``"sparse"`` solver's candidate search. ``"bfloat16"`` is 3–7× faster where
     bfloat16 GEMMs are native (AMX/AVX512-BF16 CPUs, GPUs of compute capability 8.0 or more) and the
     matching stays exact: the certificate accounts for the rounding and re-checks in float32/float64.
     ``"auto"`` picks bfloat16 exactly there (``lap_sparse.candidate_precision``)."""
+    tol: float = DEFAULT_TOL
+    """Relative tolerance of the ``"sparse"`` solver's certificate: a pair counts as improving the
+    matching when its gain exceeds ``tol`` times the magnitude of the two inner products compared,
+    each feature's own (never the largest norm), so outlier features do not loosen it. Whatever is
+    left is stated in :attr:`MatchResult.info` ``["gap_bound"]``, in units of
+    :attr:`MatchResult.total_cost` (0 = proven optimal; otherwise float64 rounding of the prices)."""
 
     def __post_init__(self) -> None:
-        params = self.params
-        if isinstance(params, str) or not isinstance(params, (tuple, list)):
-            raise TypeError(
-                f"MatchConfig.params: expected a tuple of names from {list(PARAMS)}, got {params!r}"
-            )
-        params = tuple(params)
-        bad = [p for p in params if p not in PARAMS]
-        if not params or bad:
-            raise ValueError(
-                f"MatchConfig.params: expected a non-empty subset of {list(PARAMS)}, got {list(params)}"
-            )
-        if len(set(params)) != len(params):
-            raise ValueError(f"MatchConfig.params: expected no duplicates, got {list(params)}")
-        object.__setattr__(self, "params", params)
-        if self.metric not in _METRICS:
-            raise ValueError(f"MatchConfig.metric: expected one of {list(_METRICS)}, got {self.metric!r}")
+        object.__setattr__(self, "params", check_params(self.params, name="MatchConfig.params"))
+        check_metric(self.metric, name="MatchConfig.metric")
         if not isinstance(self.fold, bool):
             raise TypeError(f"MatchConfig.fold: expected a bool, got {self.fold!r}")
-        if self.solver not in _SOLVERS:
-            raise ValueError(f"MatchConfig.solver: expected one of {list(_SOLVERS)}, got {self.solver!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"MatchConfig.solver: expected one of {sorted(SOLVERS)}, got {self.solver!r}")
         if self.device is not None:
             if not isinstance(self.device, str):
                 raise TypeError(
@@ -138,11 +128,8 @@ class MatchConfig:
                     ) from exc
         if self.dtype not in DTYPES:
             raise ValueError(f"MatchConfig.dtype: expected one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.sparse_candidates not in ("auto", "float32", "bfloat16"):
-            raise ValueError(
-                "MatchConfig.sparse_candidates: expected 'auto', 'float32' or 'bfloat16', "
-                f"got {self.sparse_candidates!r}"
-            )
+        check_candidates(self.sparse_candidates, name="MatchConfig.sparse_candidates")
+        object.__setattr__(self, "tol", check_tol(self.tol, name="MatchConfig.tol"))
         for name in ("chunk_size", "sparse_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -205,7 +192,9 @@ class MatchResult:
     folded: tuple[bool, bool] = (False, False)
     """Whether A and B were folded (False for non-JumpReLU SAEs or ``fold=False``)."""
     info: Mapping[str, float] = field(default_factory=dict)
-    """Solver diagnostics (e.g. ``max_violation``, ``rounds``, ``n_candidates`` of the sparse solver)."""
+    """Solver diagnostics: for the ``"sparse"`` solver ``gap_bound`` (how far :attr:`total_cost` may
+    exceed the optimum, in its units; 0 = proven optimal), ``objective`` (the maximised inner
+    product), ``rounds`` and ``n_candidates``; for ``"greedy"`` ``n_collisions``."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     """Unique id of the run that produced this result."""
     created_ms: int = field(default_factory=lambda: int(time.time() * 1000))
@@ -380,7 +369,14 @@ class MatchResult:
         return replace(base, perm=perm, cost=cost)
 
 
-def match(a: SAE, b: SAE, config: MatchConfig | None = None, **overrides: Any) -> MatchResult:
+def match(
+    a: SAE,
+    b: SAE,
+    config: MatchConfig | None = None,
+    *,
+    scales: tuple[Tensor, Tensor] | None = None,
+    **overrides: Any,
+) -> MatchResult:
     """Match the features of SAE ``a`` to those of SAE ``b``.
 
     Parameters
@@ -389,20 +385,29 @@ def match(a: SAE, b: SAE, config: MatchConfig | None = None, **overrides: Any) -
         Same ``d_in``; widths ``F_A = a.d_sae`` and ``F_B = b.d_sae`` may differ.
     config : MatchConfig, optional
         Defaults to ``MatchConfig()`` (folded W_enc + W_dec + b_enc, MSE, exact certified sparse solver).
+    scales : (Tensor (F_A,), Tensor (F_B,)), optional
+        Per-feature activation scales ``(s_a, s_b)`` for *scaled matching*, a folding analogue for SAEs
+        of any family: each feature's vector is built from the raw weights as ``W_enc[:, i] / s_i``,
+        ``W_dec[i] · s_i``, ``b_enc[i] / s_i`` (:func:`saematch_core.cost.feature_vectors`), and the
+        per-pair costs are on those vectors. Folding a JumpReLU SAE is the case ``s = θ``, so the
+        configuration must have ``fold=False``. The scales are data, not configuration: the result's
+        ``config`` does not record them.
     **overrides
         Fields of :class:`MatchConfig` to replace, e.g. ``match(a, b, solver="greedy")``.
 
     Returns
     -------
     MatchResult
-        ``perm`` (F_A,) maps A's features to B's; see :class:`MatchResult` for unequal widths.
+        ``perm`` (F_A,) maps A's features to B's; see :class:`MatchResult` for unequal widths. For the
+        ``"sparse"`` solver, ``info["gap_bound"]`` bounds how far ``total_cost`` may exceed the optimum
+        (in the same units; 0 = proven optimal).
 
     Notes
     -----
     The exact solvers minimise ``Σ_i cost(a_i, b_P(i))`` over one-to-one assignments covering the smaller
     side. For MSE on equal widths this equals maximising ``Σ ⟨a_i, b_P(i)⟩``; for unequal widths the
     norms of the larger side's chosen features matter, and the solver adds them to the inner product
-    (one extra coordinate) so the optimum is still the minimum-MSE assignment.
+    (one extra coordinate, in float64) so the optimum is still the minimum-MSE assignment.
 
     Examples
     --------
@@ -436,6 +441,14 @@ def match(a: SAE, b: SAE, config: MatchConfig | None = None, **overrides: Any) -
             f"a, b: expected the same d_in, got a.d_in={a.d_in} and b.d_in={b.d_in} "
             "(different models or sites?)"
         )
+    if scales is not None:
+        if not isinstance(scales, (tuple, list)) or len(scales) != 2:
+            raise TypeError(f"scales: expected a pair (s_a, s_b) of tensors, got {type(scales).__name__}")
+        if config.fold:
+            raise ValueError(
+                "scales: scaled matching replaces folding (folding is scales = θ); pass fold=False too"
+            )
+    scale_a, scale_b = (None, None) if scales is None else scales
     device = resolve_device(config.device, fallback=a.device)
     timings: dict[str, float] = {}
 
@@ -447,8 +460,14 @@ def match(a: SAE, b: SAE, config: MatchConfig | None = None, **overrides: Any) -
             a.activation,
             b.activation,
         )
-    a_vecs = feature_vectors(a, config.params, fold=folded[0], device=device, dtype=config.torch_dtype)
-    b_vecs = feature_vectors(b, config.params, fold=folded[1], device=device, dtype=config.torch_dtype)
+
+    def vectors(dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        return (
+            feature_vectors(a, config.params, fold=folded[0], scale=scale_a, device=device, dtype=dtype),
+            feature_vectors(b, config.params, fold=folded[1], scale=scale_b, device=device, dtype=dtype),
+        )
+
+    a_vecs, b_vecs = vectors(config.torch_dtype)
     timings["vectors"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -463,14 +482,14 @@ def match(a: SAE, b: SAE, config: MatchConfig | None = None, **overrides: Any) -
         chunk_size=config.chunk_size,
         k=config.sparse_k,
         candidates=config.sparse_candidates,
+        tol=config.tol,
     )
     timings["solve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if config.torch_dtype in (torch.float16, torch.bfloat16):
         # Rescore from the parameters in their own precision, not the half-precision search copies.
-        a_vecs = feature_vectors(a, config.params, fold=folded[0], device=device)
-        b_vecs = feature_vectors(b, config.params, fold=folded[1], device=device)
+        a_vecs, b_vecs = vectors(None)
     perm = torch.as_tensor(assignment.cols, dtype=torch.long)
     cost = pair_costs(a_vecs, b_vecs, perm, metric=config.metric)
     matched = perm >= 0
@@ -490,8 +509,18 @@ def match(a: SAE, b: SAE, config: MatchConfig | None = None, **overrides: Any) -
         timings=timings,
         config=config,
         folded=folded,
-        info=assignment.info,
+        info=_cost_units(assignment.info, config.metric, x.shape[1]),
     )
+
+
+def _cost_units(info: Mapping[str, float], metric: Metric, width: int) -> dict[str, float]:
+    """The solver's ``gap_bound`` (inner-product units) in units of :attr:`MatchResult.total_cost`:
+    the summed MSE is ``const − (2 / D) Σ ⟨a_i, b_P(i)⟩`` (the rectangular norm term included), the
+    summed cosine distance ``const − Σ ⟨â_i, b̂_P(i)⟩``."""
+    out = dict(info)
+    if "gap_bound" in out and metric == "mse":
+        out["gap_bound"] *= 2.0 / max(width, 1)
+    return out
 
 
 # ---------------------------------------------------------------------- helpers

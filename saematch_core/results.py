@@ -367,14 +367,10 @@ def parallel_map(fn: Callable[[T], U], items: Sequence[T], *, workers: int | Non
 
 
 def _solve_bytes(a: SAE, b: SAE, cfg: MatchConfig) -> int:
-    """Rough peak memory of one solve: scipy's dense float64 matrix; for the sparse solver its score
-    blocks (``chunk_size × F`` in float32 and bfloat16) plus a dense fallback of at most 512 MiB."""
-    n, m = sorted((a.d_sae, b.d_sae))
-    if cfg.solver == "scipy":
-        return 8 * n * m
-    if cfg.solver == "sparse":
-        return min(8 * n * m, 512 << 20) + 6 * min(cfg.chunk_size, n) * m
-    return 0
+    """Rough peak memory of one solve: the solvers' model, :func:`saematch_core.lap.solve_memory_bytes`."""
+    from saematch_core.lap import solve_memory_bytes
+
+    return solve_memory_bytes(cfg.solver, a.d_sae, b.d_sae, chunk_size=cfg.chunk_size, k=cfg.sparse_k)
 
 
 def cached_matches(

@@ -9,6 +9,8 @@ import torch
 from conftest import make_sae
 
 from saematch_core.cost import (
+    check_metric,
+    check_params,
     cost_matrix,
     feature_vectors,
     iter_cost_chunks,
@@ -53,6 +55,33 @@ def test_feature_vectors_layout() -> None:
 def test_feature_vectors_non_jumprelu_is_not_folded() -> None:
     sae = make_sae(d_in=4, d_sae=6, activation="relu")
     torch.testing.assert_close(feature_vectors(sae, fold=True), feature_vectors(sae, fold=False))
+
+
+def test_feature_vectors_with_scales() -> None:
+    sae = make_sae(d_in=4, d_sae=6)
+    assert sae.threshold is not None
+    s = 0.5 + torch.rand(6, generator=torch.Generator().manual_seed(1))
+    got = feature_vectors(sae, fold=False, scale=s, dtype=torch.float64)
+    raw = feature_vectors(sae, fold=False, dtype=torch.float64)
+    s64 = s.double()[:, None]
+    torch.testing.assert_close(got, torch.cat([raw[:, :4] / s64, raw[:, 4:8] * s64, raw[:, 8:] / s64], dim=1))
+    # folding is the scale θ
+    torch.testing.assert_close(
+        feature_vectors(sae, fold=False, scale=sae.threshold), feature_vectors(sae, fold=True)
+    )
+    with pytest.raises(ValueError, match="fold, scale: scaling replaces folding"):
+        feature_vectors(sae, scale=s)
+    with pytest.raises(ValueError, match=r"scale: expected shape \(6,\), got \(2,\)"):
+        feature_vectors(sae, fold=False, scale=torch.ones(2))
+
+
+def test_shared_checks_name_the_field() -> None:
+    assert check_params(["W_dec"], name="MatchConfig.params") == ("W_dec",)
+    with pytest.raises(ValueError, match=r"^MatchConfig\.params: expected a non-empty subset"):
+        check_params((), name="MatchConfig.params")
+    assert check_metric("cosine") == "cosine"
+    with pytest.raises(ValueError, match=r"^cfg\.metric: expected one of \['mse', 'cosine'\], got 'l2'"):
+        check_metric("l2", name="cfg.metric")
 
 
 def test_feature_vectors_dtype_and_errors() -> None:
@@ -174,6 +203,10 @@ def test_cosine_zero_rows_are_an_error() -> None:
 
 
 def test_resolve_device() -> None:
+    # the one device policy of the matching code: explicit devices are honoured (or refused), "auto"
+    # and a fallback of "auto" pick CUDA when it exists
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None, fallback="auto").type == auto
     assert resolve_device(None, fallback="cpu") == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,12 +15,12 @@ from saematch_core.family_fold import (
     activation_scale,
     family_comparison,
     fill_dead_scale,
-    match_scaled,
     scaled_vectors,
     token_halves,
     weight_scale,
 )
 from saematch_core.fold import rescale_features
+from saematch_core.match import match
 from saematch_core.sae import SAE
 
 D_IN, D_SAE = 16, 48
@@ -134,7 +134,7 @@ def test_scale_corrected_matching_beats_raw_on_noisy_relu_copy() -> None:
     ones = torch.ones(D_SAE)
 
     def recovered(scale_a: torch.Tensor, scale_b: torch.Tensor) -> float:
-        return float((match_scaled(a, b, scale_a, scale_b).perm == truth).double().mean())
+        return float((match(a, b, fold=False, scales=(scale_a, scale_b)).perm == truth).double().mean())
 
     raw = recovered(ones, ones)
     assert recovered(weight_scale(a), weight_scale(b)) > raw

@@ -1,29 +1,39 @@
-"""The certified sparse solver against scipy's dense ``linear_sum_assignment`` (the reference).
+"""The certified sparse solver against scipy's dense ``linear_sum_assignment`` (the reference), its
+phases one at a time, and its compiled kernels against obviously correct references.
 
 Totals are compared, not indices: with ties several assignments are optimal.
 """
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
-from scipy.sparse import csr_array
+from scipy.sparse import csr_array, random_array
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from saematch_core._jv_numba import (
     capped_envelope,
+    dense_sap,
     exact_dots,
+    exact_gains,
     line_envelope,
     reduced_scan,
+    row_abs_max,
     sparse_sap,
     topk2,
     topk2_bf16,
 )
+from saematch_core.errors import InfeasibleMatchError
 from saematch_core.lap_sparse import (
     Precision,
     SparseLAPResult,
+    _CertifiedSolve,
+    _DenseOracle,
     _InnerProductOracle,
     _scan_reduced,
     _scan_reduced_torch,
@@ -33,23 +43,33 @@ from saematch_core.lap_sparse import (
     threadsafe,
 )
 
-TOL = 1e-9
+GAP = 1e-12
+"""The largest ``gap_bound`` accepted, relative to the optimum's magnitude."""
 
 
 def _reference_total(S: np.ndarray) -> float:
     r, c = linear_sum_assignment(S, maximize=True)
-    return float(S[r, c].sum())
+    return math.fsum(S[r, c].tolist())
 
 
-def _check(res: SparseLAPResult, S: np.ndarray) -> None:
+def _check(res: SparseLAPResult, S: np.ndarray, *, exact: bool = False) -> None:
+    """A valid assignment whose total reaches scipy's within the bound it states, and a tiny bound.
+
+    ``exact``: ``S`` holds the very float64 scores the solver saw (an explicit matrix), so the total
+    is their exact sum; for inner products ``S`` comes from another float64 evaluation, which may
+    round each entry differently (by ~1e-16 relative)."""
     n = S.shape[0]
     assert res.cols.shape == (n,) and res.cols.dtype == np.int64
     assert len(set(res.cols.tolist())) == n, "columns must be distinct"
-    assert res.max_violation <= TOL
     ref = _reference_total(S)
-    scale = max(1.0, float(np.abs(S).max()))
-    assert float(S[np.arange(n), res.cols].sum()) == pytest.approx(ref, abs=1e-9 * n * scale)
-    assert res.total == pytest.approx(ref, abs=1e-9 * n * scale)
+    total = math.fsum(S[np.arange(n), res.cols].tolist())
+    magnitude = math.fsum(np.abs(S[np.arange(n), res.cols]).tolist())
+    assert 0.0 <= res.gap_bound <= GAP * magnitude
+    rounding = 0.0 if exact else 1e-13 * magnitude
+    assert abs(res.total - total) <= rounding
+    # scipy solves the same float64 matrix: it cannot beat the bound; its own rounding may leave it
+    # below our total by float64 noise
+    assert ref - res.gap_bound - rounding <= total <= ref + 1e-14 * magnitude + rounding
 
 
 def _random_instances() -> list[tuple[str, np.ndarray, int]]:
@@ -79,7 +99,7 @@ def _random_instances() -> list[tuple[str, np.ndarray, int]]:
     ("name", "S", "k"), _random_instances(), ids=lambda x: x if isinstance(x, str) else ""
 )
 def test_scores_match_scipy(name: str, S: np.ndarray, k: int) -> None:
-    _check(solve_scores(S, k=k), S)
+    _check(solve_scores(S, k=k), S, exact=True)
 
 
 def test_minimize_and_transposed_reference() -> None:
@@ -94,7 +114,7 @@ def test_minimize_and_transposed_reference() -> None:
 def test_k_larger_than_m() -> None:
     S = np.random.default_rng(2).standard_normal((5, 7))
     res = solve_scores(S, k=50)
-    _check(res, S)
+    _check(res, S, exact=True)
     assert res.rounds == 1 and res.n_candidates == 35
 
 
@@ -109,7 +129,7 @@ def _popular_columns(n: int, m: int, seed: int) -> np.ndarray:
 def test_adversarial_topk_misses_optimum_needs_rounds(n: int, m: int) -> None:
     S = _popular_columns(n, m, seed=n + m)
     res = solve_scores(S, k=2)
-    _check(res, S)
+    _check(res, S, exact=True)
     assert res.rounds > 1
 
 
@@ -148,24 +168,32 @@ def test_hub_dominated_problems_fall_back_to_the_dense_solver(monkeypatch: pytes
     monkeypatch.setattr(lap_sparse, "_DENSE_MIN_ENTRIES", 0)
     dense = solve_inner_product(X, Y, k=2)
     _check(dense, S)
-    assert dense.n_candidates == S.size and dense.rounds >= 1 and dense.max_violation == 0.0
+    assert dense.n_candidates == S.size and dense.rounds >= 1
     assert dense.total == pytest.approx(sparse.total, rel=1e-12)
     # the rule: over a quarter of the rows unmatched, or a graph past 1/16 of the entries, within sizes
-    assert lap_sparse._dense_is_faster(100, 100, 0, 26) and not lap_sparse._dense_is_faster(100, 100, 0, 25)
-    assert lap_sparse._dense_is_faster(100, 100, 626, 0) and not lap_sparse._dense_is_faster(100, 100, 625, 0)
-    monkeypatch.setattr(lap_sparse, "_DENSE_MAX_BYTES", 8 * 100 * 100 - 8)
-    assert not lap_sparse._dense_is_faster(100, 100, 10**6, 100)
-    # an explicit score matrix has no dense fallback (it would be the same matrix): still solved sparsely
+    faster = lap_sparse._dense_is_faster
+    assert faster(100, 100, 0, 26, 0, 10**4) and not faster(100, 100, 0, 25, 0, 10**4)
+    assert faster(100, 100, 626, 0, 0, 10**4) and not faster(100, 100, 625, 0, 0, 10**4)
+    assert not faster(100, 100, 10**6, 100, 0, 10**4 - 1) and not faster(
+        100, 100, 10**6, 100, 10**4 + 1, 10**5
+    )
+    # an explicit score matrix falls back too (from 2^16 entries), to the same optimum
     scores = solve_scores(S, k=2)
-    _check(scores, S)
+    _check(scores, S, exact=True)
     assert scores.n_candidates < S.size
+    monkeypatch.setattr(lap_sparse, "_DENSE_MIN_ENTRIES_GIVEN", 0)
+    scores = solve_scores(S, k=2)
+    _check(scores, S, exact=True)
+    assert scores.n_candidates == S.size
 
 
-def test_max_rounds_reports_uncertified_result_honestly() -> None:
+def test_max_rounds_reports_uncertified_result_honestly(caplog: pytest.LogCaptureFixture) -> None:
     S = _popular_columns(40, 40, seed=0)
     res = solve_scores(S, k=2, max_rounds=1)
-    assert res.max_violation > TOL
-    assert res.total <= _reference_total(S) + 1e-9
+    assert "stopped after max_rounds=1" in caplog.text
+    ref = _reference_total(S)
+    assert res.total < ref - 1e-6, "one round is not enough on this instance"
+    assert res.total + res.gap_bound >= ref, "the stated bound still holds"
 
 
 @pytest.mark.parametrize("candidates", ["float32", "bfloat16"])
@@ -229,7 +257,7 @@ def test_reference_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     S = np.random.default_rng(6).standard_normal((9, 11))
     res = solve_scores(S, reference=True)
     assert res.rounds == 0 and res.n_candidates == 99
-    _check(res, S)
+    _check(res, S, exact=True)
     monkeypatch.setenv("SAEMATCH_REFERENCE", "1")
     X, Y = torch.randn(6, 3), torch.randn(8, 3)
     res = solve_inner_product(X, Y)
@@ -239,7 +267,9 @@ def test_reference_switches(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_empty() -> None:
     res = solve_inner_product(torch.zeros(0, 4), torch.zeros(3, 4))
-    assert res.cols.shape == (0,) and res.total == 0.0 and res.max_violation == 0.0
+    assert res.cols.shape == (0,) and res.total == 0.0 and res.gap_bound == 0.0
+    res = solve_scores(np.zeros((0, 2)), method="dense")
+    assert res.cols.shape == (0,) and res.gap_bound == 0.0
 
 
 @pytest.mark.parametrize(
@@ -436,3 +466,248 @@ def test_threadsafe_reports_the_threading_layer() -> None:
 
     safe = threadsafe()
     assert safe == (threading_layer() != "workqueue")
+
+
+# --- exactness on explicit matrices ---------------------------------------------------------------
+
+
+def test_forbidden_entries_are_never_used_and_infeasible_problems_raise() -> None:
+    rng = np.random.default_rng(11)
+    for t in range(20):
+        n, m = 12, 12 + t % 4
+        C = rng.integers(1, 20, (n, m)).astype(float)
+        C[rng.random((n, m)) < 0.5] = np.inf
+        C[np.arange(n), rng.permutation(m)[:n]] = rng.integers(1, 20, n)  # feasible
+        ref_r, ref_c = linear_sum_assignment(C)
+        for method in ("sparse", "dense"):
+            res = solve_scores(C, maximize=False, k=1 + t % 3, method=method)
+            assert np.isfinite(C[np.arange(n), res.cols]).all()
+            assert res.total == C[ref_r, ref_c].sum() and res.gap_bound == 0.0
+    infeasible = np.ones((3, 4))
+    infeasible[:, :2] = np.inf
+    for method in ("sparse", "dense"):
+        with pytest.raises(InfeasibleMatchError, match="scores: cost matrix is infeasible"):
+            solve_scores(infeasible, maximize=False, method=method)
+    with pytest.raises(
+        ValueError,
+        match=r"scores: matrix contains invalid numeric entries: 0 NaN and 6 -inf, first at \(0, 0\)",
+    ):
+        solve_scores(-infeasible, maximize=False)  # -inf is never optimal when minimising
+
+
+def test_any_strides_and_integer_inputs() -> None:
+    C = np.random.default_rng(12).standard_normal((7, 9))
+    for view in (C[:, ::-1], C[::-1], np.asfortranarray(C)[:, 1:]):
+        _check(solve_scores(view, k=2), np.array(view), exact=True)
+    X = np.random.default_rng(13).integers(-3, 4, (10, 5))
+    Y = np.random.default_rng(14).integers(-3, 4, (12, 5)).astype(np.uint8)
+    res = solve_inner_product(X[:, ::-1], Y[:, ::-1])
+    _check(res, (X[:, ::-1] @ Y[:, ::-1].astype(np.float64).T).astype(np.float64))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_heavy_tailed_scales_do_not_loosen_the_certificate(seed: int) -> None:
+    # One huge row and column that score 0 with everything (they change nothing) used to set the
+    # tolerance for every other row; log-normal norms likewise.
+    rng = np.random.default_rng(seed)
+    n, d = 120, 3
+    X, Y = np.zeros((n + 1, d + 2)), np.zeros((n + 1, d + 2))
+    X[:n, :d] = rng.standard_normal((n, d)) * np.exp(rng.standard_normal((n, 1)) * seed)
+    Y[:n, :d] = rng.standard_normal((n, d)) * np.exp(rng.standard_normal((n, 1)) * seed)
+    X[n, d], Y[n, d + 1] = 1e6, 1e6
+    res = solve_inner_product(X, Y, k=2)
+    _check(res, X @ Y.T)
+
+
+def test_big_penalties_do_not_blur_the_prices() -> None:
+    # A big-M formulation: 1e12 where scipy's sparse instances have no edge. Prices that once moved by
+    # 1e12 carry rounding errors far larger than the entries that decide the optimum; the certificate
+    # sees the gains they hide and re-solves from cold duals.
+    rng = np.random.default_rng(3)
+    n_checked = 0
+    for _ in range(30):
+        sparse = random_array(
+            (60, 60), density=0.08, rng=rng, data_sampler=lambda size: rng.integers(1, 100, size)
+        )
+        C = np.full(sparse.shape, 1e12)
+        C[sparse.row, sparse.col] = sparse.data
+        res = solve_scores(C, maximize=False, k=2)
+        ref_r, ref_c = linear_sum_assignment(C)
+        assert res.total == C[ref_r, ref_c].sum()
+        assert res.gap_bound <= GAP * abs(res.total)
+        n_checked += bool(res.total < 1e12)
+    assert n_checked >= 5, "some instances must be feasible without a penalty"
+
+
+def test_total_is_exact_and_gap_zero_on_integer_ties() -> None:
+    # every assignment of a constant matrix ties; integer scores make every gain exactly 0
+    S = np.full((30, 40), 3.0)
+    for method in ("sparse", "dense"):
+        res = solve_scores(S, k=1, method=method)
+        assert res.total == 90.0 and res.gap_bound == 0.0
+
+
+# --- the phases of one certified solve -----------------------------------------------------------
+
+
+def _phases(S: np.ndarray, k: int) -> _CertifiedSolve:
+    return _CertifiedSolve(_DenseOracle(S.copy()), k=k, chunk_size=64, tol=1e-13, max_rounds=100)
+
+
+def test_phase_candidates_bound_every_other_entry() -> None:
+    S = np.random.default_rng(20).standard_normal((30, 45))
+    ph = _phases(S, k=3)
+    ph.find_candidates()
+    rows, cols = ph.keys // 45, ph.keys % 45
+    assert (np.bincount(rows, minlength=30) == 3).all()
+    # the graph holds each row's 3 best entries, exactly scored
+    assert (ph.s == S[rows, cols]).all()
+    best3 = np.sort(S, axis=1)[:, -3:]
+    assert np.array_equal(np.sort(ph.s.reshape(30, 3), axis=1), best3)
+    # every entry outside the graph and the reserve is below the row's bound
+    stored = np.zeros_like(S, dtype=bool)
+    stored[rows, cols] = True
+    stored[ph.res_i, ph.res_j] = True
+    assert (S[~stored] <= np.broadcast_to(ph.kth[:, None], S.shape)[~stored]).all()
+    assert (S[ph.res_i, ph.res_j] == ph.res_v).all()
+
+
+def test_phase_solve_gives_optimal_duals_on_the_graph() -> None:
+    S = np.random.default_rng(21).standard_normal((25, 30))
+    ph = _phases(S, k=4)
+    ph.find_candidates()
+    assert ph.solve_graph().size == 0
+    rows, cols = ph.keys // 30, ph.keys % 30
+    red = -ph.s - ph.u[rows] - ph.v[cols]  # minimisation-form reduced costs
+    assert red.min() >= -1e-12
+    matched = ph.keys == rows * 30 + ph.col4row[rows]
+    assert np.abs(red[matched]).max() <= 1e-12
+    assert (ph.v <= 0).all() and (ph.v[ph.row4col < 0] == 0).all()
+
+
+def test_phase_grow_adds_edges_for_the_stuck_rows() -> None:
+    S = _popular_columns(20, 20, seed=1)
+    ph = _phases(S, k=1)
+    ph.find_candidates()
+    n_edges = ph.keys.size
+    stuck = ph.solve_graph()
+    assert stuck.size > 0, "every row's top entry is the same column"
+    ph.grow(stuck)
+    assert ph.keys.size > n_edges and ph.columns_added
+    assert (ph.k_row[stuck] == 2).all()
+    while (stuck := ph.solve_graph()).size:
+        ph.grow(stuck)
+    assert (ph.col4row >= 0).all()
+
+
+def test_phase_certify_finds_exactly_the_gains_a_dense_check_finds() -> None:
+    S = _popular_columns(30, 30, seed=2)
+    ph = _phases(S, k=2)
+    ph.find_candidates()
+    while (stuck := ph.solve_graph()).size:
+        ph.grow(stuck)
+    cert = ph.certify()
+    V, c = -ph.v, ph.col4row
+    gains = (S - V[None, :]) - (S[np.arange(30), c] - V[c])[:, None]
+    dense = np.maximum(gains.max(axis=1), 0.0)
+    np.testing.assert_allclose(cert.gains, dense, rtol=1e-12, atol=1e-12)
+    assert cert.gap_bound == pytest.approx(math.fsum(dense.tolist()), rel=1e-12, abs=1e-15)
+    assert cert.gap_bound > 1.0, "k = 2 leaves this instance far from optimal"
+    # the new edges are off the graph and gain, at most k per row in the first round
+    new = cert.new_i * 30 + cert.new_j
+    assert not np.isin(new, ph.keys).any() and (gains[cert.new_i, cert.new_j] > 0).all()
+    assert np.bincount(cert.new_i).max() <= 2
+    assert ph.add_edges(cert.new_i, cert.new_j) == cert.new_i.size
+
+
+def test_phase_dense_solve_is_certified() -> None:
+    S = np.random.default_rng(22).standard_normal((40, 50))
+    ph = _phases(S, k=2)
+    res = ph.solve_dense(ph.oracle.dense_exact())
+    _check(res, S, exact=True)
+    assert res.n_candidates == S.size
+
+
+def test_phase_restart_recovers_from_blurred_prices() -> None:
+    # prices far above the scores carry rounding larger than the gains that decide the optimum
+    S = np.random.default_rng(23).integers(0, 1000, (20, 20)).astype(float) / 7.0
+    ph = _phases(S, k=20)
+    ph.find_candidates()
+    ph.solve_graph()
+    ph.v -= 1e13 + np.random.default_rng(24).random(20) * 1e-2  # a common shift plus rounding-like noise
+    cert = ph.certify()
+    assert cert.n_blurred > 0 and cert.gap_bound > 1e-3 and cert.new_i.size == 0
+    ph.restart()
+    ph.solve_graph()
+    cert = ph.certify()
+    assert cert.n_blurred == 0 and cert.gap_bound <= GAP * np.abs(S).sum()
+
+
+# --- kernels ---------------------------------------------------------------------------------------
+
+
+def test_exact_gains_vs_fractions() -> None:
+    rng = np.random.default_rng(30)
+    cases = [
+        (1.0, 0.0, 1.0, 0.0),
+        (0.1, 0.2, 0.0, 0.1),  # 0.1 - 0.2 + 0.1 is exactly 0 in binary
+        (1e20, 1.0, 1e20, 1.0),
+        (3.0, 1.0, 1.0, -1.0 + 2.0**-52),
+        (1.0, 1e-30, 1.0, 0.0),  # -1e-30: no gain
+        (1.0, 0.0, 1.0, 1e-30),  # +1e-30: a gain far below float64 resolution of the terms
+        (-np.inf, 0.0, 1.0, 0.0),
+    ]
+    for _ in range(300):
+        a, b, c, d = rng.standard_normal(4) * 10.0 ** rng.integers(-5, 6, 4)
+        cases.append((a, b, a + (c - a) * rng.integers(0, 2), d))
+    s, vj, t, vc = (np.array(col, dtype=np.float64) for col in zip(*cases, strict=True))
+    out = np.empty(s.shape[0])
+    exact_gains(s, vj, t, vc, out)
+    for e in range(s.shape[0]):
+        if s[e] == -np.inf:
+            assert out[e] == 0.0
+            continue
+        exact = Fraction(s[e]) - Fraction(vj[e]) - Fraction(t[e]) + Fraction(vc[e])
+        if exact <= 0:
+            assert out[e] == 0.0
+        else:
+            assert Fraction(out[e]) >= exact and out[e] <= float(exact) * (1 + 1e-15) + 1e-300
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_sap_matches_scipy_and_leaves_dual_prices(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, m = 30, 30 + 7 * (seed % 2)
+    S = rng.standard_normal((n, m)) if seed < 2 else rng.integers(0, 4, (n, m)).astype(float)
+    if seed == 3:
+        S[rng.random((n, m)) < 0.3] = -np.inf
+        S[np.arange(n), rng.permutation(m)[:n]] = 1.0
+    u, v = np.zeros(n), np.zeros(m)
+    c4r, r4c = np.empty(n, np.int64), np.empty(m, np.int64)
+    assert dense_sap(S, u, v, c4r, r4c) == -1
+    assert S[np.arange(n), c4r].sum() == pytest.approx(_reference_total(S))
+    with np.errstate(invalid="ignore"):
+        red = -S - u[:, None] - v[None, :]
+    assert np.nanmin(red) >= -1e-12 and np.abs(red[np.arange(n), c4r]).max() <= 1e-12
+    assert (v <= 0).all() and (v[r4c < 0] == 0).all()
+    blocked = np.full((2, 3), -np.inf)
+    blocked[0, 0] = blocked[1, 0] = 1.0
+    assert dense_sap(blocked, np.zeros(2), np.zeros(3), np.empty(2, np.int64), np.empty(3, np.int64)) == 1
+
+
+def test_device_policy_is_the_cost_modules() -> None:
+    X = torch.randn(5, 3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda' requested but CUDA is not available"):
+            solve_inner_product(X, X, device="cuda")
+    _check(solve_inner_product(X, X, device="auto"), (X.double() @ X.double().T).numpy())
+
+
+def test_row_abs_max_vs_numpy() -> None:
+    S = np.random.default_rng(31).standard_normal((9, 13))
+    out = np.empty(9)
+    assert not row_abs_max(S, out)
+    np.testing.assert_array_equal(out, np.abs(S).max(axis=1))
+    S[2, 3], S[4, :] = -np.inf, np.inf
+    assert row_abs_max(S, out)
+    assert out[4] == 0.0 and out[2] == np.abs(np.delete(S[2], 3)).max()
