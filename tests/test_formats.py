@@ -18,7 +18,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -961,3 +961,118 @@ def test_parse_hub_spec() -> None:
     for bad in ("a/b", "hub:a", "hub:a/b@", "hub:a/b/../c", "hub:/b"):
         with pytest.raises(ValueError, match="spec:"):
             parse_hub_spec(bad)
+
+
+class HubCalls(NamedTuple):
+    probes: list[str]
+    """URL of every probe request."""
+    local_only: list[bool]
+    """``local_files_only`` of every download attempted."""
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubCalls:
+    """No network and HF_HUB_OFFLINE unset: the probe's HEAD request fails as an HTTP client does
+    without DNS."""
+    from huggingface_hub import constants
+
+    from saematch_core.formats import hub
+
+    class ConnectError(Exception):  # what httpx/requests raise without network (not an OSError)
+        pass
+
+    class Session:
+        def head(self, url: str, timeout: float) -> None:
+            probes.append(url)
+            raise ConnectError("[Errno -2] Name or service not known")
+
+    probes: list[str] = []
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "get_session", Session)
+    monkeypatch.setattr(hub, "_unreachable", {})
+    flags: list[bool] = []
+    real = hub.hf_hub_download
+
+    def download(*args: Any, **kwargs: Any) -> str:
+        flags.append(bool(kwargs.get("local_files_only")))
+        return real(*args, **{**kwargs, "cache_dir": str(cache)})
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    return HubCalls(probes, flags)
+
+
+def test_unreachable_hub_fails_fast_naming_repo_file_revision(
+    tmp_path: Path, unreachable_hub: HubCalls
+) -> None:
+    import time
+
+    from saematch_core.formats import hub
+
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as info:
+        load_sae("hub:google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71@v2")
+    message = str(info.value)
+    assert message.startswith("hub:google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71@v2: ")
+    assert "cannot be reached (ConnectError: [Errno -2] Name or service not known)" in message
+    assert "HF_HUB_OFFLINE" not in message
+    with pytest.raises(FileNotFoundError, match=r"^hub:a/b/x/params\.npz@main: no such file in the local"):
+        load_sae("hub:a/b/x/params.npz")
+    assert time.perf_counter() - start < 5
+    assert unreachable_hub.local_only and all(unreachable_hub.local_only)  # never a network retry
+    assert len(unreachable_hub.probes) == 1  # the failed probe is remembered
+    # What is in the local hub cache still loads.
+    sae = make_sae(D_IN, D_SAE)
+    _hub_cache_put(Path(hub.constants.HF_HUB_CACHE), "a/b", {"x/params.npz": _npz_bytes(tmp_path, sae)})
+    _assert_same_sae(sae, load_sae("hub:a/b/x"))
+
+
+def test_hub_errors_name_repo_file_and_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
+
+    from saematch_core.formats import hub
+
+    def refuse(error: type[Exception]) -> Any:
+        def download(*args: Any, **kwargs: Any) -> str:
+            exc = error.__new__(error)
+            Exception.__init__(exc, "404 Client Error")
+            raise exc
+
+        return download
+
+    monkeypatch.setattr(hub, "probe_hub", lambda: None)
+    monkeypatch.setattr(hub, "hf_hub_download", refuse(RepositoryNotFoundError))
+    with pytest.raises(FileNotFoundError, match=r"^hub:o/r/l3/params\.npz@v1: repository 'o/r' not found"):
+        load_sae("hub:o/r/l3@v1")
+    monkeypatch.setattr(hub, "hf_hub_download", refuse(RevisionNotFoundError))
+    with pytest.raises(FileNotFoundError, match=r"^hub:o/r/l3/cfg\.json@nope: revision 'nope' not found"):
+        load_sae("hub:o/r/l3/sae_weights.safetensors@nope")
+
+
+def test_cli_and_api_resolve_hub_specs_the_same_way(
+    tmp_path: Path, offline_hub: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saematch_core.cli import main
+    from saematch_core.formats import resolve
+
+    t = _random_tensors()
+    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False}
+    weights = safetensors.torch.save({k: v.contiguous() for k, v in t.items()})
+    _hub_cache_put(
+        offline_hub,
+        "someone/saes",
+        {"blocks.3/cfg.json": json.dumps(cfg).encode(), "blocks.3/sae_weights.safetensors": weights},
+    )
+    spec = "hub:someone/saes/blocks.3@main"
+    found = resolve(spec)
+    assert found.format == "saelens" and found.hub and found.source == spec
+    assert load_sae(found).meta["source"] == spec == load_sae(spec).meta["source"]
+    assert main(["info", spec, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["meta"]["source"] == spec and summary["format"] == "saelens"
+    out = tmp_path / "folded.safetensors"
+    assert main(["fold", spec, "--out", str(out)]) == 0
+    folded = load_sae(out)
+    assert folded.meta["source"] == spec and folded.meta["folded_from"] == spec
