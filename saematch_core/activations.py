@@ -39,7 +39,15 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from saematch_core.cache import atomic_write_text, content_key, read_manifest, write_manifest
+from saematch_core.cache import (
+    atomic_write_text,
+    content_key,
+    is_intact,
+    load_npy,
+    read_manifest,
+    seal,
+    write_manifest,
+)
 from saematch_core.data import Chunk
 from saematch_core.models import LoadedModel, capture_residuals
 
@@ -94,7 +102,7 @@ class ActivationCache:
         return {name: (int(a), int(b)) for name, (a, b) in self.manifest["corpus_ranges"].items()}
 
     def _load(self, name: str) -> np.ndarray:
-        return np.load(self.folder / name, mmap_mode="r")
+        return load_npy(self.folder / name)
 
     @cached_property
     def tokens(self) -> np.ndarray:
@@ -155,7 +163,7 @@ def open_activation_cache(
         return None
     needed = ["tokens.npy", "positions.npy", "chunk_ids.npy", "norms.npy", "chunks.json"]
     needed += [_layer_file(i) for i in range(int(manifest.get("n_layers", 0)))]
-    if not all((folder / name).is_file() for name in needed):
+    if not all(is_intact(folder / name) for name in needed):
         return None
     return ActivationCache(folder=folder, manifest=manifest)
 
@@ -291,6 +299,8 @@ def build_activation_cache(
         "build_seconds_last_session": round(elapsed, 3),
     }
     (work / _PROGRESS).unlink()
+    for file in sorted(p for p in work.iterdir() if not p.name.startswith(".")):
+        seal(file)
     write_manifest(work, manifest)
     if folder.exists():
         shutil.rmtree(folder)

@@ -1076,3 +1076,15 @@ def test_cli_and_api_resolve_hub_specs_the_same_way(
     assert main(["fold", spec, "--out", str(out)]) == 0
     folded = load_sae(out)
     assert folded.meta["source"] == spec and folded.meta["folded_from"] == spec
+
+
+def test_loaded_sae_does_not_alias_its_file(tmp_path: Path) -> None:
+    """safetensors maps the file; a loaded SAE must not change when the file is overwritten in place."""
+    sae = make_sae(D_IN, D_SAE)
+    path = save_sae(sae, tmp_path / "a.safetensors")
+    loaded = load_sae(path)
+    with open(path, "r+b") as fh:  # same inode, every tensor byte zeroed
+        n = int.from_bytes(fh.read(8), "little")
+        fh.seek(8 + n)
+        fh.write(b"\x00" * (path.stat().st_size - 8 - n))
+    _assert_same_sae(sae, loaded)
