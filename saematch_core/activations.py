@@ -44,6 +44,7 @@ from saematch_core.cache import (
     content_key,
     is_intact,
     load_npy,
+    preallocate,
     read_manifest,
     seal,
     write_manifest,
@@ -322,7 +323,9 @@ def _write_static(
     # Zero-filled files of the final size; rows are filled batch by batch.
     for i in range(n_layers):
         open_memmap(work / _layer_file(i), mode="w+", dtype=np.float16, shape=(n_tokens, d_model)).flush()
+        preallocate(work / _layer_file(i))
     open_memmap(work / "norms.npy", mode="w+", dtype=np.float32, shape=(n_layers, n_tokens)).flush()
+    preallocate(work / "norms.npy")
 
 
 def _read_progress(work: Path) -> dict[str, Any] | None:

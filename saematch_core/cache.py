@@ -16,6 +16,7 @@ line and rebuilt, never used.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ __all__ = [
     "folder_lock",
     "is_intact",
     "load_npy",
+    "preallocate",
     "read_manifest",
     "read_record",
     "record_path",
@@ -219,9 +221,7 @@ def check_writable(folder: str | os.PathLike[str]) -> None:
     try:
         tmp, _ = _create_temp(folder / ".saematch-write-probe")
     except OSError as exc:
-        if exc.errno is None or exc.strerror is None:
-            raise type(exc)(f"{folder}: cannot create files here ({exc})") from exc
-        raise type(exc)(exc.errno, f"{exc.strerror} (cannot create files here)", str(folder)) from exc
+        raise _naming(exc, folder) from exc
     tmp.unlink()
 
 
@@ -342,6 +342,33 @@ def folder_lock(folder: str | os.PathLike[str], *, timeout: float | None = None)
             yield path
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def preallocate(path: str | os.PathLike[str]) -> None:
+    """Reserve the disk blocks of a file already sized (e.g. a zero-filled ``np.memmap``).
+
+    A file created at its final size is sparse: its blocks are allocated only when the pages of a
+    memory map are written, and on a full disk that write kills the process with SIGBUS, without a
+    message. Reserving them up front turns that into an :class:`OSError` here, naming the file.
+    Where the file system or platform cannot reserve blocks this does nothing.
+
+    Raises
+    ------
+    OSError
+        ``ENOSPC`` (disk full), ``EDQUOT`` (quota), ... naming ``path``.
+    """
+    path = Path(path)
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS, Windows
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return
+        raise _naming(exc, path) from exc
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------- integrity records

@@ -236,8 +236,7 @@ def _check_out(path: Path, force: bool, suffixes: tuple[str, ...]) -> None:
     try:
         check_writable(path.parent)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise _OutputError(f"--out: cannot write {path}: {reason} (in {path.parent})") from exc
+        raise _OutputError(f"--out: cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _write_out(path: Path, write: Callable[[Path], object]) -> None:

@@ -27,6 +27,7 @@ from saematch_core.cache import (
     folder_lock,
     is_intact,
     load_npy,
+    preallocate,
     read_manifest,
     read_record,
     record_path,
@@ -230,7 +231,7 @@ def test_unwritable_folder_is_found_before_writing(
 
     check_writable(tmp_path)  # a real folder: fine
     monkeypatch.setattr(cache_module, "_create_temp", refuse)
-    with pytest.raises(kind, match=rf"{os.strerror(code)} \(cannot create files here\): '{tmp_path}'"):
+    with pytest.raises(kind, match=rf"{os.strerror(code)}: '{tmp_path}'"):
         check_writable(tmp_path)
     with pytest.raises(kind, match=rf"{os.strerror(code)}: '{tmp_path / 'x.txt'}'"):
         atomic_write_text(tmp_path / "x.txt", "x")
@@ -349,3 +350,28 @@ def test_load_npy_names_the_damaged_file(tmp_path: Path) -> None:
         load_npy(path)
     with pytest.raises(FileNotFoundError, match=r"absent\.npy"):
         load_npy(tmp_path / "absent.npy")
+
+
+def test_preallocate_turns_a_full_disk_into_an_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sparse memory-mapped file would die of SIGBUS when its pages are written on a full disk."""
+    import numpy as np
+
+    path = tmp_path / "layer_00.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(1000, 64)).flush()
+    preallocate(path)  # reserves the blocks for real
+    assert os.stat(path).st_blocks * 512 >= os.stat(path).st_size
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=rf"No space left on device: '{path}'"):
+        preallocate(path)
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    preallocate(path)  # nothing to reserve with: the old behaviour

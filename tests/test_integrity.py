@@ -8,8 +8,10 @@ cached result.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,3 +158,20 @@ def test_hand_edited_result_is_recomputed(tmp_path: Path, caplog: pytest.LogCapt
     with caplog.at_level(logging.WARNING):
         assert load_or_compute(_Answer, spec, compute, cache_dir=tmp_path).value == 42.0
     assert len(calls) == 2 and any(str(path) in w for w in _warnings(caplog))
+
+
+def test_full_disk_while_caching_activations_is_an_error_not_a_crash(cache: Path) -> None:
+    """The arrays are memory-mapped: without reserved blocks a full disk would end in SIGBUS."""
+    profile = _profile()
+    shutil.rmtree(cache / profile.name / "activations" / "eval")
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "posix_fallocate", full)
+        with pytest.raises(OSError, match=r"No space left on device: '.*eval\.partial/layer_00\.npy'"):
+            prepare(profile, cache_dir=cache, progress=False)
+    assert not (cache / profile.name / "activations" / "eval").exists()
+    assert not prepare(profile, cache_dir=cache, progress=False).cached  # space again: it resumes
+    assert prepare(profile, cache_dir=cache, progress=False).cached
