@@ -907,16 +907,18 @@ def test_hub_gemma_scope_offline(tmp_path: Path, offline_hub: Path) -> None:
         assert back.meta["source"] == spec and back.meta["layer"] == 20 and back.meta["average_l0"] == 71
 
 
-def test_hub_folder_formats_offline(tmp_path: Path, offline_hub: Path) -> None:
+def _saelens_on_hub(cache: Path, repo_id: str, revision: str = "main") -> dict[str, Tensor]:
+    """A SAELens folder ``blocks.3`` in a hub repository of the local hub cache; its tensors."""
     t = _random_tensors()
     cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False}
     weights = safetensors.torch.save({k: v.contiguous() for k, v in t.items()})
-    _hub_cache_put(
-        offline_hub,
-        "someone/saelens-saes",
-        {"blocks.3/cfg.json": json.dumps(cfg).encode(), "blocks.3/sae_weights.safetensors": weights},
-        revision="v1",
-    )
+    files = {"blocks.3/cfg.json": json.dumps(cfg).encode(), "blocks.3/sae_weights.safetensors": weights}
+    _hub_cache_put(cache, repo_id, files, revision=revision)
+    return t
+
+
+def test_hub_folder_formats_offline(tmp_path: Path, offline_hub: Path) -> None:
+    t = _saelens_on_hub(offline_hub, "someone/saelens-saes", revision="v1")
     back = load_sae("hub:someone/saelens-saes/blocks.3@v1")
     assert back.meta["format"] == "saelens"
     assert torch.equal(back.W_enc, t["W_enc"])
@@ -1057,14 +1059,7 @@ def test_cli_and_api_resolve_hub_specs_the_same_way(
     from saematch_core.cli import main
     from saematch_core.formats import resolve
 
-    t = _random_tensors()
-    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False}
-    weights = safetensors.torch.save({k: v.contiguous() for k, v in t.items()})
-    _hub_cache_put(
-        offline_hub,
-        "someone/saes",
-        {"blocks.3/cfg.json": json.dumps(cfg).encode(), "blocks.3/sae_weights.safetensors": weights},
-    )
+    _saelens_on_hub(offline_hub, "someone/saes")
     spec = "hub:someone/saes/blocks.3@main"
     found = resolve(spec)
     assert found.format == "saelens" and found.hub and found.source == spec
