@@ -49,6 +49,7 @@ __all__ = [
     "read_manifest",
     "read_record",
     "record_path",
+    "recorded_problem",
     "seal",
     "structure_problem",
     "write_manifest",
@@ -510,13 +511,24 @@ def check_file(path: str | os.PathLike[str], *, adopt: bool = True) -> str | Non
     return None
 
 
-def is_intact(path: str | os.PathLike[str]) -> bool:
+def recorded_problem(path: str | os.PathLike[str]) -> str | None:
+    """:func:`check_file` for a file that has a record; ``None`` for one without (nothing to compare).
+
+    For readers that are not cache readers (loading a file the user named): a cached file copied
+    or opened directly is still checked against what was written, and other files are left alone.
+    """
+    if read_record(path) is None:
+        return None
+    return check_file(path, adopt=False)
+
+
+def is_intact(path: str | os.PathLike[str], *, adopt: bool = True) -> bool:
     """:func:`check_file` for cache readers: ``False`` for a missing or damaged file.
 
     A damaged file (anything but missing) gets a one-line warning naming it, once per process and
-    problem; the caller then rebuilds it instead of using it.
+    problem; the caller then rebuilds it instead of using it. ``adopt`` as in :func:`check_file`.
     """
-    problem = check_file(path)
+    problem = check_file(path, adopt=adopt)
     if problem is None:
         return True
     if problem != "missing" and (str(path), problem) not in _WARNED:

@@ -16,6 +16,7 @@ SAEs; anything wrong gives one warning line and ``None``, so the caller solves a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -177,7 +178,8 @@ def read_cached_match(path: str | os.PathLike[str], a: SAE, b: SAE) -> MatchResu
     if not path.is_file():
         return None
     recorded = read_record(path) is not None
-    if not is_intact(path):
+    # An unrecorded file is sealed only once its costs have been recomputed.
+    if not is_intact(path, adopt=False):
         return None
     try:
         result = MatchResult.from_json(path)
@@ -186,6 +188,9 @@ def read_cached_match(path: str | os.PathLike[str], a: SAE, b: SAE) -> MatchResu
     except (ValueError, KeyError, TypeError) as exc:
         logger.warning("%s; not using this cached matching, solving again", exc)
         return None
+    if not recorded:
+        with contextlib.suppress(OSError):
+            seal(path)
     return result
 
 

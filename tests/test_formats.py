@@ -1083,3 +1083,22 @@ def test_loaded_sae_does_not_alias_its_file(tmp_path: Path) -> None:
         fh.seek(8 + n)
         fh.write(b"\x00" * (path.stat().st_size - 8 - n))
     _assert_same_sae(sae, loaded)
+
+
+def test_loading_a_sealed_file_checks_its_record(tmp_path: Path) -> None:
+    """A cached SAE opened directly (saematch info, load_sae) is checked like the cache checks it."""
+    from saematch_core.cache import seal
+
+    path = save_sae(make_sae(D_IN, D_SAE), tmp_path / "layer_02.safetensors")
+    seal(path)
+    load_sae(path)
+    raw = bytearray(path.read_bytes())
+    raw[-20] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(
+        SAEFormatError, match=r"layer_02\.safetensors: content differs from when it was written"
+    ):
+        load_sae(path)
+    unsealed = save_sae(make_sae(D_IN, D_SAE), tmp_path / "mine.safetensors")
+    load_sae(unsealed)  # no record: nothing to compare with, and none is written by a plain load
+    assert not (tmp_path / ".mine.safetensors.record").exists()

@@ -160,6 +160,8 @@ def test_cache_reader_rejects_hand_edits(
         record_path(path).unlink()
     with caplog.at_level(logging.WARNING):
         assert read_cached_match(path, a, b) is None
+    if not record:
+        assert read_record(path) is None  # a rejected file is not adopted: it stays suspect
     assert any(str(path) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert read_cached_match(tmp_path / "absent.json", a, b) is None
 

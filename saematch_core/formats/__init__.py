@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from saematch_core.cache import recorded_problem
+from saematch_core.errors import SAEFormatError
 from saematch_core.formats._common import parse_dtype
 from saematch_core.formats.gemma_scope import (
     GEMMA_SCOPE_2B_RES_16K_L0,
@@ -83,7 +85,9 @@ def load_sae(
     FileNotFoundError
         Missing file or folder (or hub file not found / not cached offline).
     SAEFormatError
-        Unknown or ambiguous format, missing or unknown key, wrong shape, corrupt or truncated file.
+        Unknown or ambiguous format, missing or unknown key, wrong shape, corrupt or truncated file,
+        or a file that differs from what its integrity record (see :func:`saematch_core.cache.seal`)
+        says was written.
     SAEValidationError
         Tensors that load but are not a valid SAE (NaN/inf, threshold < 0, ...).
     """
@@ -94,6 +98,9 @@ def load_sae(
         resolved = spec
     else:
         resolved = resolve(spec, format=format)
+    problem = recorded_problem(resolved.path) if resolved.path.is_file() else None
+    if problem is not None:
+        raise SAEFormatError(f"{resolved.path}: {problem}, by its integrity record; rebuild or re-save it")
     sae = FORMATS[resolved.format](resolved.path, target_dtype)
     if resolved.hub:
         sae = replace(sae, meta={**sae.meta, "source": resolved.source})
