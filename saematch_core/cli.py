@@ -320,7 +320,10 @@ def _configure_fold(p: argparse.ArgumentParser) -> None:
 def _run_fold(args: argparse.Namespace) -> int:
     _check_out(args.out, args.force, (".safetensors",))
     sae, _ = _load(args.sae, args.format)
-    folded = fold(sae)
+    try:
+        folded = fold(sae)
+    except SAEValidationError as exc:
+        raise SAEValidationError(f"{args.sae}: {exc}") from exc
     folded = replace(folded, meta={**folded.meta, "folded_from": args.sae})
     _write_out(args.out, lambda out: save_sae(folded, out, force=args.force))
     print(args.out)

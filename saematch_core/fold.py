@@ -79,7 +79,8 @@ def fold(sae: SAE) -> SAE:
     if zero:
         shown = ", ".join(str(i) for i in zero[:8]) + (", ..." if len(zero) > 8 else "")
         raise SAEValidationError(
-            f"threshold: {len(zero)} features have θ = 0 (features {shown}); folding divides each "
+            f"threshold: {len(zero)} feature{'s have' if len(zero) > 1 else ' has'} θ = 0 "
+            f"(feature{'s' if len(zero) > 1 else ''} {shown}); folding divides each "
             "feature by its θ, and a θ = 0 feature (it fires whenever its pre-activation is > 0) has "
             "no scale to divide by. Match without folding (MatchConfig(fold=False), --no-fold), or "
             "choose a scale for those features with rescale_features(sae, scale)"

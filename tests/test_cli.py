@@ -159,6 +159,10 @@ def test_match_json_layout(tmp_path: Path) -> None:
         (["match", "{a}", "{wide}", "--out", "{tmp}/p.json"], "expected the same d_in"),
         (["match", "{a}", "{b}", "--out", "{tmp}/p.json", "--chunk-size", "0"], "MatchConfig.chunk_size"),
         (["fold", "{relu}", "--out", "{tmp}/f.safetensors"], "folding is defined for JumpReLU"),
+        (
+            ["fold", "{zero}", "--out", "{tmp}/f.safetensors"],
+            "{zero}: threshold: 1 feature has θ = 0 (feature 3)",
+        ),
         (["info", "{bad}"], "bad.safetensors"),
         (["info"], "required: sae"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -174,6 +178,8 @@ def test_bad_input_exits_2_with_one_line(
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
     subs = {"tmp": str(tmp_path), "a": str(pa), "b": str(pb), "wide": str(wide), "relu": str(relu)}
     subs["bad"] = str(tmp_path / "bad.safetensors")
+    theta = torch.full((D_SAE,), 0.5).index_fill(0, torch.tensor([3]), 0.0)
+    subs["zero"] = str(save_sae(make_sae(D_IN, D_SAE, threshold=theta), tmp_path / "zero.safetensors"))
     before = sorted(os.listdir(tmp_path))
     assert main([arg.format(**subs) for arg in argv]) == 2
     err = capsys.readouterr().err
