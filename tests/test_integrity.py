@@ -26,8 +26,8 @@ from saematch_core import data
 from saematch_core.activations import ActivationCache, open_activation_cache
 from saematch_core.cache import check_file, read_manifest, record_path
 from saematch_core.data import Document
-from saematch_core.errors import DamagedFileError
-from saematch_core.formats import load_sae
+from saematch_core.errors import DamagedFileError, SAEFormatError
+from saematch_core.formats import FORMATS, load_sae
 from saematch_core.prepare import prepare, sae_file
 from saematch_core.profiles import Profile, get_profile
 from saematch_core.results import JsonResult, load_or_compute, result_path
@@ -103,8 +103,10 @@ def test_flipped_bytes_in_a_cached_sae_are_found(cache: Path, caplog: pytest.Log
     raw = bytearray(victim.read_bytes())
     raw[-20] ^= 0x40  # inside the tensor data: the file still loads, as other weights
     victim.write_bytes(bytes(raw))
-    after = load_sae(victim).tensors()
+    after = FORMATS["native"](victim, None).tensors()  # the file still parses, as other weights
     assert any(not torch.equal(t, after[k]) for k, t in before.tensors().items())
+    with pytest.raises(SAEFormatError, match=r"layer_02\.safetensors: content differs from when it was"):
+        load_sae(victim)  # opened directly, it is checked against its record too
     with caplog.at_level(logging.WARNING):
         again = prepare(profile, cache_dir=cache, progress=False)
     assert not again.cached
