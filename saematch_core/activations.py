@@ -39,7 +39,16 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from saematch_core.cache import atomic_write_text, content_key, read_manifest, write_manifest
+from saematch_core.cache import (
+    atomic_write_text,
+    content_key,
+    is_intact,
+    load_npy,
+    preallocate,
+    read_manifest,
+    seal,
+    write_manifest,
+)
 from saematch_core.data import Chunk
 from saematch_core.models import LoadedModel, capture_residuals
 
@@ -94,7 +103,7 @@ class ActivationCache:
         return {name: (int(a), int(b)) for name, (a, b) in self.manifest["corpus_ranges"].items()}
 
     def _load(self, name: str) -> np.ndarray:
-        return np.load(self.folder / name, mmap_mode="r")
+        return load_npy(self.folder / name)
 
     @cached_property
     def tokens(self) -> np.ndarray:
@@ -155,7 +164,7 @@ def open_activation_cache(
         return None
     needed = ["tokens.npy", "positions.npy", "chunk_ids.npy", "norms.npy", "chunks.json"]
     needed += [_layer_file(i) for i in range(int(manifest.get("n_layers", 0)))]
-    if not all((folder / name).is_file() for name in needed):
+    if not all(is_intact(folder / name) for name in needed):
         return None
     return ActivationCache(folder=folder, manifest=manifest)
 
@@ -291,6 +300,8 @@ def build_activation_cache(
         "build_seconds_last_session": round(elapsed, 3),
     }
     (work / _PROGRESS).unlink()
+    for file in sorted(p for p in work.iterdir() if not p.name.startswith(".")):
+        seal(file)
     write_manifest(work, manifest)
     if folder.exists():
         shutil.rmtree(folder)
@@ -312,7 +323,9 @@ def _write_static(
     # Zero-filled files of the final size; rows are filled batch by batch.
     for i in range(n_layers):
         open_memmap(work / _layer_file(i), mode="w+", dtype=np.float16, shape=(n_tokens, d_model)).flush()
+        preallocate(work / _layer_file(i))
     open_memmap(work / "norms.npy", mode="w+", dtype=np.float32, shape=(n_layers, n_tokens)).flush()
+    preallocate(work / "norms.npy")
 
 
 def _read_progress(work: Path) -> dict[str, Any] | None:

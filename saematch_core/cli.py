@@ -1,9 +1,12 @@
 """The ``saematch`` command: ``info``, ``fold`` and ``match`` on SAE files, folders or ``hub:`` paths.
 
 Every SAE argument accepts a local file or folder in any known format (see
-:func:`saematch_core.formats.detect_format`) or ``hub:repo_id/path/inside/repo@revision``.
-Bad input prints one line ``saematch: error: ...`` to stderr and exits with status 2; outputs are
-written atomically and an existing output is only replaced with ``--force``.
+:func:`saematch_core.formats.detect_format`) or ``hub:repo_id/path/inside/repo@revision``, resolved
+by :func:`saematch_core.formats.resolve` exactly as :func:`~saematch_core.formats.load_sae` does.
+Bad input, an unwritable or full output location, an unreachable hub and a missing optional
+dependency each print one line ``saematch: error: ...`` to stderr and exit with status 2. Outputs
+are written atomically (nothing partial is ever left at ``--out``), the output location is checked
+before any SAE is loaded, and an existing output is only replaced with ``--force``.
 
 The flags of ``saematch match`` are generated from the fields of
 :class:`~saematch_core.match.MatchConfig` (names, types, choices and help text), so the two cannot
@@ -37,9 +40,10 @@ from typing import Any, Literal, NamedTuple, NoReturn, Union, get_args, get_orig
 
 import torch
 
+from saematch_core.cache import check_writable
 from saematch_core.errors import InfeasibleMatchError, SAEFormatError, SAEValidationError
 from saematch_core.fold import fold
-from saematch_core.formats import HUB_PREFIX, detect_format, fetch_hub, load_sae, save_sae
+from saematch_core.formats import load_sae, resolve, save_sae
 from saematch_core.formats.registry import FORMATS
 from saematch_core.match import MatchConfig, MatchResult, match
 from saematch_core.sae import SAE
@@ -50,6 +54,7 @@ __all__ = [
     "build_parser",
     "main",
     "match_config_from_args",
+    "missing_dependency_hint",
     "register_command",
     "sae_summary",
 ]
@@ -61,7 +66,8 @@ EXIT_USAGE = 2
 """Exit status for bad input (argparse's convention)."""
 
 MATCH_FLAG_ALIASES: dict[str, tuple[str, ...]] = {"params": ("--objective",)}
-"""Extra flag spellings per MatchConfig field (``--objective`` is the issue's name for ``--params``)."""
+"""Extra flag spellings per MatchConfig field (``--objective``: what the parameters form, the paper's
+word, for ``--params``)."""
 
 # Errors that mean "bad input", reported in one line with exit status 2 (bugs still show a traceback).
 _USER_ERRORS = (
@@ -80,6 +86,10 @@ _USER_ERRORS = (
 
 class _UsageError(Exception):
     """Raised by the parser instead of exiting, so :func:`main` prints one line and returns 2."""
+
+
+class _OutputError(Exception):
+    """``--out`` cannot be written (folder not writable, disk full, ...); printed as is."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s"
         )
         return int(args._run(args))
-    except _UsageError as exc:
+    except (_UsageError, _OutputError) as exc:
         return _fail(str(exc))
     except _USER_ERRORS as exc:
         logger.debug("traceback (shown with -vv)", exc_info=True)
@@ -146,8 +156,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # network / hub errors, disk full, ...
         logger.debug("traceback (shown with -vv)", exc_info=True)
         return _fail(f"{type(exc).__name__}: {exc}")
+    except ModuleNotFoundError as exc:
+        hint = missing_dependency_hint(exc.name or "")
+        if hint is None:
+            raise  # not an optional dependency: a bug, show the traceback
+        logger.debug("traceback (shown with -vv)", exc_info=True)
+        return _fail(hint)
     except KeyboardInterrupt:
         return 130
+
+
+def missing_dependency_hint(module: str) -> str | None:
+    """``"... pip install 'saematch[substrate]'"`` for a module of an optional extra, else ``None``.
+
+    The extras and their packages are read from the installed package's metadata (the
+    ``optional-dependencies`` of ``pyproject.toml``), so the hint cannot drift from them.
+
+    >>> missing_dependency_hint("not_a_dependency_of_saematch") is None
+    True
+    """
+    from importlib.metadata import PackageNotFoundError, requires
+
+    root = module.split(".")[0]
+    if not root:
+        return None
+    try:
+        requirements = requires("saematch") or []
+    except PackageNotFoundError:
+        return None
+    for requirement in requirements:
+        name_part, _, marker = requirement.partition(";")
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        name = re.split(r"[\s<>=!~\[(]", name_part.strip(), maxsplit=1)[0]
+        if extra and name.lower().replace("-", "_") == root.lower():
+            return (
+                f"the optional dependency {root!r} is not installed; install the "
+                f"{extra.group(1)!r} extra: pip install 'saematch[{extra.group(1)}]'"
+            )
+    return None
 
 
 def _fail(message: str) -> int:
@@ -178,7 +224,7 @@ def _add_out_args(parser: argparse.ArgumentParser, suffixes: str) -> None:
 
 
 def _check_out(path: Path, force: bool, suffixes: tuple[str, ...]) -> None:
-    """Refuse before any work: wrong suffix, missing folder, existing file without --force."""
+    """Refuse before any work: wrong suffix, missing or unwritable folder, existing file without --force."""
     if path.suffix not in suffixes:
         raise ValueError(f"--out: expected a file ending in {' or '.join(suffixes)}, got {str(path)!r}")
     if not path.parent.is_dir():
@@ -187,18 +233,29 @@ def _check_out(path: Path, force: bool, suffixes: tuple[str, ...]) -> None:
         raise IsADirectoryError(f"--out: {path} is a folder")
     if path.exists() and not force:
         raise FileExistsError(f"--out: {path} exists; pass --force to overwrite")
+    try:
+        check_writable(path.parent)
+    except OSError as exc:
+        raise _OutputError(f"--out: cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _write_out(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(path)``, reporting a failure (disk full, permission, ...) as one line naming ``--out``.
+
+    The writers are atomic, so a failed write leaves ``--out`` as it was.
+    """
+    try:
+        write(path)
+    except OSError as exc:
+        logger.debug("traceback (shown with -vv)", exc_info=True)
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise _OutputError(f"--out: cannot write {path}: {reason}; nothing was written") from exc
 
 
 def _load(spec: str, fmt: str | None) -> tuple[SAE, str]:
-    """Load an SAE and say which format it was in."""
-    if spec.startswith(HUB_PREFIX):
-        local, found = fetch_hub(spec, fmt)
-        return load_sae(local, format=found), found
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"{spec}: no such file or folder")
-    found = fmt or detect_format(path)
-    return load_sae(path, format=found), found
+    """Load an SAE (the same resolution as :func:`load_sae`) and say which format it was in."""
+    resolved = resolve(spec, format=fmt)
+    return load_sae(resolved), resolved.format
 
 
 # ------------------------------------------------------------------------------------ info
@@ -263,11 +320,13 @@ def _configure_fold(p: argparse.ArgumentParser) -> None:
 def _run_fold(args: argparse.Namespace) -> int:
     _check_out(args.out, args.force, (".safetensors",))
     sae, _ = _load(args.sae, args.format)
-    folded = fold(sae)
-    path = save_sae(
-        replace(folded, meta={**folded.meta, "folded_from": args.sae}), args.out, force=args.force
-    )
-    print(path)
+    try:
+        folded = fold(sae)
+    except SAEValidationError as exc:
+        raise SAEValidationError(f"{args.sae}: {exc}") from exc
+    folded = replace(folded, meta={**folded.meta, "folded_from": args.sae})
+    _write_out(args.out, lambda out: save_sae(folded, out, force=args.force))
+    print(args.out)
     return 0
 
 
@@ -388,10 +447,7 @@ def _run_match(args: argparse.Namespace) -> int:
     a, _ = _load(args.a, args.format)
     b, _ = _load(args.b, args.format)
     result: MatchResult = match(a, b, config)
-    if args.out.suffix == ".json":
-        result.to_json(args.out)
-    else:
-        result.save(args.out)
+    _write_out(args.out, result.to_json if args.out.suffix == ".json" else result.save)
     logger.info(
         "matched %d of %d features, total cost %.6g", result.n_matched, result.shape[0], result.total_cost
     )

@@ -7,7 +7,7 @@ says what was expected and what was found.
 
 from __future__ import annotations
 
-__all__ = ["InfeasibleMatchError", "SAEFormatError", "SAEValidationError"]
+__all__ = ["DamagedFileError", "InfeasibleMatchError", "SAEFormatError", "SAEValidationError"]
 
 
 class SAEValidationError(ValueError):
@@ -20,3 +20,7 @@ class SAEFormatError(ValueError):
 
 class InfeasibleMatchError(ValueError):
     """No assignment covers every feature of the smaller side (e.g. a sparse graph without one)."""
+
+
+class DamagedFileError(ValueError):
+    """A stored file does not hold what was written: truncated, resized, or its content changed."""

@@ -57,6 +57,13 @@ def fold(sae: SAE) -> SAE:
 
     Idempotent: folding a folded SAE returns equal weights. The input SAE is not modified.
 
+    Raises
+    ------
+    SAEValidationError
+        For a non-JumpReLU SAE, and for one with features whose threshold is exactly 0 (such
+        features fire whenever their pre-activation is > 0; dividing by θ = 0 has no meaning, and no
+        other scale would be the paper's): the message lists them.
+
     >>> import torch
     >>> sae = SAE(W_enc=torch.eye(2), b_enc=torch.zeros(2), W_dec=torch.eye(2), b_dec=torch.zeros(2),
     ...           threshold=torch.tensor([0.5, 2.0]))
@@ -67,6 +74,16 @@ def fold(sae: SAE) -> SAE:
         raise SAEValidationError(
             "activation: folding is defined for JumpReLU SAEs (per-feature threshold), "
             f"got {sae.activation!r}; for other families use rescale_features(sae, scale)"
+        )
+    zero = (sae.threshold == 0).nonzero().flatten().tolist()
+    if zero:
+        shown = ", ".join(str(i) for i in zero[:8]) + (", ..." if len(zero) > 8 else "")
+        raise SAEValidationError(
+            f"threshold: {len(zero)} feature{'s have' if len(zero) > 1 else ' has'} θ = 0 "
+            f"(feature{'s' if len(zero) > 1 else ''} {shown}); folding divides each "
+            "feature by its θ, and a θ = 0 feature (it fires whenever its pre-activation is > 0) has "
+            "no scale to divide by. Match without folding (MatchConfig(fold=False), --no-fold), or "
+            "choose a scale for those features with rescale_features(sae, scale)"
         )
     folded = rescale_features(sae, sae.threshold)
     # θ/θ is 1 up to rounding; make it exactly 1 so folding is idempotent bit for bit.

@@ -39,6 +39,7 @@ from saematch_core.cost import (
 from saematch_core.errors import SAEValidationError
 from saematch_core.lap import DEFAULT_TOL, SOLVERS, Candidates, check_candidates, check_tol, solve
 from saematch_core.sae import SAE
+from saematch_core.verify import check_match_result
 
 __all__ = ["MATCH_RESULT_KIND", "MATCH_SCHEMA_VERSION", "MatchConfig", "MatchResult", "match"]
 
@@ -324,7 +325,8 @@ class MatchResult:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        result = cls.from_dict(data, source=str(path))
+        return check_match_result(result, details=data.get("details"), source=path)
 
     # ------------------------------------------------------------------ safetensors
     def save(self, path: str | os.PathLike[str], *, git_commit: str | None = None) -> Path:
@@ -366,7 +368,7 @@ class MatchResult:
             raise ValueError(f"{path}: metadata 'saematch' is not valid JSON ({exc})") from exc
         meta["details"] = []
         base = cls.from_dict(meta, source=str(path))
-        return replace(base, perm=perm, cost=cost)
+        return check_match_result(replace(base, perm=perm, cost=cost), source=path)
 
 
 def match(

@@ -42,7 +42,9 @@ from saematch_core.cache import (
     cache_root,
     content_key,
     folder_lock,
+    is_intact,
     read_manifest,
+    seal,
     write_manifest,
 )
 from saematch_core.data import CORPUS_VERSION, Split, corpus_chunks
@@ -336,7 +338,7 @@ def _complete(folder: Path, key: str) -> tuple[SAERecord, ...] | None:
         records = tuple(SAERecord.from_dict(r, folder) for r in manifest["records"])
     except (KeyError, TypeError, ValueError):
         return None
-    if not all(r.path.is_file() for r in records):
+    if not all(is_intact(r.path) for r in records):
         return None
     return records
 
@@ -389,7 +391,7 @@ def prepare(
 
     def cached() -> PrepareResult | None:
         records = None if force else _complete(folder, run_key)
-        if records is None:
+        if records is None or any(open_activation_cache(f) is None for f in act_folders.values()):
             return None
         logger.info("profile %r: everything cached in %s", profile.name, folder)
         return PrepareResult(
@@ -442,7 +444,7 @@ def prepare(
             path = sae_file(folder, job.family, job.layer, job.setting)
             key = _job_key(profile, job)
             side = _read_sidecar(path)
-            if not force and side is not None and side.get("key") == key and path.is_file():
+            if not force and side is not None and side.get("key") == key and is_intact(path):
                 records[index] = SAERecord.from_dict(side["record"], folder)
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -475,6 +477,7 @@ def prepare(
             if delta is not None:
                 quality = dataclasses.replace(quality, delta_loss=delta(sae, job.layer))
             save_sae(sae, path, force=True)
+            seal(path)
             record = SAERecord(
                 family=job.family,
                 layer=job.layer,

@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saematch_core.cache import atomic_write_text, cache_root, content_key
+from saematch_core.cache import atomic_write_text, cache_root, content_key, is_intact, seal
 from saematch_core.match import MatchConfig, MatchResult, match
 from saematch_core.sae import SAE
+from saematch_core.verify import read_cached_match, write_cached_match
 
 __all__ = [
     "ArrayLike",
@@ -308,12 +309,12 @@ def cached_match(
     ``cache_root()/results``.
     """
     path = _match_path(sae_a, sae_b, config, cache_dir)
-    found = _read_match(path)
+    found = read_cached_match(path, sae_a, sae_b)
     if found is not None:
         return found
     result = match(sae_a, sae_b, config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    result.to_json(path)
+    write_cached_match(result, path)
     return result
 
 
@@ -325,16 +326,6 @@ def _match_path(sae_a: SAE, sae_b: SAE, config: MatchConfig, cache_dir: str | Pa
     }
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "results"
     return root / "match" / f"{content_key(spec)}.json"
-
-
-def _read_match(path: Path) -> MatchResult | None:
-    if not path.is_file():
-        return None
-    try:
-        return MatchResult.from_json(path)
-    except (ValueError, KeyError, TypeError) as exc:
-        logger.warning("%s: unreadable cached matching (%s); recomputing", path, exc)
-        return None
 
 
 def default_workers() -> int:
@@ -389,7 +380,7 @@ def cached_matches(
     (:func:`saematch_core.lap_sparse.threadsafe`).
     """
     jobs = list(jobs)
-    found = [_read_match(_match_path(a, b, cfg, cache_dir)) for a, b, cfg in jobs]
+    found = [read_cached_match(_match_path(a, b, cfg, cache_dir), a, b) for a, b, cfg in jobs]
     todo = [i for i, r in enumerate(found) if r is None]
     workers = default_workers() if workers is None else workers
     need = [_solve_bytes(*jobs[i]) for i in todo]
@@ -411,7 +402,7 @@ def cached_matches(
 
 def read_result(result_type: type[R], path: Path) -> R | None:
     """The cached result at ``path``, or ``None`` when it is missing or unreadable (then recompute)."""
-    if not path.is_file():
+    if not path.is_file() or not is_intact(path):
         return None
     try:
         result = result_type.from_json(path)
@@ -426,6 +417,7 @@ def write_result(result: JsonResult, path: Path, spec: Mapping[str, Any]) -> Non
     """Store ``result`` at ``path`` (atomically), recording ``spec`` as its config."""
     path.parent.mkdir(parents=True, exist_ok=True)
     result.to_json(path, config=spec)
+    seal(path)
 
 
 def load_or_compute(

@@ -76,8 +76,10 @@ class SAE:
     W_dec : Tensor, shape (d_sae, d_in)
     b_dec : Tensor, shape (d_in,)
     activation : {"jumprelu", "relu", "topk"}
-    threshold : Tensor, shape (d_sae,) or scalar, only for ``jumprelu``; must be > 0.
-        A scalar (0-d tensor or float) is broadcast to every feature.
+    threshold : Tensor, shape (d_sae,) or scalar, only for ``jumprelu``; must be >= 0.
+        A scalar (0-d tensor or float) is broadcast to every feature. A feature with ``θ_i = 0``
+        fires whenever its pre-activation is > 0 (a ReLU feature); such features cannot be folded
+        (:func:`~saematch_core.fold.fold` divides by θ).
     k : int, only for ``topk``: number of active features per token.
     meta : free-form provenance (``source``, ``layer``, ``hookpoint``, ...), JSON-serialisable.
 
@@ -167,11 +169,11 @@ class SAE:
             )
         theta = theta.to(dtype=dtype, device=device)
         _check_finite("threshold", theta)
-        bad = theta <= 0
+        bad = theta < 0
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
             raise SAEValidationError(
-                f"threshold: expected every entry > 0, got {int(bad.sum())} entries <= 0, "
+                f"threshold: expected every entry >= 0, got {int(bad.sum())} entries < 0, "
                 f"first at feature {first} (value {float(theta[first])})"
             )
         object.__setattr__(self, "threshold", theta)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from saematch_core.activations import build_activation_cache, open_activation_cache
+from saematch_core.cache import seal
 from saematch_core.data import Chunk, Document, chunk_documents
 from saematch_core.models import LoadedModel, capture_residuals, load_model
 from saematch_core.profiles import get_profile
@@ -32,7 +33,12 @@ def chunks(tiny: LoadedModel) -> list[Chunk]:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+    # Hidden files are the integrity records, which hold each file's write time.
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.name[0] != "." and p.name != "manifest.json"
+    }
 
 
 def test_cache_holds_the_residuals(tiny: LoadedModel, chunks: list[Chunk], tmp_path: Path) -> None:
@@ -76,6 +82,7 @@ def test_usable_excludes_position_zero_and_outliers(
     norms = np.load(cache.folder / "norms.npy")
     norms[1, 5] = 11 * cache.median_norms[1]
     np.save(cache.folder / "norms.npy", norms)
+    seal(cache.folder / "norms.npy")  # an edit on purpose: record it, or the cache counts as damaged
     reopened = open_activation_cache(cache.folder, SPEC)
     assert reopened is not None
     assert not reopened.usable(1)[5] and reopened.usable(2)[5]

@@ -1,10 +1,12 @@
-"""Tests for saematch_core.cache: keys, atomic writes, manifests."""
+"""Tests for saematch_core.cache: keys, atomic writes, manifests, write faults, integrity records."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -19,11 +21,21 @@ from saematch_core.cache import (
     atomic_write_bytes,
     atomic_write_text,
     cache_root,
+    check_file,
+    check_writable,
     content_key,
     folder_lock,
+    is_intact,
+    load_npy,
+    preallocate,
     read_manifest,
+    read_record,
+    record_path,
+    seal,
+    structure_problem,
     write_manifest,
 )
+from saematch_core.errors import DamagedFileError
 
 
 def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -172,3 +184,194 @@ def test_folder_lock_excludes_a_second_holder(tmp_path: Path) -> None:
             pass
     with folder_lock(folder, timeout=0.1):  # released at the end of the block
         pass
+
+
+# ------------------------------------------------------------------------------ write faults, modes
+def test_atomic_path_follows_the_umask_even_when_the_writer_replaces_the_file(tmp_path: Path) -> None:
+    """Writers such as safetensors' ``save_file`` put their own 0600 file at the temporary path."""
+    old = os.umask(0o002)
+    try:
+        with atomic_path(tmp_path / "a.bin") as tmp:
+            tmp.unlink()
+            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.write(fd, b"x")
+            os.close(fd)
+        atomic_write_text(tmp_path / "b.txt", "y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o664
+
+
+def test_disk_full_names_the_target_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*out\.json'$") as info:
+        atomic_write_text(target, "new" * 1000)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_unwritable_folder_is_found_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Permission denied / read-only file system (simulated: root ignores mode bits)."""
+    kind = PermissionError if code == errno.EACCES else OSError
+
+    def refuse(target: Path) -> tuple[Path, int]:
+        raise kind(code, os.strerror(code), str(target))
+
+    check_writable(tmp_path)  # a real folder: fine
+    monkeypatch.setattr(cache_module, "_create_temp", refuse)
+    with pytest.raises(kind, match=rf"{os.strerror(code)}: '{tmp_path}'"):
+        check_writable(tmp_path)
+    with pytest.raises(kind, match=rf"{os.strerror(code)}: '{tmp_path / 'x.txt'}'"):
+        atomic_write_text(tmp_path / "x.txt", "x")
+    with pytest.raises(FileNotFoundError, match="nope: folder does not exist"):
+        check_writable(tmp_path / "nope")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- integrity
+def _safetensors_file(path: Path) -> Path:
+    import safetensors.torch
+    import torch
+
+    safetensors.torch.save_file({"w": torch.arange(64.0)}, str(path), metadata={"a": "1"})
+    return path
+
+
+def test_seal_then_check_finds_truncation_flips_and_edits(tmp_path: Path) -> None:
+    path = _safetensors_file(tmp_path / "sae.safetensors")
+    record = seal(path)
+    assert record.size == path.stat().st_size and read_record(path) == record
+    assert record_path(path).name == ".sae.safetensors.record" and check_file(path) is None
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])
+    assert (
+        check_file(path) == f"truncated: {len(data) - 40} bytes, its safetensors header describes {len(data)}"
+    )
+    flipped = bytearray(data)
+    flipped[-9] ^= 0xFF  # inside the tensor data: the header still describes the file
+    path.write_bytes(bytes(flipped))
+    assert check_file(path) == "content differs from when it was written (SHA-256 mismatch)"
+    path.write_bytes(data)
+    assert check_file(path) is None  # the same bytes again (any write changes the stamp: re-hashed)
+    assert check_file(tmp_path / "absent.safetensors") == "missing"
+
+
+def test_large_files_are_hashed_only_when_their_stamp_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "layer.npy"
+    import numpy as np
+
+    np.save(path, np.arange(1000, dtype=np.float32))
+    seal(path)
+    monkeypatch.setattr(cache_module, "FULL_HASH_BYTES", 100)
+    hashed: list[Path] = []
+    real = cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda p: hashed.append(Path(p)) or real(p))
+    assert check_file(path) is None and hashed == []  # unchanged stamp: not read
+    before = path.stat()
+    with open(path, "r+b") as fh:  # same size, one value changed, mtime put back
+        fh.seek(-4, os.SEEK_END)
+        fh.write(b"\x00\x00\x80\x7f")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert check_file(path) == "content differs from when it was written (SHA-256 mismatch)"
+    assert hashed == [path]  # the ctime gave it away
+
+
+def test_structure_checks_without_a_record(tmp_path: Path) -> None:
+    import numpy as np
+
+    npy = tmp_path / "a.npy"
+    np.save(npy, np.zeros((10, 4), dtype=np.float16))
+    size = npy.stat().st_size
+    with open(npy, "r+b") as fh:
+        fh.truncate(size - 8)
+    assert (
+        structure_problem(npy)
+        == f"truncated: {size - 8} bytes, its .npy header (10, 4) float16 describes {size}"
+    )
+    bad = tmp_path / "r.json"
+    bad.write_text('{"a": ')
+    assert (structure_problem(bad) or "").startswith("not valid JSON")
+    short = tmp_path / "s.safetensors"
+    short.write_bytes(b"\x10\x00")
+    assert (structure_problem(short) or "").startswith("truncated")
+    assert structure_problem(tmp_path / "a.npy") is not None and check_file(npy) is not None
+
+
+def test_unrecorded_intact_file_is_adopted(tmp_path: Path) -> None:
+    path = _safetensors_file(tmp_path / "old.safetensors")
+    assert read_record(path) is None
+    assert check_file(path) is None and read_record(path) is not None
+    assert check_file(path, adopt=False) is None
+
+
+def test_rewriting_drops_the_old_record(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    atomic_write_text(path, "[1]")
+    seal(path)
+    atomic_write_text(path, "[1, 2]")
+    assert read_record(path) is None and check_file(path, adopt=False) is None
+
+
+def test_is_intact_warns_once_naming_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _safetensors_file(tmp_path / "w.safetensors")
+    seal(path)
+    path.write_bytes(path.read_bytes()[:-8])
+    with caplog.at_level("WARNING", logger="saematch_core.cache"):
+        assert not is_intact(path) and not is_intact(path)
+        assert not is_intact(tmp_path / "never_written.npy")  # missing: no warning
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: damaged cached file (truncated")
+    assert "rebuilding" in lines[0] and "\n" not in lines[0]
+
+
+def test_load_npy_names_the_damaged_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "layer_02.npy"
+    np.save(path, np.ones((100, 8), dtype=np.float16))
+    assert load_npy(path).shape == (100, 8)
+    with open(path, "r+b") as fh:
+        fh.truncate(500)
+    with pytest.raises(DamagedFileError, match=r"layer_02\.npy: truncated: 500 bytes.*\(100, 8\) float16"):
+        load_npy(path)
+    with pytest.raises(FileNotFoundError, match=r"absent\.npy"):
+        load_npy(tmp_path / "absent.npy")
+
+
+def test_preallocate_turns_a_full_disk_into_an_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sparse memory-mapped file would die of SIGBUS when its pages are written on a full disk."""
+    import numpy as np
+
+    path = tmp_path / "layer_00.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(1000, 64)).flush()
+    preallocate(path)  # reserves the blocks for real
+    assert os.stat(path).st_blocks * 512 >= os.stat(path).st_size
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=rf"No space left on device: '{path}'"):
+        preallocate(path)
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    preallocate(path)  # nothing to reserve with: the old behaviour

@@ -7,6 +7,7 @@ through a subprocess (``python -m saematch_core``), as a user would.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -158,6 +159,10 @@ def test_match_json_layout(tmp_path: Path) -> None:
         (["match", "{a}", "{wide}", "--out", "{tmp}/p.json"], "expected the same d_in"),
         (["match", "{a}", "{b}", "--out", "{tmp}/p.json", "--chunk-size", "0"], "MatchConfig.chunk_size"),
         (["fold", "{relu}", "--out", "{tmp}/f.safetensors"], "folding is defined for JumpReLU"),
+        (
+            ["fold", "{zero}", "--out", "{tmp}/f.safetensors"],
+            "{zero}: threshold: 1 feature has θ = 0 (feature 3)",
+        ),
         (["info", "{bad}"], "bad.safetensors"),
         (["info"], "required: sae"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -173,6 +178,8 @@ def test_bad_input_exits_2_with_one_line(
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
     subs = {"tmp": str(tmp_path), "a": str(pa), "b": str(pb), "wide": str(wide), "relu": str(relu)}
     subs["bad"] = str(tmp_path / "bad.safetensors")
+    theta = torch.full((D_SAE,), 0.5).index_fill(0, torch.tensor([3]), 0.0)
+    subs["zero"] = str(save_sae(make_sae(D_IN, D_SAE, threshold=theta), tmp_path / "zero.safetensors"))
     before = sorted(os.listdir(tmp_path))
     assert main([arg.format(**subs) for arg in argv]) == 2
     err = capsys.readouterr().err
@@ -269,3 +276,93 @@ def test_prepare_rejects_unknown_profile(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["prepare", "--profile", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("saematch: error:") and "nope" in err[0]
+
+
+# ---------------------------------------------------------------------------- I/O faults
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("saematch: error: ") and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"), [(errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only")]
+)
+@pytest.mark.parametrize("command", ["fold", "match"])
+def test_unwritable_out_is_refused_before_any_sae_is_loaded(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    code: int,
+    reason: str,
+    command: str,
+) -> None:
+    """Permission denied / read-only folder (simulated where the file system is asked: root ignores
+    mode bits): one line naming --out, exit 2, and no SAE loaded first."""
+    import saematch_core.cache as cache_module
+    import saematch_core.cli as cli_module
+
+    pa, pb, _ = _pair(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    loaded: list[str] = []
+    monkeypatch.setattr(cli_module, "resolve", lambda spec, format=None: loaded.append(spec))
+
+    def refuse(target: Path) -> tuple[Path, int]:
+        raise OSError(code, os.strerror(code), str(target))
+
+    monkeypatch.setattr(cache_module, "_create_temp", refuse)
+    out = out_dir / ("f.safetensors" if command == "fold" else "p.json")
+    argv = [command, str(pa), *([str(pb)] if command == "match" else []), "--out", str(out)]
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert f"--out: cannot write {out}: {reason}" in err and ".tmp" not in err
+    assert loaded == [] and list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("out_name", ["f.safetensors", "p.json", "p.safetensors"])
+def test_disk_full_while_writing_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], out_name: str
+) -> None:
+    """ENOSPC when the written data is flushed: one line naming --out, exit 2, nothing left behind."""
+    pa, pb, _ = _pair(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    out = out_dir / out_name
+    argv = ["fold", str(pa)] if out_name.startswith("f") else ["match", str(pa), str(pb)]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert f"--out: cannot write {out}: No space left on device; nothing was written" in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_missing_optional_dependency_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saematch_core.cli import missing_dependency_hint
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
+    assert main(["prepare", "--profile", "smoke", "--cache-dir", str(tmp_path), "--no-progress"]) == 2
+    err = _one_line_error(capsys)
+    assert "'transformers' is not installed" in err and "pip install 'saematch[substrate]'" in err
+    assert missing_dependency_hint("plotly.graph_objects") is not None
+    assert "saematch[book]" in (missing_dependency_hint("plotly.graph_objects") or "")
+    assert missing_dependency_hint("torch") is None and missing_dependency_hint("no_such_module") is None
+
+
+def test_module_missing_for_another_reason_is_a_bug_with_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import saematch_core.cli as cli_module
+
+    def broken(spec: str, format: str | None = None) -> None:
+        raise ModuleNotFoundError("No module named 'saematch_core.nothing'", name="saematch_core.nothing")
+
+    monkeypatch.setattr(cli_module, "resolve", broken)
+    with pytest.raises(ModuleNotFoundError):
+        main(["info", str(tmp_path)])

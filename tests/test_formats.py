@@ -7,13 +7,18 @@ folded input shifts and scalings) are tested for what they compute, not only for
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
+import subprocess
+import sys
+import textwrap
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -23,6 +28,7 @@ from conftest import make_sae
 from torch import Tensor
 
 from saematch_core.errors import SAEFormatError, SAEValidationError
+from saematch_core.fold import fold
 from saematch_core.formats import (
     FORMATS,
     GEMMA_SCOPE_2B_RES_16K_L0,
@@ -34,6 +40,7 @@ from saematch_core.formats import (
     parse_hub_spec,
     save_sae,
 )
+from saematch_core.match import match
 from saematch_core.sae import SAE
 
 D_IN, D_SAE = 8, 16
@@ -116,14 +123,53 @@ def test_native_save_bad_meta_writes_nothing(tmp_path: Path) -> None:
 def test_native_save_failure_mid_write_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(tensors: Any, filename: str, metadata: Any = None) -> None:
-        Path(filename).write_bytes(b"half a file")
-        raise OSError("disk full")
+    """A full disk (ENOSPC when the data is flushed) leaves no file, and the error names the target."""
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*a\.safetensors'") as info:
         save_sae(make_sae(D_IN, D_SAE), tmp_path / "a.safetensors")
+    assert info.value.errno == errno.ENOSPC and ".tmp" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_native_save_is_byte_identical_and_follows_the_umask(tmp_path: Path) -> None:
+    """Two processes saving equal tensors write equal bytes (safetensors orders its metadata
+    differently in every process); the file gets the mode of any new file (0o666 less the umask)."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from saematch_core.formats import save_sae
+        from saematch_core.sae import SAE
+        g = torch.Generator().manual_seed(0)
+        sae = SAE(W_enc=torch.randn(4, 6, generator=g), b_enc=torch.zeros(6),
+                  W_dec=torch.randn(6, 4, generator=g), b_dec=torch.zeros(4),
+                  threshold=torch.full((6,), 0.5), meta={"b": 1, "a": [2, 3]})
+        save_sae(sae, sys.argv[1])
+        """
+    )
+    outs = []
+    for i in range(3):
+        out = tmp_path / f"{i}.safetensors"
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import os; os.umask(0o027)\n{code}", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out)
+    assert outs[0].read_bytes() == outs[1].read_bytes() == outs[2].read_bytes()
+    assert stat.S_IMODE(outs[0].stat().st_mode) == 0o640
+    old = os.umask(0o022)
+    try:
+        path = save_sae(make_sae(D_IN, D_SAE), tmp_path / "umask.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    _assert_same_sae(make_sae(D_IN, D_SAE), load_sae(path))
 
 
 def test_native_corrupt_and_truncated(tmp_path: Path) -> None:
@@ -263,15 +309,47 @@ def test_gemma_scope_nan_and_bad_threshold(tmp_path: Path) -> None:
     with pytest.raises(SAEValidationError, match=r"params\.npz: W_dec: 1 non-finite.*first at \(2, 3\)"):
         load_sae(file)
     theta = sae.threshold.numpy().copy()  # type: ignore[union-attr]
-    theta[7] = 0.0
+    theta[7] = np.inf
     file = _write_gemma(_gemma_folder(tmp_path, layer=4), sae, threshold=theta)
-    with pytest.raises(
-        SAEValidationError, match=r"params\.npz: threshold: expected every entry > 0.*feature 7"
-    ):
+    with pytest.raises(SAEValidationError, match=r"params\.npz: threshold: 1 non-finite.*\(7,\)"):
         load_sae(file)
     file = _write_gemma(_gemma_folder(tmp_path, layer=5), sae, b_dec=np.arange(D_IN))
     with pytest.raises(SAEFormatError, match=r"b_dec: expected a float array, got dtype int"):
         load_sae(file)
+
+
+def test_gemma_scope_zero_threshold_and_extra_arrays(tmp_path: Path) -> None:
+    sae = make_sae(D_IN, D_SAE)
+    theta = sae.threshold.numpy().copy()  # type: ignore[union-attr]
+    theta[7] = 0.0
+    back = load_sae(_write_gemma(_gemma_folder(tmp_path, layer=1), sae, threshold=theta))
+    assert back.threshold is not None and float(back.threshold[7]) == 0.0
+    ones = np.ones(D_SAE, dtype=np.float32)
+    back = load_sae(_write_gemma(_gemma_folder(tmp_path, layer=2), sae, scaling_factor=ones))
+    _assert_same_sae(sae, back)
+    assert "dropped" in back.meta["scaling_factor"]
+    with pytest.raises(SAEFormatError, match="scaling_factor: a per-feature scaling factor that is not"):
+        load_sae(_write_gemma(_gemma_folder(tmp_path, layer=4), sae, scaling_factor=2 * ones))
+    with pytest.raises(SAEFormatError, match=r"unexpected arrays \['extra'\]"):
+        load_sae(_write_gemma(_gemma_folder(tmp_path, layer=5), sae, extra=ones))
+
+
+def test_gemma_scope_embedding_sae_is_rescaled_as_saelens_does(tmp_path: Path) -> None:
+    """SAELens: ``W_enc / √d_in`` and ``W_dec · √d_in`` for the ``embedding/`` SAEs of Gemma Scope."""
+    sae = make_sae(D_IN, D_SAE)
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "embedding" / "width_4k" / "average_l0_6"
+    folder.mkdir(parents=True)
+    back = load_sae(_write_gemma(folder, sae))
+    root = np.sqrt(D_IN)
+    t = {k: v.clone() for k, v in sae.tensors().items()}
+    t["W_enc"].data = t["W_enc"].data / root  # SAELens's arithmetic, in float32
+    t["W_dec"].data = t["W_dec"].data * root
+    torch.testing.assert_close(back.W_enc, t["W_enc"], rtol=2e-7, atol=0)
+    torch.testing.assert_close(back.W_dec, t["W_dec"], rtol=2e-7, atol=0)
+    assert torch.equal(back.b_enc, t["b_enc"]) and torch.equal(back.b_dec, t["b_dec"])
+    assert back.meta["site"] == "embedding" and "layer" not in back.meta
+    # A layer's SAE is not rescaled.
+    _assert_same_sae(sae, load_sae(_write_gemma(_gemma_folder(tmp_path / "gs", layer=0), sae)))
 
 
 def test_gemma_scope_path_helpers() -> None:
@@ -333,19 +411,31 @@ def _write_saelens(folder: Path, tensors: dict[str, Tensor], cfg: dict[str, Any]
 
 
 def _saelens_reference(t: dict[str, Tensor], cfg: dict[str, Any], x: Tensor) -> Tensor:
-    """SAELens forward: optional ``x - b_dec``, then the architecture's activation, then decode."""
+    """SAELens forward on the raw file tensors: optional ``x - b_dec``; the architecture's activation
+    (JumpReLU ``relu(z) · 1[z > θ]`` with ``θ = exp(log_threshold)`` for training checkpoints; TopK
+    ranking ``z · ‖W_dec‖`` and decoding ``f / ‖W_dec‖`` with ``rescale_acts_by_decoder_norm``); the
+    pre-6.0 ``finetuning_scaling_factor`` on the codes; decode."""
     t = {k: v.double() for k, v in t.items()}
     sae_in = x - t["b_dec"] * bool(cfg.get("apply_b_dec_to_input", True))
     pre = sae_in @ t["W_enc"] + t["b_enc"]
     arch = cfg.get("architecture", "standard")
+    norms = t["W_dec"].norm(dim=-1)
+    rescale = arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False)
     if arch == "jumprelu":
-        f = torch.relu(pre) * (pre > t["threshold"])
+        theta = t["threshold"] if "threshold" in t else t["log_threshold"].exp()
+        f = torch.relu(pre) * (pre > theta)
     elif arch == "topk" or cfg.get("activation_fn_str") == "topk":
         k = cfg.get("k") or cfg["activation_fn_kwargs"]["k"]
+        if rescale:
+            pre = pre * norms
         vals, idx = pre.topk(k, dim=-1)
         f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
     else:
         f = torch.relu(pre)
+    if rescale:
+        f = f / norms
+    if cfg.get("finetuning_scaling_factor"):
+        f = f * t.get("scaling_factor", t.get("finetuning_scaling_factor"))
     return f @ t["W_dec"] + t["b_dec"]
 
 
@@ -416,6 +506,107 @@ def test_saelens_bad_input(tmp_path: Path) -> None:
     (folder / "cfg.json").write_text("{not json")
     with pytest.raises(SAEFormatError, match=r"cfg\.json: not valid JSON"):
         load_sae(folder)
+
+
+def test_saelens_jumprelu_zero_threshold_converts_exactly_and_fold_names_the_features(
+    tmp_path: Path,
+) -> None:
+    """SAELens clamps θ at 0 during training; θ_i = 0 means feature i fires whenever z_i > 0 (and a
+    negative θ acts as 0, since SAELens applies relu before the mask)."""
+    t = _random_tensors()
+    t["threshold"] = (
+        t["threshold"].index_fill(0, torch.tensor([2, 5]), 0.0).index_fill(0, torch.tensor([9]), -0.3)
+    )
+    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": True}
+    folder = _write_saelens(tmp_path / "sae", t, cfg)
+    sae = load_sae(folder, dtype=torch.float64)
+    x = _x(scale=2.0)
+    torch.testing.assert_close(sae(x).recon, _saelens_reference(t, cfg, x))
+    codes = sae.encode(x)
+    pre = sae.pre_acts(x)
+    assert bool((codes[:, 2] > 0).any()) and torch.equal(codes[:, 2] > 0, pre[:, 2] > 0)
+    assert sae.threshold is not None and float(sae.threshold[9]) == 0.0
+    assert sae.meta["threshold_clamped_to_zero"] == 1
+    with pytest.raises(SAEValidationError, match=r"3 features have θ = 0 \(features 2, 5, 9\).*fold=False"):
+        fold(sae)
+    # Matching still works unfolded.
+    assert match(sae, sae, fold=False, solver="scipy").perm.tolist() == list(range(D_SAE))
+
+
+def test_saelens_log_threshold_checkpoint(tmp_path: Path) -> None:
+    """Training checkpoints of JumpReLU SAEs store ``log_threshold``; θ = exp(log_threshold)."""
+    t = _random_tensors()
+    t["log_threshold"] = t.pop("threshold").log()
+    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False}
+    sae = load_sae(_write_saelens(tmp_path / "ckpt", t, cfg), dtype=torch.float64)
+    x = _x(scale=2.0)
+    torch.testing.assert_close(sae(x).recon, _saelens_reference(t, cfg, x))
+    assert sae.threshold is not None
+    torch.testing.assert_close(sae.threshold, t["log_threshold"].double().exp())
+    both = {**t, "threshold": t["log_threshold"].exp()}
+    with pytest.raises(SAEFormatError, match="both 'threshold' and 'log_threshold'"):
+        load_sae(_write_saelens(tmp_path / "both", both, cfg))
+
+
+def test_saelens_topk_rescale_acts_by_decoder_norm(tmp_path: Path) -> None:
+    t = _random_tensors(jumprelu=False)
+    cfg = {
+        "architecture": "topk",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "k": 3,
+        "apply_b_dec_to_input": True,
+        "rescale_acts_by_decoder_norm": True,
+    }
+    norms = t["W_dec"].double().norm(dim=1)
+    assert not torch.allclose(norms, torch.ones_like(norms))  # so that the rescaling matters
+    sae = load_sae(_write_saelens(tmp_path / "topk", t, cfg), dtype=torch.float64)
+    x = _x(scale=2.0)
+    torch.testing.assert_close(sae(x).recon, _saelens_reference(t, cfg, x))
+    assert sae.meta["decoder_norm_folded"] is True
+    without = load_sae(_write_saelens(tmp_path / "plain", t, {**cfg, "rescale_acts_by_decoder_norm": False}))
+    assert not torch.allclose(without(x.float()).recon, sae(x).recon.float())
+    # A zero decoder row (SAELens would divide 0 by 0 there) loads as a feature that decodes to 0.
+    dead = {**t, "W_dec": t["W_dec"].index_fill(0, torch.tensor([4]), 0.0)}
+    sae = load_sae(_write_saelens(tmp_path / "dead", dead, cfg))
+    assert torch.equal(sae.W_dec[4], torch.zeros(D_IN)) and torch.equal(sae.W_enc[:, 4], torch.zeros(D_IN))
+
+
+def test_saelens_scaling_factor_applied_or_refused(tmp_path: Path) -> None:
+    t = _random_tensors(jumprelu=False)
+    scale = 0.5 + torch.rand(D_SAE, generator=torch.Generator().manual_seed(2))
+    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "finetuning_scaling_factor": True}
+    x = _x(scale=2.0)
+    for key in ("scaling_factor", "finetuning_scaling_factor"):
+        tensors = {**t, key: scale}
+        sae = load_sae(_write_saelens(tmp_path / key, tensors, cfg), dtype=torch.float64)
+        torch.testing.assert_close(sae(x).recon, _saelens_reference(tensors, cfg, x))
+        assert sae.meta["scaling_factor"] == f"{key}: folded into W_dec"
+    no_flag = {**cfg, "finetuning_scaling_factor": False}
+    with pytest.raises(SAEFormatError, match="scaling_factor: a per-feature scaling factor that is not all"):
+        load_sae(_write_saelens(tmp_path / "refused", {**t, "scaling_factor": scale}, no_flag))
+    near_one = torch.ones(D_SAE) + 1e-7
+    sae = load_sae(_write_saelens(tmp_path / "ones", {**t, "scaling_factor": near_one}, no_flag))
+    assert "dropped" in sae.meta["scaling_factor"]
+    with pytest.raises(SAEFormatError, match=r"unexpected tensors \['W_skip'\]"):
+        load_sae(_write_saelens(tmp_path / "skip", {**t, "W_skip": torch.zeros(D_IN, D_IN)}, cfg))
+    with pytest.raises(SAEFormatError, match=r"unexpected tensors \['threshold'\] for a 'standard'"):
+        load_sae(_write_saelens(tmp_path / "thr", {**t, "threshold": torch.ones(D_SAE)}, cfg))
+
+
+def test_folder_with_two_formats_is_ambiguous(tmp_path: Path) -> None:
+    sae = make_sae(D_IN, D_SAE)
+    folder = _write_saelens(tmp_path / "both", dict(sae.tensors()), {"architecture": "jumprelu"})
+    _write_gemma(folder, make_sae(D_IN, D_SAE, seed=1))
+    with pytest.raises(SAEFormatError, match="ambiguous") as info:
+        load_sae(folder)
+    message = str(info.value)
+    assert str(folder / "params.npz") in message and str(folder / "sae_weights.safetensors") in message
+    assert "--format" in message
+    # Pointing at the file, or naming the format, chooses.
+    _assert_same_sae(make_sae(D_IN, D_SAE, seed=1), load_sae(folder / "params.npz"))
+    assert load_sae(folder / "sae_weights.safetensors").meta["format"] == "saelens"
+    assert load_sae(folder, format="saelens").meta["format"] == "saelens"
 
 
 # --------------------------------------------------------------------------------------- sparsify
@@ -716,16 +907,18 @@ def test_hub_gemma_scope_offline(tmp_path: Path, offline_hub: Path) -> None:
         assert back.meta["source"] == spec and back.meta["layer"] == 20 and back.meta["average_l0"] == 71
 
 
-def test_hub_folder_formats_offline(tmp_path: Path, offline_hub: Path) -> None:
+def _saelens_on_hub(cache: Path, repo_id: str, revision: str = "main") -> dict[str, Tensor]:
+    """A SAELens folder ``blocks.3`` in a hub repository of the local hub cache; its tensors."""
     t = _random_tensors()
     cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False}
     weights = safetensors.torch.save({k: v.contiguous() for k, v in t.items()})
-    _hub_cache_put(
-        offline_hub,
-        "someone/saelens-saes",
-        {"blocks.3/cfg.json": json.dumps(cfg).encode(), "blocks.3/sae_weights.safetensors": weights},
-        revision="v1",
-    )
+    files = {"blocks.3/cfg.json": json.dumps(cfg).encode(), "blocks.3/sae_weights.safetensors": weights}
+    _hub_cache_put(cache, repo_id, files, revision=revision)
+    return t
+
+
+def test_hub_folder_formats_offline(tmp_path: Path, offline_hub: Path) -> None:
+    t = _saelens_on_hub(offline_hub, "someone/saelens-saes", revision="v1")
     back = load_sae("hub:someone/saelens-saes/blocks.3@v1")
     assert back.meta["format"] == "saelens"
     assert torch.equal(back.W_enc, t["W_enc"])
@@ -770,3 +963,142 @@ def test_parse_hub_spec() -> None:
     for bad in ("a/b", "hub:a", "hub:a/b@", "hub:a/b/../c", "hub:/b"):
         with pytest.raises(ValueError, match="spec:"):
             parse_hub_spec(bad)
+
+
+class HubCalls(NamedTuple):
+    probes: list[str]
+    """URL of every probe request."""
+    local_only: list[bool]
+    """``local_files_only`` of every download attempted."""
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubCalls:
+    """No network and HF_HUB_OFFLINE unset: the probe's HEAD request fails as an HTTP client does
+    without DNS."""
+    from huggingface_hub import constants
+
+    from saematch_core.formats import hub
+
+    class ConnectError(Exception):  # what httpx/requests raise without network (not an OSError)
+        pass
+
+    class Session:
+        def head(self, url: str, timeout: float) -> None:
+            probes.append(url)
+            raise ConnectError("[Errno -2] Name or service not known")
+
+    probes: list[str] = []
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "get_session", Session)
+    monkeypatch.setattr(hub, "_unreachable", {})
+    flags: list[bool] = []
+    real = hub.hf_hub_download
+
+    def download(*args: Any, **kwargs: Any) -> str:
+        flags.append(bool(kwargs.get("local_files_only")))
+        return real(*args, **{**kwargs, "cache_dir": str(cache)})
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    return HubCalls(probes, flags)
+
+
+def test_unreachable_hub_fails_fast_naming_repo_file_revision(
+    tmp_path: Path, unreachable_hub: HubCalls
+) -> None:
+    import time
+
+    from saematch_core.formats import hub
+
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as info:
+        load_sae("hub:google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71@v2")
+    message = str(info.value)
+    assert message.startswith("hub:google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71@v2: ")
+    assert "cannot be reached (ConnectError: [Errno -2] Name or service not known)" in message
+    assert "HF_HUB_OFFLINE" not in message
+    with pytest.raises(FileNotFoundError, match=r"^hub:a/b/x/params\.npz@main: no such file in the local"):
+        load_sae("hub:a/b/x/params.npz")
+    assert time.perf_counter() - start < 5
+    assert unreachable_hub.local_only and all(unreachable_hub.local_only)  # never a network retry
+    assert len(unreachable_hub.probes) == 1  # the failed probe is remembered
+    # What is in the local hub cache still loads.
+    sae = make_sae(D_IN, D_SAE)
+    _hub_cache_put(Path(hub.constants.HF_HUB_CACHE), "a/b", {"x/params.npz": _npz_bytes(tmp_path, sae)})
+    _assert_same_sae(sae, load_sae("hub:a/b/x"))
+
+
+def test_hub_errors_name_repo_file_and_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
+
+    from saematch_core.formats import hub
+
+    def refuse(error: type[Exception]) -> Any:
+        def download(*args: Any, **kwargs: Any) -> str:
+            exc = error.__new__(error)
+            Exception.__init__(exc, "404 Client Error")
+            raise exc
+
+        return download
+
+    monkeypatch.setattr(hub, "probe_hub", lambda: None)
+    monkeypatch.setattr(hub, "hf_hub_download", refuse(RepositoryNotFoundError))
+    with pytest.raises(FileNotFoundError, match=r"^hub:o/r/l3/params\.npz@v1: repository 'o/r' not found"):
+        load_sae("hub:o/r/l3@v1")
+    monkeypatch.setattr(hub, "hf_hub_download", refuse(RevisionNotFoundError))
+    with pytest.raises(FileNotFoundError, match=r"^hub:o/r/l3/cfg\.json@nope: revision 'nope' not found"):
+        load_sae("hub:o/r/l3/sae_weights.safetensors@nope")
+
+
+def test_cli_and_api_resolve_hub_specs_the_same_way(
+    tmp_path: Path, offline_hub: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saematch_core.cli import main
+    from saematch_core.formats import resolve
+
+    _saelens_on_hub(offline_hub, "someone/saes")
+    spec = "hub:someone/saes/blocks.3@main"
+    found = resolve(spec)
+    assert found.format == "saelens" and found.hub and found.source == spec
+    assert load_sae(found).meta["source"] == spec == load_sae(spec).meta["source"]
+    assert main(["info", spec, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["meta"]["source"] == spec and summary["format"] == "saelens"
+    out = tmp_path / "folded.safetensors"
+    assert main(["fold", spec, "--out", str(out)]) == 0
+    folded = load_sae(out)
+    assert folded.meta["source"] == spec and folded.meta["folded_from"] == spec
+
+
+def test_loaded_sae_does_not_alias_its_file(tmp_path: Path) -> None:
+    """safetensors maps the file; a loaded SAE must not change when the file is overwritten in place."""
+    sae = make_sae(D_IN, D_SAE)
+    path = save_sae(sae, tmp_path / "a.safetensors")
+    loaded = load_sae(path)
+    with open(path, "r+b") as fh:  # same inode, every tensor byte zeroed
+        n = int.from_bytes(fh.read(8), "little")
+        fh.seek(8 + n)
+        fh.write(b"\x00" * (path.stat().st_size - 8 - n))
+    _assert_same_sae(sae, loaded)
+
+
+def test_loading_a_sealed_file_checks_its_record(tmp_path: Path) -> None:
+    """A cached SAE opened directly (saematch info, load_sae) is checked like the cache checks it."""
+    from saematch_core.cache import seal
+
+    path = save_sae(make_sae(D_IN, D_SAE), tmp_path / "layer_02.safetensors")
+    seal(path)
+    load_sae(path)
+    raw = bytearray(path.read_bytes())
+    raw[-20] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(
+        SAEFormatError, match=r"layer_02\.safetensors: content differs from when it was written"
+    ):
+        load_sae(path)
+    unsealed = save_sae(make_sae(D_IN, D_SAE), tmp_path / "mine.safetensors")
+    load_sae(unsealed)  # no record: nothing to compare with, and none is written by a plain load
+    assert not (tmp_path / ".mine.safetensors.record").exists()

@@ -356,9 +356,9 @@ def test_result_validation() -> None:
 def test_empty_match_has_nan_mean(tmp_path) -> None:
     a = make_sae(d_in=4, d_sae=3)
     res = match(a, a, solver="identity")
-    empty = replace(
-        res, perm=torch.full((3,), -1), cost=torch.full((3,), math.nan, dtype=torch.float64), total_cost=0.0
-    )
+    # B without features: the only consistent matching in which nothing is matched.
+    nan = torch.full((3,), math.nan, dtype=torch.float64)
+    empty = replace(res, perm=torch.full((3,), -1), cost=nan, total_cost=0.0, shape=(3, 0))
     assert empty.n_matched == 0 and math.isnan(empty.mean_cost)
     assert np.isfinite(res.mean_cost)
     # NaN is not JSON: the mean is written as null and the pairs list is empty.

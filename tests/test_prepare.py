@@ -374,6 +374,7 @@ def test_hub_listing_falls_back_to_the_local_cache_when_the_hub_fails(
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "probe_hub", lambda: None)  # the hub answers, then the listing fails
     monkeypatch.setattr(hub, "list_repo_files", unreachable)
     with pytest.raises(FileNotFoundError, match=r"could not be asked.*ConnectError: Name or service"):
         hub.list_hub_files("org/repo")

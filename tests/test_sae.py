@@ -38,6 +38,14 @@ def test_scalar_threshold_is_broadcast() -> None:
     assert bool((sae.threshold == 0.25).all())
 
 
+def test_zero_threshold_feature_fires_whenever_its_pre_activation_is_positive() -> None:
+    sae = make_sae(threshold=torch.full((64,), 0.3).index_fill(0, torch.tensor([5]), 0.0))
+    x = torch.randn(256, sae.d_in)
+    pre, codes = sae.pre_acts(x), sae.encode(x)
+    torch.testing.assert_close(codes[:, 5], torch.relu(pre[:, 5]))
+    assert bool(((pre[:, 5] > 0) & (pre[:, 5] <= 0.3)).any())  # would be cut by any θ of the others
+
+
 def test_permute_keeps_reconstruction() -> None:
     sae = make_sae(dtype=torch.float64)
     perm = torch.randperm(sae.d_sae)
@@ -55,10 +63,10 @@ def test_permute_keeps_reconstruction() -> None:
         ({"b_dec": torch.zeros(15)}, r"b_dec: expected shape \(16,\)"),
         ({"W_dec": torch.zeros(64)}, r"W_dec: expected 2-D"),
         (
-            {"threshold": torch.full((64,), 0.1).index_fill(0, torch.tensor([7]), 0.0)},
+            {"threshold": torch.full((64,), 0.1).index_fill(0, torch.tensor([7]), -0.5)},
             r"threshold.*first at feature 7",
         ),
-        ({"threshold": -torch.ones(())}, r"threshold: expected every entry > 0"),
+        ({"threshold": -torch.ones(())}, r"threshold: expected every entry >= 0"),
         ({"threshold": torch.ones(5)}, r"threshold: expected shape \(64,\)"),
         ({"threshold": None}, r"threshold: required"),
         (

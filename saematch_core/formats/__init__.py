@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from saematch_core.cache import recorded_problem
+from saematch_core.errors import SAEFormatError
 from saematch_core.formats._common import parse_dtype
 from saematch_core.formats.gemma_scope import (
     GEMMA_SCOPE_2B_RES_16K_L0,
@@ -30,6 +32,7 @@ from saematch_core.formats.gemma_scope import (
 from saematch_core.formats.hub import HUB_PREFIX, HubSpec, fetch_hub, list_hub_files, parse_hub_spec
 from saematch_core.formats.native import save_native
 from saematch_core.formats.registry import FORMATS, FormatRegistry, detect_format, register_format
+from saematch_core.formats.resolve import ResolvedSAE, resolve
 from saematch_core.sae import SAE
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "HUB_PREFIX",
     "FormatRegistry",
     "HubSpec",
+    "ResolvedSAE",
     "detect_format",
     "fetch_hub",
     "gemma_scope_path",
@@ -47,12 +51,13 @@ __all__ = [
     "parse_gemma_scope_path",
     "parse_hub_spec",
     "register_format",
+    "resolve",
     "save_sae",
 ]
 
 
 def load_sae(
-    spec: str | os.PathLike[str],
+    spec: str | os.PathLike[str] | ResolvedSAE,
     *,
     format: str | None = None,
     device: torch.device | str | None = None,
@@ -62,7 +67,8 @@ def load_sae(
 
     Parameters
     ----------
-    spec : a path, or ``"hub:owner/name/path/inside/repo@revision"`` (revision optional).
+    spec : a path, ``"hub:owner/name/path/inside/repo@revision"`` (revision optional), or what
+        :func:`resolve` returned for one.
     format : one of ``FORMATS`` (``native``, ``gemma_scope``, ``saelens``, ``sparsify``,
         ``llama_scope``); ``None`` detects it from the content (see :func:`detect_format`).
     device : where the tensors go (default CPU).
@@ -79,27 +85,25 @@ def load_sae(
     FileNotFoundError
         Missing file or folder (or hub file not found / not cached offline).
     SAEFormatError
-        Unknown format, missing key, wrong shape, corrupt or truncated file.
+        Unknown or ambiguous format, missing or unknown key, wrong shape, corrupt or truncated file,
+        or a file that differs from what its integrity record (see :func:`saematch_core.cache.seal`)
+        says was written.
     SAEValidationError
-        Tensors that load but are not a valid SAE (NaN/inf, threshold <= 0, ...).
+        Tensors that load but are not a valid SAE (NaN/inf, threshold < 0, ...).
     """
     target_dtype = parse_dtype(dtype)
-    if format is not None and format not in FORMATS:
-        raise ValueError(f"format: expected one of {sorted(FORMATS)} or None, got {format!r}")
-    text = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
-    if not isinstance(text, str):
-        raise TypeError(f"spec: expected a path or 'hub:...' str, got {type(spec).__name__}")
-    hub = text.startswith(HUB_PREFIX)
-    if hub:
-        local, fmt = fetch_hub(text, format)
+    if isinstance(spec, ResolvedSAE):
+        if format is not None and format != spec.format:
+            raise ValueError(f"format: {format!r} given for {spec.source}, resolved as {spec.format!r}")
+        resolved = spec
     else:
-        local = Path(text)
-        if not local.exists():
-            raise FileNotFoundError(f"{local}: no such file or folder")
-        fmt = format or detect_format(local)
-    sae = FORMATS[fmt](local, target_dtype)
-    if hub:
-        sae = replace(sae, meta={**sae.meta, "source": text})
+        resolved = resolve(spec, format=format)
+    problem = recorded_problem(resolved.path) if resolved.path.is_file() else None
+    if problem is not None:
+        raise SAEFormatError(f"{resolved.path}: {problem}, by its integrity record; rebuild or re-save it")
+    sae = FORMATS[resolved.format](resolved.path, target_dtype)
+    if resolved.hub:
+        sae = replace(sae, meta={**sae.meta, "source": resolved.source})
     if device is not None:
         sae = sae.to(device=device)
     return sae

@@ -76,13 +76,16 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors (on CPU) and the metadata of a safetensors file.
 
-    Truncated or corrupt files raise :class:`SAEFormatError` naming the file.
+    The tensors are copied out of the file: safetensors hands out views of its memory map, through
+    which a file changed in place later would change the loaded (and validated) weights, or crash
+    the process with SIGBUS once truncated. Truncated or corrupt files raise
+    :class:`SAEFormatError` naming the file.
     """
     require_file(path, "safetensors file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = dict(fh.metadata() or {})
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+            tensors = {key: fh.get_tensor(key).clone() for key in fh.keys()}
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise SAEFormatError(
             f"{path}: not a readable safetensors file, truncated or corrupt ({exc})"

@@ -1,12 +1,22 @@
 """Gemma Scope: ``layer_L/width_W/average_l0_X/params.npz`` (Google DeepMind, JumpReLU SAEs).
 
 The npz holds float32 ``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae,), ``W_dec`` (d_sae, d_in),
-``b_dec`` (d_in,) and ``threshold`` (d_sae,): already saematch's layout, so loading only checks and
-converts. Files are always read with ``allow_pickle=False``.
+``b_dec`` (d_in,) and ``threshold`` (d_sae,): already saematch's layout, so loading mostly checks and
+converts. Files are always read with ``allow_pickle=False``. What else the loader does, exactly as
+SAELens's Gemma Scope loader:
+
+* the reference encoder is ``relu(z) · 1[z > θ]``, so ``θ_i = 0`` means "fires whenever ``z_i > 0``"
+  and a negative θ acts as 0: the loaded threshold is ``max(θ, 0)``;
+* the SAEs of the embeddings (``embedding/width_W/average_l0_X``, the folder above ``width_W``)
+  were trained on embeddings without Gemma's ``√d_model`` factor: ``W_enc`` is divided by
+  ``√d_in`` and ``W_dec`` multiplied by it (``meta["site"] = "embedding"``);
+* an extra ``scaling_factor`` array that is all ones (within ``torch.allclose``) is dropped, any
+  other is refused, and so is every other extra array (never ignored).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import zipfile
 from collections.abc import Mapping
@@ -73,6 +83,7 @@ GEMMA_SCOPE_2B_RES_16K_L0: Mapping[int, int] = MappingProxyType(
 """Average L0 of the width-16k SAE the paper uses at each layer of ``google/gemma-scope-2b-pt-res``."""
 
 _EXPECTED_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+_SCALING_KEY = "scaling_factor"
 _PATH_RE = {
     "layer": re.compile(r"(?:^|/)layer_(\d+)(?:/|$)"),
     "width": re.compile(r"(?:^|/)width_([0-9]+[kKmM]?)(?:/|$)"),
@@ -111,7 +122,12 @@ def gemma_scope_path(layer: int, width: str = "16k", l0: int | None = None) -> s
 
 
 def parse_gemma_scope_path(path: str | Path) -> dict[str, Any]:
-    """``layer`` (int), ``width`` (str) and ``average_l0`` (int) found in a Gemma Scope path."""
+    """``layer`` (int), ``width`` (str) and ``average_l0`` (int) found in a Gemma Scope path, and
+    ``site="embedding"`` when the folder above ``width_W`` is ``embedding``.
+
+    >>> parse_gemma_scope_path("gemma-scope-2b-pt-res/embedding/width_4k/average_l0_6")
+    {'width': '4k', 'average_l0': 6, 'site': 'embedding'}
+    """
     text = Path(path).as_posix()
     out: dict[str, Any] = {}
     for key, pattern in _PATH_RE.items():
@@ -119,6 +135,11 @@ def parse_gemma_scope_path(path: str | Path) -> dict[str, Any]:
         if found:
             value = found[-1]
             out[key] = value if key == "width" else int(value)
+    parts = text.split("/")
+    widths = [i for i, part in enumerate(parts) if _PATH_RE["width"].fullmatch(f"/{part}/")]
+    if widths and widths[-1] > 0 and parts[widths[-1] - 1] == "embedding":
+        out.pop("layer", None)
+        out["site"] = "embedding"
     return out
 
 
@@ -144,8 +165,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             raise SAEFormatError(
                 f"{path}: missing keys {missing}; expected keys {list(_EXPECTED_KEYS)}, found {keys}"
             )
+        unknown = [k for k in keys if k not in (*_EXPECTED_KEYS, _SCALING_KEY)]
+        if unknown:
+            raise SAEFormatError(
+                f"{path}: unexpected arrays {unknown}; a Gemma Scope file holds {list(_EXPECTED_KEYS)} "
+                f"(and optionally {_SCALING_KEY!r}); refused rather than ignored, they may change the output"
+            )
         arrays: dict[str, np.ndarray] = {}
-        for key in _EXPECTED_KEYS:
+        for key in keys:
             try:
                 arr = archive[key]
             except ValueError as exc:
@@ -164,8 +191,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 def load_gemma_scope(path: Path, dtype: torch.dtype | None = None) -> SAE:
     """Load ``params.npz`` (or its folder) as a JumpReLU SAE; ``dtype`` None keeps float32.
 
-    ``meta`` gets ``format``, ``source`` and the ``layer``, ``width``, ``average_l0`` parsed from
-    the path when present.
+    ``meta`` gets ``format``, ``source`` and the ``layer``, ``width``, ``average_l0`` (or
+    ``site="embedding"``) parsed from the path when present. See the module docstring for the
+    threshold, embedding and ``scaling_factor`` rules.
     """
     file = _resolve(path)
     arrays = _read_npz(file)
@@ -175,7 +203,29 @@ def load_gemma_scope(path: Path, dtype: torch.dtype | None = None) -> SAE:
     check_shape(t["W_enc"], "W_enc", (d_in, d_sae), file, "(d_in, d_sae)")
     check_shape(t["W_dec"], "W_dec", (d_sae, d_in), file, "(d_sae, d_in)")
     check_shape(t["threshold"], "threshold", (d_sae,), file, "(d_sae,)")
+    meta: dict[str, Any] = {
+        "format": "gemma_scope",
+        "source": str(file),
+        **parse_gemma_scope_path(file.parent),
+    }
+    if _SCALING_KEY in t:
+        scale = t.pop(_SCALING_KEY)
+        check_shape(scale, _SCALING_KEY, (d_sae,), file, "(d_sae,)")
+        if not torch.allclose(scale.double(), torch.ones((d_sae,), dtype=torch.float64)):
+            raise SAEFormatError(
+                f"{file}: {_SCALING_KEY}: a per-feature scaling factor that is not all ones; Gemma Scope "
+                "SAEs have none, and SAELens refuses this file too"
+            )
+        meta["scaling_factor"] = "dropped as all ones within torch.allclose, as SAELens does"
+    theta = t["threshold"]
+    negative = int((theta < 0).sum())
+    if negative:
+        t["threshold"] = theta.clamp_min(0.0)
+        meta["threshold_clamped_to_zero"] = negative
+    if meta.get("site") == "embedding":
+        root = math.sqrt(d_in)
+        t["W_enc"] = (t["W_enc"].double() / root).to(t["W_enc"].dtype)
+        t["W_dec"] = (t["W_dec"].double() * root).to(t["W_dec"].dtype)
     if dtype is not None:
         t = {key: v.to(dtype) for key, v in t.items()}
-    meta = {"format": "gemma_scope", "source": str(file), **parse_gemma_scope_path(file.parent)}
     return build_sae(file, activation="jumprelu", meta=meta, **t)

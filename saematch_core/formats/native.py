@@ -31,7 +31,14 @@ from saematch_core.formats._common import (
 )
 from saematch_core.sae import SAE
 
-__all__ = ["NATIVE_FORMAT_ID", "NATIVE_SCHEMA_VERSION", "is_native_file", "load_native", "save_native"]
+__all__ = [
+    "NATIVE_FORMAT_ID",
+    "NATIVE_SCHEMA_VERSION",
+    "is_native_file",
+    "load_native",
+    "save_native",
+    "write_safetensors",
+]
 
 NATIVE_FORMAT_ID = "saematch"
 """Value of the ``format`` metadata key that marks a native file."""
@@ -93,9 +100,27 @@ def save_native(sae: SAE, path: str | os.PathLike[str], *, force: bool = False) 
         "meta": meta_json,
     }
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.tensors().items()}
-    with atomic_path(target) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(target, tensors, metadata)
     return target
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically, with the same bytes for the same tensors and metadata.
+
+    safetensors keeps the metadata in a hash map, so its order (and the file's bytes) changes from
+    one process to the next; the header is rewritten here as JSON with sorted keys, padded with
+    spaces to a multiple of 8 bytes as safetensors pads it (the data section is unchanged).
+    """
+    blob = safetensors.torch.save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(len(header).to_bytes(8, "little"))
+        fh.write(header)
+        fh.write(memoryview(blob)[8 + n :])
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _migrate(metadata: dict[str, str], path: Path) -> dict[str, str]:

@@ -5,19 +5,30 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
 
 from saematch_core.errors import SAEFormatError
 from saematch_core.formats.gemma_scope import GEMMA_SCOPE_FILENAME, load_gemma_scope
-from saematch_core.formats.llama_scope import find_llama_scope_folder, load_llama_scope
+from saematch_core.formats.llama_scope import (
+    LLAMA_SCOPE_HYPERPARAMS,
+    LLAMA_SCOPE_WEIGHTS,
+    find_llama_scope_folder,
+    load_llama_scope,
+)
 from saematch_core.formats.native import is_native_file, load_native
-from saematch_core.formats.saelens import SAELENS_WEIGHTS, is_saelens_folder, load_saelens
-from saematch_core.formats.sparsify import SPARSIFY_WEIGHTS, find_sparsify_folder, load_sparsify
+from saematch_core.formats.saelens import SAELENS_CFG, SAELENS_WEIGHTS, is_saelens_folder, load_saelens
+from saematch_core.formats.sparsify import (
+    SPARSIFY_CFG,
+    SPARSIFY_WEIGHTS,
+    find_sparsify_folder,
+    load_sparsify,
+)
 from saematch_core.sae import SAE
 
-__all__ = ["FORMATS", "FormatRegistry", "Loader", "detect_format", "register_format"]
+__all__ = ["FOLDER_LAYOUTS", "FORMATS", "FormatRegistry", "Loader", "detect_format", "register_format"]
 
 Loader = Callable[[Path, "torch.dtype | None"], SAE]
 """``load(path, dtype) -> SAE`` on CPU; ``dtype`` None keeps the stored dtype."""
@@ -70,6 +81,17 @@ class FormatRegistry(Mapping[str, Loader]):
 FORMATS = FormatRegistry()
 """Every known local format, by name: ``FORMATS["gemma_scope"](path, dtype) -> SAE``."""
 
+FOLDER_LAYOUTS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyType(
+    {
+        "gemma_scope": ((GEMMA_SCOPE_FILENAME,), ()),
+        "saelens": ((SAELENS_CFG, SAELENS_WEIGHTS), ()),
+        "sparsify": ((SPARSIFY_CFG, SPARSIFY_WEIGHTS), ()),
+        "llama_scope": ((LLAMA_SCOPE_WEIGHTS,), (LLAMA_SCOPE_HYPERPARAMS,)),
+    }
+)
+"""The files (required, optional) that make a folder one of the built-in folder formats, in the
+order the hub probes them."""
+
 
 def register_format(name: str, load: Loader, detect: Detector) -> None:
     """Register a new local format in :data:`FORMATS` (a name can be registered only once)."""
@@ -116,16 +138,34 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     FileNotFoundError
         If ``path`` does not exist.
     SAEFormatError
-        If no format matches (the message lists the known formats), or a safetensors file is corrupt.
+        If no format matches (the message lists the known formats), if several do (a folder holding
+        e.g. both ``params.npz`` and SAELens files: the message lists the candidates and how to pick
+        one), or a safetensors file is corrupt.
     """
     p = Path(path)
     if str(path).startswith("hub:"):
         raise ValueError(f"path: {path!r} is a hub spec; load it with load_sae, which downloads then detects")
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
-    for name, detect in FORMATS.detectors():
-        if detect(p):
-            return name
+    found = [name for name, detect in FORMATS.detectors() if detect(p)]
+    if len(found) > 1:
+        candidates = "; ".join(f"{name} ({_layout_files(p, name)})" for name in found)
+        raise SAEFormatError(
+            f"{p}: ambiguous, it holds the files of several SAE formats: {candidates}; point at the "
+            "file you mean, or choose with format=... (saematch --format NAME)"
+        )
+    if found:
+        return found[0]
     raise SAEFormatError(
         f"{p}: unknown SAE format; known formats: {sorted(FORMATS)} (and hub:repo_id/path@revision)"
     )
+
+
+def _layout_files(folder: Path, name: str) -> str:
+    layout = FOLDER_LAYOUTS.get(name)
+    if layout is None or not folder.is_dir():
+        return str(folder)
+    if name == "sparsify":
+        found = find_sparsify_folder(folder)
+        folder = found if found is not None else folder
+    return " + ".join(str(folder / f) for f in layout[0])
