@@ -24,9 +24,9 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 from pathlib import Path
 
 import saematch_core
-from saematch_core.book import environment_table
+from saematch_core.experiments.appendix import benchmark_series, benchmark_table, environment_table
+from saematch_core.experiments.study import load_study
 from saematch_core.plots import grouped_bars, show, show_table
-from saematch_core.study import benchmark_series, benchmark_table, load_study
 
 study = load_study(profile, progress=False)
 print(study.describe())

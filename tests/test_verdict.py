@@ -9,11 +9,9 @@ import pytest
 import torch
 from conftest import make_sae
 
-from saematch_core.decision import (
-    DecisionResult,
+from saematch_core.experiments.measures.verdict import (
     benjamini_hochberg,
     decide,
-    decisions_by_layer,
     empirical_p_values,
     random_rotation,
     relative_cost,
@@ -22,7 +20,6 @@ from saematch_core.decision import (
     smallest_relative_costs,
 )
 from saematch_core.fold import rescale_features
-from saematch_core.results import result_path
 from saematch_core.sae import SAE
 
 D_IN, D_SAE = 16, 64
@@ -155,31 +152,11 @@ def test_half_planted_false_discoveries_stay_near_alpha() -> None:
     assert false / max(dec.n_matched, 1) <= 0.15
 
 
-def test_decisions_by_layer_checks_coactivation_and_caches(tmp_path) -> None:
-    a, b, _ = planted(noise=0.05)
-    c = make_sae(D_IN, D_SAE, seed=5)
-    x = 2 * torch.randn(400, D_IN)
-    acts = {0: x, 1: x, 2: x}
-    res = decisions_by_layer({0: a, 1: b, 2: c}, acts, cache_dir=tmp_path, progress=False)
-    assert isinstance(res, DecisionResult)
-    first, second = res.rows
-    assert first.fraction_matched == 1.0 and second.fraction_matched < 0.1
-    # Same tokens, planted copies: confident pairs fire together, random pairs rarely do.
-    assert first.score_matched == pytest.approx(1.0)
-    assert first.score_matched > first.score_random
-    assert first.confirmed_matched == pytest.approx(1.0)
-    files = list((tmp_path / DecisionResult.kind).glob("*.json"))
-    assert len(files) == 2
-    again = decisions_by_layer({0: a, 1: b, 2: c}, acts, cache_dir=tmp_path, progress=False)
-    assert again.to_dict() == res.to_dict()  # nan-safe comparison
-    assert result_path(DecisionResult, {"x": 1}, tmp_path).parent == files[0].parent
-
-
 def test_rotating_vector_blocks_equals_rotating_the_sae() -> None:
     """The null rotates W_enc / W_dec blocks of the vectors; that must be the vectors of an SAE whose
     residual basis is rotated (x → x Q), built the slow way."""
     from saematch_core.cost import feature_vectors
-    from saematch_core.decision import rotate_vectors
+    from saematch_core.experiments.measures.verdict import rotate_vectors
 
     sae = make_sae(D_IN, D_SAE)
     q = random_rotation(D_IN, torch.Generator().manual_seed(2)).float()

@@ -1,189 +1,41 @@
-"""Evidence for H2 ("folding improves matching") that folding's own objective cannot produce.
+"""Folded vs unfolded matching, head-to-head where they disagree (evidence for H2 from data).
 
-Folding is judged in the paper partly by the parameter MSE it minimises, which is circular. Two
-data-based tests live here; the others are reused from the experiment engine (the Matching Score,
-:func:`saematch_core.evaluate.matching_scores`; ΔL of folded vs unfolded matching,
-:func:`saematch_core.approximate.approximate_layers`; contexts,
-:func:`saematch_core.contexts.pair_contexts`).
-
-1. **Does θ track the feature's activation scale?** Folding's premise is that a JumpReLU
-   threshold ``θ_i`` measures how large feature ``i``'s activations are. Per feature, from data:
-   ``m_i = E[f_i | f_i > 0]`` (:func:`saematch_core.family_fold.activation_scale`) against ``θ_i``,
-   with the Spearman rank correlation (and its p-value), the correlation and slope of ``log m`` on
-   ``log θ``, and the spread of ``m_i / θ_i``. Since ``f_i > θ_i`` whenever active, ``m_i ≥ θ_i``
-   always; the question is whether θ also orders the features by scale.
-2. **Head-to-head on disagreements.** Where folded and unfolded matching give a feature
-   *different* partners, which partner co-activates with it more on real tokens? Each such feature
-   is one paired comparison of ``P(partner active | feature active)``; a two-sided sign test over
-   them says whether one matching wins more often than chance. Features where both matchings agree
-   carry no information about H2 and are left out.
+Folding is judged in the paper partly by the parameter MSE it minimises, which is circular. Where
+folded and unfolded matching give a feature *different* partners, which partner co-activates with
+it more on real tokens? Each such feature is one paired comparison of
+``P(partner active | feature active)``; a two-sided sign test over them says whether one matching
+wins more often than chance. Features where both matchings agree carry no information about H2 and
+are left out. The other non-circular tests: θ against the measured activation scale
+(:mod:`saematch_core.experiments.theta_scale`), the Matching Score
+(:mod:`saematch_core.experiments.matching_score`) and ΔL of folded vs unfolded matching
+(:mod:`saematch_core.experiments.approximate`).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 from scipy import stats as sps
-from tqdm.auto import tqdm
 
-from saematch_core.evaluate import coactivation, pair_metrics
-from saematch_core.family_fold import activation_scale
+from saematch_core.experiments.inputs import ArrayLike, Inputs
+from saematch_core.experiments.measures.coactivation import coactivation, pair_metrics
+from saematch_core.experiments.results import JsonResult, cached_match, finite_mean, map_layer_pairs
 from saematch_core.match import MatchConfig
-from saematch_core.results import (
-    ArrayLike,
-    JsonResult,
-    acts_digest,
-    cached_match,
-    finite_mean,
-    load_or_compute,
-    map_layer_pairs,
-    sae_digest,
-)
 from saematch_core.sae import SAE
 
 __all__ = [
     "Disagreement",
+    "DisagreementConfig",
     "DisagreementResult",
     "DisagreementRow",
-    "ThetaScaleResult",
-    "ThetaScaleRow",
-    "disagreements_by_layer",
-    "theta_scale_row",
-    "theta_vs_scale",
+    "run",
 ]
 
 
-# ----------------------------------------------------------------------------------- θ vs scale
-@dataclass(frozen=True, kw_only=True)
-class ThetaScaleRow:
-    """θ against the measured activation scale, per feature, on one layer."""
-
-    layer: int
-    n_alive: int
-    """Features active at least ``min_count`` times (the ones tested)."""
-    spearman: float
-    """Rank correlation of ``θ_i`` and ``m_i``."""
-    spearman_p: float
-    """Two-sided p-value of the rank correlation."""
-    log_pearson: float
-    """Correlation of ``log θ`` and ``log m``."""
-    log_slope: float
-    """Least-squares slope of ``log m`` on ``log θ`` (1: scale proportional to θ)."""
-    ratio_median: float
-    """Median of ``m_i / θ_i``."""
-    ratio_q05: float
-    ratio_q95: float
-    theta_mean: float
-    scale_mean: float
-    """Mean of ``m_i`` over tested features."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ThetaScaleResult(JsonResult):
-    """Rows per layer."""
-
-    kind: ClassVar[str] = "theta_vs_scale"
-    rows: tuple[ThetaScaleRow, ...]
-
-    def series(self, metric: str) -> tuple[float, ...]:
-        """``metric`` per row, in order."""
-        return tuple(float(getattr(r, metric)) for r in self.rows)
-
-    def mean(self, metric: str) -> float:
-        """Mean of :meth:`series` where it is defined (``nan`` if nowhere)."""
-        return finite_mean(self.series(metric))
-
-
-def theta_scale_row(layer: int, theta: torch.Tensor, scale: torch.Tensor) -> ThetaScaleRow:
-    """Statistics of one layer from per-feature ``theta`` and measured ``scale`` (``nan`` = dead).
-
-    Parameters
-    ----------
-    theta, scale : Tensor, shape (d_sae,)
-    """
-    t = torch.as_tensor(theta, dtype=torch.float64).cpu().numpy()
-    m = torch.as_tensor(scale, dtype=torch.float64).cpu().numpy()
-    if t.shape != m.shape or t.ndim != 1:
-        raise ValueError(f"theta, scale: expected equal 1-D shapes, got {t.shape} and {m.shape}")
-    ok = np.isfinite(t) & np.isfinite(m) & (t > 0) & (m > 0)
-    t, m = t[ok], m[ok]
-    nan = math.nan
-    if t.size < 3:
-        return ThetaScaleRow(
-            layer=layer,
-            n_alive=int(t.size),
-            spearman=nan,
-            spearman_p=nan,
-            log_pearson=nan,
-            log_slope=nan,
-            ratio_median=nan,
-            ratio_q05=nan,
-            ratio_q95=nan,
-            theta_mean=nan,
-            scale_mean=nan,
-        )
-    lt, lm = np.log(t), np.log(m)
-    if np.ptp(lt) > 0 and np.ptp(lm) > 0:
-        rho, p = sps.spearmanr(t, m)
-        r = float(np.corrcoef(lt, lm)[0, 1])
-        slope = float(np.polyfit(lt, lm, 1)[0])
-    else:
-        rho, p, r, slope = nan, nan, nan, nan
-    ratio = m / t
-    return ThetaScaleRow(
-        layer=layer,
-        n_alive=int(t.size),
-        spearman=float(rho),  # type: ignore[arg-type]
-        spearman_p=float(p),  # type: ignore[arg-type]
-        log_pearson=r,
-        log_slope=slope,
-        ratio_median=float(np.median(ratio)),
-        ratio_q05=float(np.quantile(ratio, 0.05)),
-        ratio_q95=float(np.quantile(ratio, 0.95)),
-        theta_mean=float(t.mean()),
-        scale_mean=float(m.mean()),
-    )
-
-
-def theta_vs_scale(
-    saes: Mapping[int, SAE],
-    activations: Mapping[int, ArrayLike],
-    *,
-    keep: ArrayLike | None = None,
-    chunk_size: int = 4096,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> ThetaScaleResult:
-    """:func:`theta_scale_row` for every JumpReLU layer with activations; each layer cached."""
-    rows = []
-    layers = [t for t in sorted(saes) if t in activations and saes[t].activation == "jumprelu"]
-    for layer in tqdm(layers, desc="θ vs activation scale", disable=not progress):
-        sae = saes[layer]
-        spec = {
-            "sae": sae_digest(sae),
-            "acts": acts_digest(activations[layer]),
-            "keep": None if keep is None else acts_digest(keep),
-            "layer": layer,
-        }
-
-        def compute(sae: SAE = sae, layer: int = layer) -> ThetaScaleResult:
-            assert sae.threshold is not None  # JumpReLU, filtered above
-            scale = activation_scale(sae, activations[layer], keep=keep, chunk_size=chunk_size)
-            return ThetaScaleResult(rows=(theta_scale_row(layer, sae.threshold, scale),))
-
-        rows.extend(load_or_compute(ThetaScaleResult, spec, compute, cache_dir=cache_dir, force=force).rows)
-    return ThetaScaleResult(rows=tuple(rows))
-
-
-# ----------------------------------------------------------------------------------- disagreements
 @dataclass(frozen=True, kw_only=True)
 class Disagreement:
     """One feature whose folded and unfolded partners differ."""
@@ -249,7 +101,7 @@ def _disagreement_row(
     keep: ArrayLike | None,
     n_examples: int,
     chunk_size: int,
-    cache_dir: str | Path | None,
+    cache_dir: Path | None,
 ) -> DisagreementRow:
     pf, pu = cached_match(a, b, folded, cache_dir).perm, cached_match(a, b, unfolded, cache_dir).perm
     stats = coactivation(
@@ -292,61 +144,58 @@ def _disagreement_row(
     )
 
 
-def disagreements_by_layer(
-    saes: Mapping[int, SAE],
-    activations: Mapping[int, ArrayLike],
-    *,
-    folded: MatchConfig | None = None,
-    unfolded: MatchConfig | None = None,
-    pairs: Sequence[tuple[int, int]] | None = None,
-    keep: ArrayLike | None = None,
-    n_examples: int = 3,
-    chunk_size: int = 4096,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> DisagreementResult:
-    """Head-to-head test of folded vs unfolded matching per layer pair (module docstring, test 2).
+@dataclass(frozen=True, kw_only=True)
+class DisagreementConfig:
+    """What :func:`run` measures."""
 
-    Parameters
-    ----------
-    folded, unfolded : the two matchings; default the paper's objective with and without folding.
-    pairs : default consecutive layers with SAEs and activations.
-    n_examples : disagreements kept per pair for showing their contexts.
-    """
-    f_cfg = MatchConfig(fold=True) if folded is None else folded
-    u_cfg = MatchConfig(fold=False) if unfolded is None else unfolded
-    if pairs is None:
-        pairs = list(itertools.pairwise(sorted(set(saes) & set(activations))))
+    folded: MatchConfig = field(default_factory=lambda: MatchConfig(fold=True))
+    """The first matching (default: the paper's objective, folded)."""
+    unfolded: MatchConfig = field(default_factory=lambda: MatchConfig(fold=False))
+    """The second matching (default: the same objective on the raw weights)."""
+    n_examples: int = 3
+    """Disagreements kept per pair (the largest differences), for showing their contexts."""
+
+    def __post_init__(self) -> None:
+        for name in ("folded", "unfolded"):
+            if not isinstance(getattr(self, name), MatchConfig):
+                raise TypeError(
+                    f"DisagreementConfig.{name}: expected a MatchConfig, got {getattr(self, name)!r}"
+                )
+        if not isinstance(self.n_examples, int) or isinstance(self.n_examples, bool) or self.n_examples < 0:
+            raise ValueError(f"DisagreementConfig.n_examples: expected an int >= 0, got {self.n_examples!r}")
+
+
+def run(inputs: Inputs, config: DisagreementConfig | None = None) -> DisagreementResult:
+    """Head-to-head test of folded vs unfolded matching per layer pair of ``inputs`` (default
+    consecutive layers with SAEs and activations); each pair cached on its own."""
+    cfg = DisagreementConfig() if config is None else config
 
     def compute(la: int, lb: int) -> DisagreementResult:
-        a, b = saes[la], saes[lb]
         row = _disagreement_row(
-            a,
-            b,
-            activations[la],
-            activations[lb],
+            inputs.saes[la],
+            inputs.saes[lb],
+            inputs.acts(la),
+            inputs.acts(lb),
             (la, lb),
-            f_cfg,
-            u_cfg,
-            keep,
-            n_examples,
-            chunk_size,
-            cache_dir,
+            cfg.folded,
+            cfg.unfolded,
+            inputs.keep,
+            cfg.n_examples,
+            inputs.chunk_size,
+            inputs.cache_dir,
         )
         return DisagreementResult(rows=(row,))
 
     parts = map_layer_pairs(
         DisagreementResult,
-        saes,
-        pairs,
+        inputs,
+        inputs.layer_pairs(data=True),
         compute,
-        spec={"folded": f_cfg.to_dict(), "unfolded": u_cfg.to_dict(), "n_examples": n_examples},
-        activations=activations,
-        keep=keep,
+        spec={
+            "folded": cfg.folded.to_dict(),
+            "unfolded": cfg.unfolded.to_dict(),
+            "n_examples": cfg.n_examples,
+        },
         desc="folded vs unfolded",
-        cache_dir=cache_dir,
-        force=force,
-        progress=progress,
     )
     return DisagreementResult(rows=tuple(r for part in parts for r in part.rows))
