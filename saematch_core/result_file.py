@@ -60,9 +60,9 @@ def saematch_version() -> str | None:
     try:
         return version("saematch")
     except PackageNotFoundError:
-        import saematch_core
+        from saematch_core import __version__
 
-        return getattr(saematch_core, "__version__", None)
+        return __version__
 
 
 def json_safe(value: Any) -> Any:
