@@ -61,7 +61,7 @@ EXIT_USAGE = 2
 """Exit status for bad input (argparse's convention)."""
 
 MATCH_FLAG_ALIASES: dict[str, tuple[str, ...]] = {"params": ("--objective",)}
-"""Extra flag spellings per MatchConfig field (``--objective`` is the issue's name for ``--params``)."""
+"""Extra flag spellings per MatchConfig field (``--objective``: ``--params`` named by what it sets)."""
 
 # Errors that mean "bad input", reported in one line with exit status 2 (bugs still show a traceback).
 _USER_ERRORS = (
