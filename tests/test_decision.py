@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from conftest import make_sae
+from test_verdict import D_IN, D_SAE, planted
 
 from saematch_core.experiments import decision
 from saematch_core.experiments.decision import DecisionConfig, DecisionResult
 from saematch_core.experiments.inputs import Inputs
 from saematch_core.experiments.results import result_path
-from saematch_core.fold import rescale_features
-from saematch_core.sae import SAE
-
-D_IN, D_SAE = 16, 64
-
-
-def planted(seed: int = 0, noise: float = 0.0) -> tuple[SAE, SAE, torch.Tensor]:
-    """B is A with features shuffled and rescaled (folded weights equal up to ``noise``)."""
-    a = make_sae(D_IN, D_SAE, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    perm = torch.randperm(D_SAE, generator=g)
-    b = rescale_features(a.permute(perm), 0.5 + torch.rand(D_SAE, generator=g))
-    if noise:
-        b = replace(b, W_dec=b.W_dec * (1 + noise * torch.randn(D_SAE, D_IN, generator=g)))
-    return a, b, torch.argsort(perm)
 
 
 def test_decisions_by_layer_checks_coactivation_and_caches(tmp_path) -> None:
