@@ -92,20 +92,7 @@ show(
         y_title="mean JumpReLU threshold θ (pre-activation units)",
     )
 )
-show_table(
-    ["layer", "mean θ", "θ median", "mean ‖h‖", "‖h‖ median", "tokens"],
-    [
-        (
-            r.layer,
-            f"{r.theta_mean:.4g}",
-            f"{r.theta_quantiles[2]:.4g}",
-            f"{r.norm_mean:.4g}",
-            f"{r.norm_quantiles[2]:.4g}",
-            r.n_tokens,
-        )
-        for r in result.rows
-    ],
-)
+show_table(*result.table())
 
 # %% [markdown]
 # **What this shows.** A point per layer: if θ tracks the hidden-state scale, the points lie on an

@@ -118,18 +118,7 @@ print(
     f"ours: median MSE ratio to SAE Match: decoder-only {parts.decoder_ratio:.3f}, "
     f"encoder-only {parts.encoder_ratio:.3f}"
 )
-show_table(
-    ["method", "mean MSE over pairs", "mean fraction matched to the same index", "one-to-one"],
-    [
-        (
-            name,
-            f"{np.mean(series[name]):.4g}",
-            f"{np.mean(mse.series(name, 'identity_fraction')):.3f}",
-            all(r.is_permutation for r in mse.rows if r.method == name),
-        )
-        for name in methods
-    ],
-)
+show_table(*mse.table(list(methods)))
 
 # %% [markdown]
 # **What this shows.** Which parameters enter the objective matters: the paper finds decoder-only
@@ -182,18 +171,7 @@ print(
     + ", ".join(f"{label} {value:.3f}" for label, value in means.items())
     + f"; exact cosine beats folded on {cosine_wins:.0%} of pairs"
 )
-show_table(
-    ["pair", "dead in t", "dead in t+1", "pairs scored (folded)"],
-    [
-        (
-            f"{r.layer_a}→{r.layer_b}",
-            r.row("folded").n_dead_a,
-            r.row("folded").n_dead_b,
-            r.row("folded").n_pairs,
-        )
-        for r in scores.pairs
-    ],
-)
+show_table(*scores.dead_table("folded"))
 
 # %% [markdown]
 # **What this shows.** Folding cannot change which features are active (it divides codes by θ > 0),

@@ -47,7 +47,6 @@ from saematch_core.experiments.claims import (
     write_claims,
 )
 from saematch_core.experiments.measures.summary import correlation, paper_layer
-from saematch_core.experiments.results import finite_mean
 from saematch_core.experiments.study import load_study
 from saematch_core.plots import line_per_layer, lines_by_group, scatter, show, show_table
 
@@ -119,17 +118,7 @@ print(
 )
 print(f"paper: {CLAIMS['fig10_folded_vs_unfolded'].text}")
 print(f"ours: folded EV above unfolded on {folded_ev.wins}/{folded_ev.total} (corpus, layer) cases")
-show_table(
-    ["scheme", "mean ΔL (nats/token)", "mean explained variance"],
-    [
-        (
-            labels.get(s, s),
-            f"{finite_mean([v for r in results.values() for v in r.series(s, 'delta_loss')]):.3f}",
-            f"{finite_mean([v for r in results.values() for v in r.series(s, 'explained_variance')]):.3f}",
-        )
-        for s in schemes
-    ],
-)
+show_table(*approximate.scheme_means(results, schemes, labels))
 
 # %% [markdown]
 # **What this shows.** Explained variance of ĥ_t against the true h_t on the same tokens (outliers

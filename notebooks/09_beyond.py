@@ -230,21 +230,7 @@ else:
             y_title="Δ Matching Score (scaled − raw)",
         )
     )
-    show_table(
-        ["family", "method", "mean Matching Score", "mean random", "agreement with raw"],
-        [
-            [
-                fam,
-                method,
-                f"{comparison.mean(fam, method):.3f}",
-                f"{comparison.mean(fam, method, 'random_score'):.3f}",
-                f"{comparison.mean(fam, method, 'agreement_with_raw'):.2f}",
-            ]
-            for fam in families
-            for method in ("raw", "data_scale", "weight_scale", "theta")
-            if comparison.series(fam, method)
-        ],
-    )
+    show_table(*comparison.table())
 
 # %% [markdown]
 # **Conclusion.** If the data-scale gain is similar in all three families, the improvement comes from

@@ -341,6 +341,19 @@ def test_permute_codes_moves_and_sums() -> None:
     assert permute_codes(codes, torch.tensor([1, 1, 1]), 2).tolist() == [[0.0, 6.0]]
 
 
+def test_scheme_means_average_over_corpora_and_layers() -> None:
+    def row(t: int, s: str, dl: float) -> ApproxRow:
+        return ApproxRow(
+            layer=t, scheme=s, delta_loss=dl, delta_loss_se=0.0, clean_loss=2.0, explained_variance=1 - dl,
+            kl=0.0, n_tokens=1, n_loss_tokens=1, n_passthrough=0,
+        )  # fmt: skip
+
+    web = ApproximationResult(rows=(row(1, "drop", 0.1), row(2, "drop", 0.3)))
+    code = ApproximationResult(rows=(row(1, "drop", math.nan), row(2, "drop", 0.5)))
+    headers, rows = approximate.scheme_means({"web": web, "code": code}, ["drop"], {"drop": "layer drop"})
+    assert headers[0] == "scheme" and rows == [("layer drop", "0.300", "0.700")]
+
+
 def test_loss_split_adds_up() -> None:
     rows = (
         ApproxRow(layer=1, scheme="match_folded", delta_loss=0.5, delta_loss_se=0.0, clean_loss=2.0,

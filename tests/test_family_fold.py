@@ -169,6 +169,9 @@ def test_family_comparison_rows_and_gain(tmp_path) -> None:
     assert res.gain("relu", "data_scale")[0] > 0
     assert all(r.random_score < 0.9 for r in res.rows)
     assert len(list((tmp_path / FamilyFoldResult.kind).glob("*.json"))) == 2
+    headers, rows = res.table()
+    assert headers[:2] == ["family", "method"] and rows[0][:2] == ["relu", "raw"]
+    assert ["jumprelu", "theta"] in [r[:2] for r in rows] and ["relu", "theta"] not in [r[:2] for r in rows]
     only = family_fold.run(inputs, FamilyFoldConfig(n_null=2, families=("relu",)))
     assert {r.family for r in only.rows} == {"relu"}
     with pytest.raises(ValueError, match=r"FamilyFoldConfig\.families"):

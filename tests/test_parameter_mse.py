@@ -14,7 +14,7 @@ def test_parameter_mse_planted_permutation(tmp_path) -> None:
     a, b, _ = planted()
     inputs = Inputs(saes={4: a, 5: b}, cache_dir=tmp_path, progress=False)
     res = parameter_mse.run(inputs)
-    rows = {r.method: r for r in res.rows}
+    rows = rows_by = {r.method: r for r in res.rows}
     assert {r.layer_a for r in res.rows} == {4} and {r.layer_b for r in res.rows} == {5}
     assert rows["folded"].mse == pytest.approx(0.0, abs=1e-10)
     assert rows["decoder_only"].mse == pytest.approx(0.0, abs=1e-10)
@@ -28,3 +28,6 @@ def test_parameter_mse_planted_permutation(tmp_path) -> None:
     again = parameter_mse.run(inputs)
     assert again == res
     assert ParameterMSEResult.from_dict(res.to_dict()) == res
+    headers, rows = res.table(["folded", "greedy_cosine"])
+    assert len(headers) == 4 and rows[0][:2] == ("folded", f"{rows_by['folded'].mse:.4g}")
+    assert rows[0][3] is True and rows[1][0] == "greedy_cosine"

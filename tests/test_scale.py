@@ -38,6 +38,8 @@ def test_scale_vs_depth_matches_direct_computation() -> None:
     assert pre.rows[0].norm_mean == pytest.approx(r0.norm_mean, rel=1e-6)
     assert pre.rows[1].norm_quantiles == pytest.approx(r1.norm_quantiles, rel=1e-6)
     assert math.isnan(pre.rows[1].theta_mean)
+    headers, rows = res.table()
+    assert headers[0] == "layer" and [r[0] for r in rows] == [0, 1] and rows[1][5] == N_TOK - 5
     relu = scale.run(Inputs(saes={0: make_sae(D_IN, D_SAE, activation="relu")}))
     assert math.isnan(relu.rows[0].theta_mean)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from saematch_core.activations import ActivationCache
 from saematch_core.compose import path as compose_path
+from saematch_core.experiments.appendix import quality_table
 from saematch_core.experiments.inputs import Inputs
 from saematch_core.experiments.study import NEVER_ACTIVE, Study, load_study, path_contexts, path_table
 from saematch_core.formats import save_sae
@@ -166,6 +167,9 @@ def test_inputs_cover_the_study(tmp_path: Path) -> None:
     assert inputs.layer_pairs() == [(0, 1)] and study.inputs().layer_pairs() == [(0, 1), (1, 2)]
     assert study.inputs(keep=study.keep(1)).keep is not None
     assert study.inputs(activations=None).activations is None
+    headers, rows = quality_table(study.prepared.records)
+    assert len(rows) == len(study.prepared.records) and len(headers) == len(rows[0])
+    assert rows[0][:3] == ("main", 0, "x") and rows[0][6] == "–"  # ΔL not measured here
 
 
 def test_paths_follow_the_consecutive_matchings_with_their_costs(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""What the appendix shows beside the science: the solver benchmarks and the software environment.
+"""What the appendix shows beside the science: SAE quality, solver benchmarks, the environment.
 
-:func:`benchmark_table` and :func:`benchmark_series` read the records ``make bench`` writes to
+:func:`quality_table` lists the prepared SAEs' quality; :func:`benchmark_table` and
+:func:`benchmark_series` read the records ``make bench`` writes to
 ``benchmarks/results/results.json``; :func:`environment_table` lists the versions the book was built
 with.
 """
@@ -16,12 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from saematch_core.prepare import SAERecord
+
 __all__ = [
     "BENCHMARK_COLUMNS",
     "VERSIONED_PACKAGES",
     "benchmark_series",
     "benchmark_table",
     "environment_table",
+    "quality_table",
 ]
 
 BENCHMARK_COLUMNS: tuple[str, ...] = (
@@ -124,3 +128,22 @@ def environment_table(packages: Sequence[str] = VERSIONED_PACKAGES) -> list[tupl
         except importlib.metadata.PackageNotFoundError:
             rows.append((name, "not installed"))
     return rows
+
+
+def quality_table(records: Sequence[SAERecord]) -> tuple[list[str], list[tuple[object, ...]]]:
+    """Headers and rows: every prepared SAE's family, layer, setting, L0, FVU, dead fraction, ΔL and
+    training time (``–`` where not measured)."""
+    rows = [
+        (
+            r.family,
+            r.layer,
+            r.setting,
+            f"{r.quality.l0:.1f}",
+            f"{r.quality.fvu:.3f}",
+            f"{r.quality.dead_fraction:.3f}",
+            "–" if r.quality.delta_loss is None else f"{r.quality.delta_loss:.3f}",
+            "–" if r.train_seconds is None else f"{r.train_seconds:.0f}",
+        )
+        for r in records
+    ]
+    return ["family", "layer", "setting", "L0", "FVU", "dead", "ΔL (nats/token)", "training (s)"], rows

@@ -57,6 +57,7 @@ from saematch_core.experiments.inputs import Inputs
 from saematch_core.experiments.measures.swap import matched_pair, permute_codes
 from saematch_core.experiments.results import (
     JsonResult,
+    finite_mean,
     model_digest,
     read_result,
     result_path,
@@ -90,6 +91,7 @@ __all__ = [
     "loss_split",
     "replaced_layer",
     "run",
+    "scheme_means",
 ]
 
 logger = logging.getLogger(__name__)
@@ -331,6 +333,22 @@ class LossSplit:
     """ΔL of ``encdec_current``."""
     matching: float
     """``total − reconstruction``."""
+
+
+def scheme_means(
+    results: Mapping[str, ApproximationResult], schemes: Sequence[str], labels: Mapping[str, str]
+) -> tuple[list[str], list[tuple[object, ...]]]:
+    """Headers and rows: per scheme (named by ``labels`` where given), ΔL and explained variance
+    averaged over every corpus and layer of ``results`` (corpus → result)."""
+    rows = [
+        (
+            labels.get(s, s),
+            f"{finite_mean([v for r in results.values() for v in r.series(s, 'delta_loss')]):.3f}",
+            f"{finite_mean([v for r in results.values() for v in r.series(s, 'explained_variance')]):.3f}",
+        )
+        for s in schemes
+    ]
+    return ["scheme", "mean ΔL (nats/token)", "mean explained variance"], rows
 
 
 def loss_split(

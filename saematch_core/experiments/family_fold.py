@@ -131,6 +131,24 @@ class FamilyFoldResult(JsonResult):
             x - y for x, y in zip(self.series(family, method), self.series(family, baseline), strict=True)
         )
 
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and rows: per family and method, the mean Matching Score, the random one and the
+        agreement with raw matching (families in row order; methods ``raw``, ``data_scale``,
+        ``weight_scale``, ``theta`` where present)."""
+        rows = [
+            [
+                fam,
+                method,
+                f"{self.mean(fam, method):.3f}",
+                f"{self.mean(fam, method, 'random_score'):.3f}",
+                f"{self.mean(fam, method, 'agreement_with_raw'):.2f}",
+            ]
+            for fam in dict.fromkeys(r.family for r in self.rows)
+            for method in ("raw", "data_scale", "weight_scale", "theta")
+            if self.series(fam, method)
+        ]
+        return ["family", "method", "mean Matching Score", "mean random", "agreement with raw"], rows
+
 
 def _family_perms(
     a: SAE,

@@ -59,6 +59,20 @@ class MatchingScores:
         """``metric`` of ``method`` (or ``"random"``) per layer pair."""
         return [float(getattr(r.row(method), metric)) for r in self.pairs]
 
+    def dead_table(self, method: str) -> tuple[list[str], list[tuple[object, ...]]]:
+        """Headers and rows: per layer pair, the dead features of both layers and the pairs of
+        ``method`` that were scored."""
+        rows = [
+            (
+                f"{r.layer_a}→{r.layer_b}",
+                r.row(method).n_dead_a,
+                r.row(method).n_dead_b,
+                r.row(method).n_pairs,
+            )
+            for r in self.pairs
+        ]
+        return ["pair", "dead in t", "dead in t+1", f"pairs scored ({method})"], rows
+
 
 def run(inputs: Inputs, config: MatchingScoreConfig | None = None) -> MatchingScores:
     """:func:`~saematch_core.experiments.measures.scores.matching_scores` for every layer pair of

@@ -10,11 +10,12 @@ optimised.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from saematch_core.experiments.inputs import Inputs
@@ -70,6 +71,25 @@ class ParameterMSEResult(JsonResult):
     def series(self, method: str, metric: str = "mse") -> tuple[float, ...]:
         """``metric`` of ``method`` per layer pair (pairs in order)."""
         return tuple(float(getattr(r, metric)) for r in self.rows if r.method == method)
+
+    def table(self, methods: Sequence[str]) -> tuple[list[str], list[tuple[object, ...]]]:
+        """Headers and rows: per method, the mean MSE over layer pairs, the mean fraction of
+        features matched to the same index, and whether every matching is one-to-one."""
+        rows = [
+            (
+                name,
+                f"{np.mean(self.series(name)):.4g}",
+                f"{np.mean(self.series(name, 'identity_fraction')):.3f}",
+                all(r.is_permutation for r in self.rows if r.method == name),
+            )
+            for name in methods
+        ]
+        return [
+            "method",
+            "mean MSE over pairs",
+            "mean fraction matched to the same index",
+            "one-to-one",
+        ], rows
 
 
 def run(inputs: Inputs, config: ParameterMSEConfig | None = None) -> ParameterMSEResult:

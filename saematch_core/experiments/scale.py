@@ -64,6 +64,22 @@ class ScaleDepthResult(JsonResult):
     quantiles: tuple[float, ...]
     rows: tuple[ScaleRow, ...]
 
+    def table(self) -> tuple[list[str], list[tuple[object, ...]]]:
+        """Headers and rows: per layer mean and median θ, mean and median ‖h‖, tokens (the medians
+        are the third quantile, 0.5 with the default quantiles)."""
+        rows = [
+            (
+                r.layer,
+                f"{r.theta_mean:.4g}",
+                f"{r.theta_quantiles[2]:.4g}",
+                f"{r.norm_mean:.4g}",
+                f"{r.norm_quantiles[2]:.4g}",
+                r.n_tokens,
+            )
+            for r in self.rows
+        ]
+        return ["layer", "mean θ", "θ median", "mean ‖h‖", "‖h‖ median", "tokens"], rows
+
 
 def run(
     inputs: Inputs,
