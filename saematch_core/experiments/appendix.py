@@ -130,7 +130,7 @@ def environment_table(packages: Sequence[str] = VERSIONED_PACKAGES) -> list[tupl
     return rows
 
 
-def quality_table(records: Sequence[SAERecord]) -> tuple[list[str], list[tuple[object, ...]]]:
+def quality_table(records: Sequence[SAERecord]) -> tuple[list[str], Sequence[tuple[object, ...]]]:
     """Headers and rows: every prepared SAE's family, layer, setting, L0, FVU, dead fraction, ΔL and
     training time (``–`` where not measured)."""
     rows = [

@@ -337,7 +337,7 @@ class LossSplit:
 
 def scheme_means(
     results: Mapping[str, ApproximationResult], schemes: Sequence[str], labels: Mapping[str, str]
-) -> tuple[list[str], list[tuple[object, ...]]]:
+) -> tuple[list[str], Sequence[tuple[object, ...]]]:
     """Headers and rows: per scheme (named by ``labels`` where given), ΔL and explained variance
     averaged over every corpus and layer of ``results`` (corpus → result)."""
     rows = [

@@ -7,7 +7,7 @@ over its included pairs) against random partners, from
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -59,7 +59,7 @@ class MatchingScores:
         """``metric`` of ``method`` (or ``"random"``) per layer pair."""
         return [float(getattr(r.row(method), metric)) for r in self.pairs]
 
-    def dead_table(self, method: str) -> tuple[list[str], list[tuple[object, ...]]]:
+    def dead_table(self, method: str) -> tuple[list[str], Sequence[tuple[object, ...]]]:
         """Headers and rows: per layer pair, the dead features of both layers and the pairs of
         ``method`` that were scored."""
         rows = [

@@ -72,7 +72,7 @@ class ParameterMSEResult(JsonResult):
         """``metric`` of ``method`` per layer pair (pairs in order)."""
         return tuple(float(getattr(r, metric)) for r in self.rows if r.method == method)
 
-    def table(self, methods: Sequence[str]) -> tuple[list[str], list[tuple[object, ...]]]:
+    def table(self, methods: Sequence[str]) -> tuple[list[str], Sequence[tuple[object, ...]]]:
         """Headers and rows: per method, the mean MSE over layer pairs, the mean fraction of
         features matched to the same index, and whether every matching is one-to-one."""
         rows = [

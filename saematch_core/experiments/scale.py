@@ -7,7 +7,7 @@ feature's scale, the mean θ per layer grows with depth like the norm of the res
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -64,7 +64,7 @@ class ScaleDepthResult(JsonResult):
     quantiles: tuple[float, ...]
     rows: tuple[ScaleRow, ...]
 
-    def table(self) -> tuple[list[str], list[tuple[object, ...]]]:
+    def table(self) -> tuple[list[str], Sequence[tuple[object, ...]]]:
         """Headers and rows: per layer mean and median θ, mean and median ‖h‖, tokens (the medians
         are the third quantile, 0.5 with the default quantiles)."""
         rows = [
