@@ -154,7 +154,7 @@ def test_fractions_divide_by_the_right_width() -> None:
 
 
 def test_links_agree_with_dense_reference() -> None:
-    from saematch_core.decision import relative_cost
+    from saematch_core.experiments.measures.verdict import relative_cost
 
     g = torch.Generator().manual_seed(8)
     a, b = torch.randn(15, 7, generator=g), torch.randn(11, 7, generator=g)
