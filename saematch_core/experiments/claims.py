@@ -40,8 +40,13 @@ from saematch_core.experiments.scale import ScaleDepthResult
 __all__ = [
     "CLAIMS",
     "CLAIMS_FILE",
+    "EARLY_DROP",
+    "FOLDED_TIE",
     "OUR_CLAIMS",
     "PAPER_CLAIMS",
+    "PERSISTENCE_AGREEMENT",
+    "PERSISTENCE_MIN_LAYERS",
+    "THETA_NORM_MIN_R",
     "AgreementByMSE",
     "BestL0",
     "CaseCount",
@@ -73,7 +78,7 @@ __all__ = [
 CLAIMS_FILE = "claims.json"
 """File name, inside a notebook's ``out_dir``, of the findings it recorded (see :func:`write_claims`)."""
 
-M = TypeVar("M")
+_M = TypeVar("_M")
 
 FOLDED_TIE = 1e-12
 """Folded matching counts as "not worse" than unfolded on a layer pair within this MSE tolerance."""
@@ -117,7 +122,7 @@ class Finding:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Claim(Generic[M]):
+class Claim(Generic[_M]):
     """A tested claim: its statement, where it is measured, and its verdict rule."""
 
     key: str
@@ -132,12 +137,12 @@ class Claim(Generic[M]):
     """What the verdict reads, in words."""
     rule: str
     """The verdict rule with its threshold, in words."""
-    verdict: Callable[[M], bool | None]
+    verdict: Callable[[_M], bool | None]
     """The rule as code: True (reproduced), False (not), ``None`` (not measurable here)."""
-    describe: Callable[[M], str]
+    describe: Callable[[_M], str]
     """Our measurement as the table shows it."""
 
-    def evaluate(self, measured: M) -> Finding:
+    def evaluate(self, measured: _M) -> Finding:
         """The :class:`Finding` of ``measured`` (the verdict and the formatted measurement)."""
         return Finding(key=self.key, ours=self.describe(measured), holds=self.verdict(measured))
 

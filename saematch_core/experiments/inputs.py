@@ -8,7 +8,8 @@ the experiment's frozen ``config`` says *what to measure*. The book builds its i
 
 >>> import torch
 >>> from saematch_core.sae import SAE
->>> sae = SAE(W_enc=torch.eye(2), b_enc=torch.zeros(2), W_dec=torch.eye(2), b_dec=torch.zeros(2))
+>>> eye, zero = torch.eye(2), torch.zeros(2)
+>>> sae = SAE(W_enc=eye, b_enc=zero, W_dec=eye, b_dec=zero, activation="relu")
 >>> Inputs(saes={0: sae, 1: sae, 2: sae}).layer_pairs()
 [(0, 1), (1, 2)]
 """

@@ -165,7 +165,7 @@ def matching_scores(
 
     Examples
     --------
-    See ``tests/test_scores.py``: an SAE against itself under the identity scores 1.
+    See ``tests/test_coactivation.py``: an SAE against itself under the identity scores 1.
     """
     la, lb = layers
     sae_a, sae_b = (inputs.saes[la], inputs.saes[lb]) if saes is None else saes
