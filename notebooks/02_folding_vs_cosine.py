@@ -135,16 +135,14 @@ show_table(*mse.table(list(methods)))
 # %% tags=["hide-input"]
 score_methods = {k: methods[k] for k in ("folded", "unfolded", "cosine", "greedy_cosine")}
 scores = matching_score.run(inputs, matching_score.MatchingScoreConfig(methods=score_methods, n_null=n_null))
-score_series = {
-    label: scores.series(name)
-    for name, label in (
-        ("folded", "folded (SAE Match)"),
-        ("unfolded", "unfolded"),
-        ("cosine", "cosine"),
-        ("greedy_cosine", "greedy top-1 cosine"),
-        ("random", "random partners"),
-    )
+score_labels = {
+    "folded": "folded (SAE Match)",
+    "unfolded": "unfolded",
+    "cosine": "cosine",
+    "greedy_cosine": "greedy top-1 cosine",
+    "random": "random partners",
 }
+score_series = {label: scores.series(name) for name, label in score_labels.items()}
 show(
     line_per_layer(
         scores.layers,
@@ -162,14 +160,10 @@ print(f"paper: {PAPER_CLAIMS['fig7_early_layers'].text}")
 print(
     f"ours: folded Matching Score, first 38% of layers {early_late.early:.3f}, the rest {early_late.late:.3f}"
 )
-means = {label: float(np.nanmean(v)) for label, v in score_series.items()}
-cosine_wins = float(
-    np.nanmean(np.asarray(score_series["cosine"]) > np.asarray(score_series["folded (SAE Match)"]))
-)
 print(
     "reviewers' baselines: mean Matching Score "
-    + ", ".join(f"{label} {value:.3f}" for label, value in means.items())
-    + f"; exact cosine beats folded on {cosine_wins:.0%} of pairs"
+    + ", ".join(f"{label} {scores.mean(name):.3f}" for name, label in score_labels.items())
+    + f"; exact cosine beats folded on {scores.fraction_better('cosine', 'folded'):.0%} of pairs"
 )
 show_table(*scores.dead_table("folded"))
 

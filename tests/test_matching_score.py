@@ -30,6 +30,8 @@ def test_planted_matching_scores_folded_one_vanilla_lower(tmp_path) -> None:
     assert [(r.layer_a, r.layer_b) for r in by_layer.pairs] == [(4, 5), (5, 6)]
     assert by_layer.layers == [4, 5]
     assert by_layer.series("folded") == pytest.approx([1.0, 1.0])
+    assert by_layer.mean("folded") == pytest.approx(1.0)
+    assert by_layer.fraction_better("folded", "folded") == 0.0
     headers, rows = by_layer.dead_table("folded")
     assert headers[-1] == "pairs scored (folded)" and [r[0] for r in rows] == ["4→5", "5→6"]
     assert rows[0][3] == by_layer.pairs[0].row("folded").n_pairs

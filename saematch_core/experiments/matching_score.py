@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from saematch_core.experiments.inputs import Inputs
@@ -58,6 +59,14 @@ class MatchingScores:
     def series(self, method: str, metric: str = "matching_score") -> list[float]:
         """``metric`` of ``method`` (or ``"random"``) per layer pair."""
         return [float(getattr(r.row(method), metric)) for r in self.pairs]
+
+    def mean(self, method: str) -> float:
+        """Mean Matching Score of ``method`` over layer pairs (pairs where it is undefined are skipped)."""
+        return float(np.nanmean(self.series(method)))
+
+    def fraction_better(self, method: str, than: str) -> float:
+        """Fraction of layer pairs (with both defined) where ``method`` scores above ``than``."""
+        return float(np.nanmean(np.asarray(self.series(method)) > np.asarray(self.series(than))))
 
     def dead_table(self, method: str) -> tuple[list[str], Sequence[tuple[object, ...]]]:
         """Headers and rows: per layer pair, the dead features of both layers and the pairs of
