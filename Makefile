@@ -58,11 +58,11 @@ prepare: setup
 
 # The book: substrate first (cached after the first run), then papermill + Jupyter Book (see book/rebuild.md).
 book: prepare
-	$(PY) -m saematch_core.book --profile $(PROFILE) --build-dir build
+	$(PY) -m saematch_core._book --profile $(PROFILE) --build-dir build
 
 # Rerun one section with overrides and rebuild: make notebook NB=06 PARAMS="-p layer 20"
 notebook: prepare
-	$(PY) -m saematch_core.book --profile $(PROFILE) --build-dir build --only $(NB) $(PARAMS)
+	$(PY) -m saematch_core._book --profile $(PROFILE) --build-dir build --only $(NB) $(PARAMS)
 
 bench: setup
 	$(PY) -m benchmarks.run

@@ -22,9 +22,10 @@ import warnings
 # tqdm.auto warns at import when ipywidgets is absent; torch warns on read-only memory maps.
 warnings.filterwarnings("ignore", message="IProgress not found")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-from saematch_core.evaluate import scale_vs_depth
+from saematch_core.experiments import scale
+from saematch_core.experiments.claims import PAPER_CLAIMS, measure_theta_norm, write_claims
+from saematch_core.experiments.study import load_study
 from saematch_core.plots import line_per_layer, scatter, show, show_table
-from saematch_core.study import PAPER, Claim, correlation, load_study, write_claims
 
 study = load_study(profile, progress=False)
 print(study.describe())
@@ -46,16 +47,13 @@ print(study.describe())
 # the hidden state. Here is the same measurement on this profile.
 
 # %% tags=["hide-input"]
-scale = scale_vs_depth(
-    study.saes,
-    norms={layer: study.evals.norms[layer] for layer in study.layers},
-    keep={layer: study.evals.usable(layer) for layer in study.layers},
-)
-layers = [r.layer for r in scale.rows]
-theta = [r.theta_mean for r in scale.rows]
-norm = [r.norm_mean for r in scale.rows]
-r_theta_norm = correlation(theta, norm)
-r_theta_depth = correlation(layers, theta)
+# The norms come from the activation cache, each layer counting its own usable rows.
+result = scale.run(study.inputs(activations=None), norms=study.norms(), layer_keep=study.usable())
+layers = [r.layer for r in result.rows]
+theta = [r.theta_mean for r in result.rows]
+norm = [r.norm_mean for r in result.rows]
+measured = measure_theta_norm(result)
+claim = PAPER_CLAIMS["fig1_theta_norm"]
 
 show(
     line_per_layer(
@@ -77,9 +75,10 @@ show(
 # (the Pearson correlation across layers between mean θ and mean ‖h‖, and of mean θ with depth):
 
 # %% tags=["hide-input"]
-print(f"paper: {PAPER['fig1_theta_norm']}")
+print(f"paper: {claim.text}")
 print(
-    f"ours: corr(mean θ, mean ‖h‖) over layers = {r_theta_norm:.3f}; corr(mean θ, layer) = {r_theta_depth:.3f}"
+    f"ours: corr(mean θ, mean ‖h‖) over layers = {measured.r_theta_norm:.3f}; "
+    f"corr(mean θ, layer) = {measured.r_theta_depth:.3f}"
 )
 
 # %% tags=["hide-input"]
@@ -93,20 +92,7 @@ show(
         y_title="mean JumpReLU threshold θ (pre-activation units)",
     )
 )
-show_table(
-    ["layer", "mean θ", "θ median", "mean ‖h‖", "‖h‖ median", "tokens"],
-    [
-        (
-            r.layer,
-            f"{r.theta_mean:.4g}",
-            f"{r.theta_quantiles[2]:.4g}",
-            f"{r.norm_mean:.4g}",
-            f"{r.norm_quantiles[2]:.4g}",
-            r.n_tokens,
-        )
-        for r in scale.rows
-    ],
-)
+show_table(*result.table())
 
 # %% [markdown]
 # **What this shows.** A point per layer: if θ tracks the hidden-state scale, the points lie on an
@@ -115,12 +101,5 @@ show_table(
 # (Gemma 2 2B) it is the paper's measurement on a real model.
 
 # %% tags=["hide-input"]
-claims = [
-    Claim(
-        key="fig1_theta_norm",
-        ours=f"corr(mean θ, mean ‖h‖) = {r_theta_norm:.2f} over {len(layers)} layers",
-        holds=None if r_theta_norm != r_theta_norm else bool(r_theta_norm > 0.5),
-    )
-]
-write_claims(out_dir, "01_hypotheses", claims)
-assert len(scale.rows) == len(study.layers)
+write_claims(out_dir, "01_hypotheses", [claim.evaluate(measured)])
+assert len(result.rows) == len(study.layers)

@@ -30,12 +30,22 @@ from pathlib import Path
 
 import numpy as np
 
-from saematch_core.evaluate import default_methods, matching_scores_by_layer, parameter_mse
+from saematch_core.experiments import matching_score, parameter_mse
+from saematch_core.experiments.claims import (
+    PAPER_CLAIMS,
+    measure_decoder_only,
+    measure_early_late,
+    measure_folded_mse,
+    measure_folded_score,
+    write_claims,
+)
+from saematch_core.experiments.measures.scores import default_methods
+from saematch_core.experiments.study import load_study
 from saematch_core.plots import line_per_layer, show, show_table
-from saematch_core.study import PAPER, Claim, early_late_split, load_study, write_claims
 
 study = load_study(profile, progress=False)
 print(study.describe())
+inputs = study.inputs(seed=seed)
 Path(out_dir).mkdir(parents=True, exist_ok=True)
 for (a, b), result in study.consecutive_matches().items():
     result.to_json(Path(out_dir) / f"match_{a:02d}_{b:02d}.json")
@@ -49,7 +59,7 @@ for (a, b), result in study.consecutive_matches().items():
 
 # %% tags=["hide-input"]
 methods = default_methods()
-mse = parameter_mse(study.saes, methods=methods, cache_dir=study.results_dir, progress=False)
+mse = parameter_mse.run(inputs, parameter_mse.ParameterMSEConfig(methods=methods))
 pairs = study.pairs
 x = [a for a, _ in pairs]
 series = {name: np.asarray(mse.series(name)) for name in methods}
@@ -67,12 +77,11 @@ show(
         log_y=True,
     )
 )
-folded_best = float(np.mean(series["folded"] <= series["unfolded"] + 1e-12))
-folded_vs_vanilla = float(np.median(series["folded"] / series["vanilla"]))
-print(f"paper: {PAPER['fig3_folded_beats_unfolded']}")
+folded_mse = measure_folded_mse(mse)
+print(f"paper: {PAPER_CLAIMS['fig3_folded_beats_unfolded'].text}")
 print(
-    f"ours: folded ≤ unfolded on {folded_best:.0%} of {len(pairs)} pairs; "
-    f"median MSE ratio folded / vanilla = {folded_vs_vanilla:.3f}"
+    f"ours: folded ≤ unfolded on {folded_mse.folded_best:.0%} of {len(pairs)} pairs; "
+    f"median MSE ratio folded / vanilla = {folded_mse.folded_vs_vanilla:.3f}"
 )
 
 # %% [markdown]
@@ -103,22 +112,13 @@ show(
         log_y=True,
     )
 )
-dec_ratio = float(np.median(series["decoder_only"] / series["folded"]))
-enc_ratio = float(np.median(series["encoder_only"] / series["folded"]))
-print(f"paper: {PAPER['fig12_decoder_only']}")
-print(f"ours: median MSE ratio to SAE Match: decoder-only {dec_ratio:.3f}, encoder-only {enc_ratio:.3f}")
-show_table(
-    ["method", "mean MSE over pairs", "mean fraction matched to the same index", "one-to-one"],
-    [
-        (
-            name,
-            f"{np.mean(series[name]):.4g}",
-            f"{np.mean(mse.series(name, 'identity_fraction')):.3f}",
-            all(r.is_permutation for r in mse.rows if r.method == name),
-        )
-        for name in methods
-    ],
+parts = measure_decoder_only(mse)
+print(f"paper: {PAPER_CLAIMS['fig12_decoder_only'].text}")
+print(
+    f"ours: median MSE ratio to SAE Match: decoder-only {parts.decoder_ratio:.3f}, "
+    f"encoder-only {parts.encoder_ratio:.3f}"
 )
+show_table(*mse.table(list(methods)))
 
 # %% [markdown]
 # **What this shows.** Which parameters enter the objective matters: the paper finds decoder-only
@@ -134,65 +134,38 @@ show_table(
 
 # %% tags=["hide-input"]
 score_methods = {k: methods[k] for k in ("folded", "unfolded", "cosine", "greedy_cosine")}
-scores = matching_scores_by_layer(
-    study.saes,
-    study.activations(),
-    score_methods,
-    keep=study.keep(),
-    n_null=n_null,
-    seed=seed,
-    cache_dir=study.results_dir,
-    progress=False,
-)
-score_series = {
-    label: [r.row(name).matching_score for r in scores]
-    for name, label in (
-        ("folded", "folded (SAE Match)"),
-        ("unfolded", "unfolded"),
-        ("cosine", "cosine"),
-        ("greedy_cosine", "greedy top-1 cosine"),
-        ("random", "random partners"),
-    )
+scores = matching_score.run(inputs, matching_score.MatchingScoreConfig(methods=score_methods, n_null=n_null))
+score_labels = {
+    "folded": "folded (SAE Match)",
+    "unfolded": "unfolded",
+    "cosine": "cosine",
+    "greedy_cosine": "greedy top-1 cosine",
+    "random": "random partners",
 }
+score_series = {label: scores.series(name) for name, label in score_labels.items()}
 show(
     line_per_layer(
-        [r.layer_a for r in scores],
+        scores.layers,
         score_series,
         title="Matching Score per layer pair (Fig. 7)",
         x_title="layer pair (t → t+1), by t",
         y_title="P(partner active | feature active) (probability)",
     )
 )
-folded_score = float(np.nanmean(score_series["folded (SAE Match)"]))
-unfolded_score = float(np.nanmean(score_series["unfolded"]))
-early, late = early_late_split(
-    [r.layer_a for r in scores], score_series["folded (SAE Match)"], len(study.layers)
-)
-print(f"paper: {PAPER['fig7_folded_score']}")
-print(f"ours: mean Matching Score folded {folded_score:.3f}, unfolded {unfolded_score:.3f}")
-print(f"paper: {PAPER['fig7_early_layers']}")
-print(f"ours: folded Matching Score, first 38% of layers {early:.3f}, the rest {late:.3f}")
-means = {label: float(np.nanmean(v)) for label, v in score_series.items()}
-cosine_wins = float(
-    np.nanmean(np.asarray(score_series["cosine"]) > np.asarray(score_series["folded (SAE Match)"]))
+folded_score = measure_folded_score(scores)
+early_late = measure_early_late(scores, len(study.layers))
+print(f"paper: {PAPER_CLAIMS['fig7_folded_score'].text}")
+print(f"ours: mean Matching Score folded {folded_score.folded:.3f}, unfolded {folded_score.unfolded:.3f}")
+print(f"paper: {PAPER_CLAIMS['fig7_early_layers'].text}")
+print(
+    f"ours: folded Matching Score, first 38% of layers {early_late.early:.3f}, the rest {early_late.late:.3f}"
 )
 print(
     "reviewers' baselines: mean Matching Score "
-    + ", ".join(f"{label} {value:.3f}" for label, value in means.items())
-    + f"; exact cosine beats folded on {cosine_wins:.0%} of pairs"
+    + ", ".join(f"{label} {scores.mean(name):.3f}" for name, label in score_labels.items())
+    + f"; exact cosine beats folded on {scores.fraction_better('cosine', 'folded'):.0%} of pairs"
 )
-show_table(
-    ["pair", "dead in t", "dead in t+1", "pairs scored (folded)"],
-    [
-        (
-            f"{r.layer_a}→{r.layer_b}",
-            r.row("folded").n_dead_a,
-            r.row("folded").n_dead_b,
-            r.row("folded").n_pairs,
-        )
-        for r in scores
-    ],
-)
+show_table(*scores.dead_table("folded"))
 
 # %% [markdown]
 # **What this shows.** Folding cannot change which features are active (it divides codes by θ > 0),
@@ -200,7 +173,8 @@ show_table(
 # random-partner curve is the chance level. The paper reports that early layers match much worse
 # than later ones; the printed early/late means are ours, with the paper's early block (layers 0–9
 # of 26) mapped to the same fraction of this model's depth. The reproduction table counts "much
-# worse" as reproduced only when the early layers score at least 25 % lower.
+# worse" as reproduced only when the early layers score at least 25 % lower (the claim's rule in
+# `saematch_core.experiments.claims`).
 #
 # The reviewers asked for cosine and greedy baselines; the printed means answer them on this build.
 # Greedy top-1 cosine is not one-to-one (several features may take the same partner, each its best),
@@ -211,28 +185,11 @@ show_table(
 # a pair whose layer has many of them scores lower for that reason alone.
 
 # %% tags=["hide-input"]
-claims = [
-    Claim(
-        key="fig3_folded_beats_unfolded",
-        ours=f"folded ≤ unfolded on {folded_best:.0%} of pairs; folded/vanilla MSE {folded_vs_vanilla:.2f}",
-        holds=folded_best == 1.0,
-    ),
-    Claim(
-        key="fig12_decoder_only",
-        ours=f"MSE ratio to all-params: decoder-only {dec_ratio:.2f}, encoder-only {enc_ratio:.2f}",
-        holds=bool(dec_ratio < enc_ratio),
-    ),
-    Claim(
-        key="fig7_folded_score",
-        ours=f"Matching Score folded {folded_score:.3f} vs unfolded {unfolded_score:.3f}",
-        holds=bool(folded_score >= unfolded_score),
-    ),
-    Claim(
-        # "much worse": we count it as reproduced only when the early layers score ≥ 25 % lower
-        key="fig7_early_layers",
-        ours=f"folded Matching Score early {early:.3f} vs later {late:.3f} ({early / late - 1:+.0%})",
-        holds=None if np.isnan(early) or np.isnan(late) else bool(early < 0.75 * late),
-    ),
+findings = [
+    PAPER_CLAIMS["fig3_folded_beats_unfolded"].evaluate(folded_mse),
+    PAPER_CLAIMS["fig12_decoder_only"].evaluate(parts),
+    PAPER_CLAIMS["fig7_folded_score"].evaluate(folded_score),
+    PAPER_CLAIMS["fig7_early_layers"].evaluate(early_late),
 ]
-write_claims(out_dir, "02_folding_vs_cosine", claims)
+write_claims(out_dir, "02_folding_vs_cosine", findings)
 assert (series["folded"] <= series["vanilla"] + 1e-9).all(), "matching must not be worse than identity order"

@@ -29,18 +29,11 @@ import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-from saematch_core.evaluate import mse_binned_agreement
+from saematch_core.experiments import agreement
+from saematch_core.experiments.claims import PAPER_CLAIMS, measure_agreement, write_claims
+from saematch_core.experiments.measures.summary import paper_layer
+from saematch_core.experiments.study import contexts_side_by_side, load_study
 from saematch_core.plots import histogram, line_per_layer, show, show_table
-from saematch_core.study import (
-    PAPER,
-    Claim,
-    agreement_groups,
-    feature_contexts,
-    load_study,
-    paper_layer,
-    pick_by_mse,
-    write_claims,
-)
 
 study = load_study(profile, progress=False)
 print(study.describe())
@@ -50,19 +43,9 @@ b = a + 1
 print(f"layer pair {a} → {b}")
 
 # %% tags=["hide-input"]
-binned = mse_binned_agreement(
-    study.saes[a],
-    study.saes[b],
-    study.acts(a),
-    study.acts(b),
-    layers=(a, b),
-    keep=study.keep(a, b),
-    token_ids=study.token_ids(),
-    n_bins=n_bins,
-    top_k=top_k,
-    cache_dir=study.results_dir,
-)
-groups = agreement_groups(binned.pairs, "p_partner")
+config = agreement.AgreementConfig(n_bins=n_bins, top_k=top_k)
+binned = agreement.run(study.inputs(pairs=[(a, b)], keep=study.keep(a, b)), config)
+groups = agreement.agreement_groups(binned.pairs, "p_partner")
 positive = {k: v[v > 0] for k, v in groups.items() if (v > 0).any()}
 show(
     histogram(
@@ -99,11 +82,11 @@ show(
         y_title="mean agreement in the bin (probability / correlation)",
     )
 )
-low_bin, high_bin = binned.bins[0], binned.bins[-1]
-print(f"paper: {PAPER['fig5_low_mse_agree']}")
+measured = measure_agreement(binned)
+print(f"paper: {PAPER_CLAIMS['fig5_low_mse_agree'].text}")
 print(
-    f"ours: P(partner active | feature active) = {low_bin.p_partner:.3f} in the lowest-MSE bin, "
-    f"{high_bin.p_partner:.3f} in the highest ({low_bin.n_pairs} and {high_bin.n_pairs} pairs)"
+    f"ours: P(partner active | feature active) = {measured.low:.3f} in the lowest-MSE bin, "
+    f"{measured.high:.3f} in the highest ({measured.n_low} and {measured.n_high} pairs)"
 )
 
 # %% [markdown]
@@ -118,26 +101,15 @@ print(
 # layer *t+1*.
 
 # %% tags=["hide-input"]
-picked = pick_by_mse(binned.pairs)
-ctx_a = feature_contexts(study, a, [p.feature for p in picked.values()], k=n_contexts)
-ctx_b = feature_contexts(study, b, [p.partner for p in picked.values()], k=n_contexts)
+picked = agreement.pick_by_mse(binned.pairs)
+ctx_a = study.contexts(a, [p.feature for p in picked.values()], k=n_contexts)
+ctx_b = study.contexts(b, [p.partner for p in picked.values()], k=n_contexts)
 for label, pair in picked.items():
     print(
         f"{label} MSE: feature {pair.feature} (layer {a}) ↔ {pair.partner} (layer {b}), MSE {pair.mse:.4g}, "
         f"P(partner active | feature active) {pair.p_partner:.3f}"
     )
-    left, right = ctx_a[pair.feature], ctx_b[pair.partner]
-    rows = [
-        (
-            i + 1,
-            left[i].text if i < len(left) else "",
-            f"{left[i].activation:.3g}" if i < len(left) else "",
-            right[i].text if i < len(right) else "",
-            f"{right[i].activation:.3g}" if i < len(right) else "",
-        )
-        for i in range(max(len(left), len(right)))
-    ]
-    show_table(["#", f"layer {a} context", "act.", f"layer {b} context", "act."], rows)
+    show_table(*contexts_side_by_side(ctx_a[pair.feature], ctx_b[pair.partner], (a, b)))
 
 # %% [markdown]
 # **What this shows.** The evidence an LLM judge would read, without the judge: for a low-MSE pair
@@ -145,19 +117,5 @@ for label, pair in picked.items():
 # pair they often do not. On `smoke` the model is random, so the contexts are noise.
 
 # %% tags=["hide-input"]
-holds = None
-if low_bin.n_pairs and high_bin.n_pairs and low_bin.p_partner == low_bin.p_partner:
-    holds = bool(low_bin.p_partner > high_bin.p_partner)
-write_claims(
-    out_dir,
-    "03_feature_matching",
-    [
-        Claim(
-            key="fig5_low_mse_agree",
-            ours=f"layers {a}→{b}: agreement {low_bin.p_partner:.2f} (lowest-MSE bin) vs "
-            f"{high_bin.p_partner:.2f} (highest)",
-            holds=holds,
-        )
-    ],
-)
+write_claims(out_dir, "03_feature_matching", [PAPER_CLAIMS["fig5_low_mse_agree"].evaluate(measured)])
 assert len(binned.pairs) == study.saes[a].d_sae

@@ -29,20 +29,12 @@ import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-from saematch_core.persistence import persistence
+from saematch_core.experiments import persistence
+from saematch_core.experiments.claims import PAPER_CLAIMS, measure_persistence, write_claims
+from saematch_core.experiments.measures.contexts import sample_features
+from saematch_core.experiments.measures.summary import paper_layer
+from saematch_core.experiments.study import load_study, path_contexts, path_table
 from saematch_core.plots import line_per_layer, lines_by_group, show, show_table
-from saematch_core.study import (
-    PAPER,
-    Claim,
-    curves_by_start,
-    feature_contexts,
-    feature_path,
-    first_below,
-    load_study,
-    paper_layer,
-    sample_features,
-    write_claims,
-)
 
 study = load_study(profile, progress=False)
 print(study.describe())
@@ -52,17 +44,9 @@ if starts is None:
 print(f"start layers {starts}, up to {max_distance} layers ahead")
 
 # %% tags=["hide-input"]
-result = persistence(
-    study.saes,
-    starts,
-    max_distance,
-    activations=study.activations(),
-    keep=study.keep(),
-    seed=seed,
-    cache_dir=study.results_dir,
-    progress=False,
-)
-distances, agreement = curves_by_start(result, "agreement")
+config = persistence.PersistenceConfig(starts=tuple(starts), max_distance=max_distance)
+result = persistence.run(study.inputs(seed=seed), config)
+distances, agreement = result.curves("agreement")
 show(
     line_per_layer(
         distances,
@@ -72,12 +56,12 @@ show(
         y_title="fraction of features with the same partner (fraction)",
     )
 )
-horizons = {s: first_below(distances, v, 0.5) for s, v in agreement.items()}
-print(f"paper: {PAPER['fig8_persistence']}")
+horizons = measure_persistence(result)
+print(f"paper: {PAPER_CLAIMS['fig8_persistence'].text}")
 print(
     "ours: distance at which agreement first falls below 50%: "
-    + ", ".join(f"from layer {s}: {h:g}" for s, h in horizons.items())
-    + f" (inf: never within {max(distances)} layers)"
+    + ", ".join(f"from layer {s}: {h:g}" for s, h in horizons.horizons.items())
+    + f" (inf: never within {horizons.max_distance} layers)"
 )
 
 # %% [markdown]
@@ -86,9 +70,9 @@ print(
 # the two agree for about five layers; the printed distances are where ours drop below one half.
 
 # %% tags=["hide-input"]
-_, composed = curves_by_start(result, "score_composed")
-_, direct = curves_by_start(result, "score_direct")
-_, rand = curves_by_start(result, "score_random")
+_, composed = result.curves("score_composed")
+_, direct = result.curves("score_direct")
+_, rand = result.curves("score_random")
 groups = {
     f"from layer {s}": {"composed": composed[s], "direct": direct[s], "random partners": rand[s]}
     for s in agreement
@@ -115,24 +99,12 @@ show(
 # %% tags=["hide-input"]
 start = starts[0]
 path_layers = [t for t in study.layers if start <= t <= start + max_distance]
-matches = study.consecutive_matches()
-perms = {k: v.perm for k, v in matches.items()}
-costs = {k: v.cost for k, v in matches.items()}
 examples = sample_features(study.alive(start), n_examples, seed=seed)
-paths = {f: feature_path(perms, costs, path_layers, start, f) for f in examples}
-per_layer = {
-    t: feature_contexts(study, t, sorted({p[0][i] for p in paths.values() if p[0][i] >= 0}), k=1)
-    for i, t in enumerate(path_layers)
-}
-for f, (feats, step) in paths.items():
-    rows = []
-    for i, t in enumerate(path_layers):
-        ctx = per_layer[t].get(feats[i], ())
-        rows.append(
-            (t, feats[i], "start" if i == 0 else f"{step[i]:.4g}", ctx[0].text if ctx else "(never active)")
-        )
+paths = study.paths(start, examples, path_layers)
+contexts = path_contexts(study, paths.values(), k=1)
+for f, p in paths.items():
     print(f"feature {f} of layer {start}")
-    show_table(["layer", "feature", "step MSE", "top-activating context"], rows)
+    show_table(*path_table(p, contexts))
 
 # %% [markdown]
 # **What this shows.** Each table follows one randomly chosen live feature of the first start layer
@@ -140,16 +112,5 @@ for f, (feats, step) in paths.items():
 # most (activating token between « »). A jump in step MSE often coincides with a change of meaning.
 
 # %% tags=["hide-input"]
-summary = ", ".join(f"L{s}: {h:g}" for s, h in horizons.items())
-write_claims(
-    out_dir,
-    "04_persistence",
-    [
-        Claim(
-            key="fig8_persistence",
-            ours=f"agreement < 50% after {summary} layers (max {max(distances)} followed)",
-            holds=bool(min(horizons.values()) >= 3),
-        )
-    ],
-)
+write_claims(out_dir, "04_persistence", [PAPER_CLAIMS["fig8_persistence"].evaluate(horizons)])
 assert all(v[0] == 1.0 for v in agreement.values()), "at distance 1 composed and direct are identical"

@@ -36,46 +36,36 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 import numpy as np
 
-from saematch_core.approximate import (
-    ApproximationConfig,
-    approximate_layers,
-    default_schemes,
-    hybrid_schemes,
-    l0_sweep,
-    loss_split,
+from saematch_core.experiments import approximate
+from saematch_core.experiments.approximate import ApproximationConfig, default_schemes, hybrid_schemes
+from saematch_core.experiments.claims import (
+    CLAIMS,
+    measure_best_l0,
+    measure_folded_ev,
+    measure_match_vs_drop,
+    measure_quantile_gain,
+    write_claims,
 )
+from saematch_core.experiments.measures.summary import correlation, paper_layer
+from saematch_core.experiments.study import load_study
 from saematch_core.plots import line_per_layer, lines_by_group, scatter, show, show_table
-from saematch_core.results import finite_mean
-from saematch_core.study import PAPER, Claim, correlation, load_study, paper_layer, write_claims
 
 study = load_study(profile, progress=False)
 print(study.describe())
-model = study.loaded.model
 n = len(study.layers)
 config = ApproximationConfig(
-    batch_size=batch_size, outlier_factor=study.profile.outlier_factor, median_norms=study.median_norms()
+    batch_size=batch_size,
+    outlier_factor=study.profile.outlier_factor,
+    median_norms=study.median_norms(),
+    layers=None if layers is None else tuple(layers),
 )
-fit_ids, fit_mask = study.fit_batch(fit_tokens or 5 * study.profile.model.d_model)
+inputs = study.inputs(fit_tokens=study.fit_batch(fit_tokens or 5 * study.profile.model.d_model))
 batches = {corpus: study.corpus_batch(corpus, tokens_per_corpus) for corpus in study.corpora}
 for corpus, (ids, mask) in batches.items():
     print(f"{corpus}: {ids.shape[0]} chunks, {int(mask.sum())} tokens")
 
 # %% tags=["hide-input"]
-results = {
-    corpus: approximate_layers(
-        model,
-        ids,
-        study.saes,
-        config,
-        layers=layers,
-        token_mask=mask,
-        fit_tokens=fit_ids,
-        fit_mask=fit_mask,
-        cache_dir=study.results_dir,
-        progress=False,
-    )
-    for corpus, (ids, mask) in batches.items()
-}
+results = {corpus: approximate.run(inputs.replace(tokens=batch), config) for corpus, batch in batches.items()}
 labels = {
     "match_folded": "SAE Match, folded",
     "match_unfolded": "SAE Match, unfolded",
@@ -120,31 +110,15 @@ show(
         y_title="1 − Var(ĥ − h) / Var(h) (fraction)",
     )
 )
-pairs_total = 0
-match_beats_drop = 0
-folded_beats_unfolded = 0
-for r in results.values():
-    for t in r.layers:
-        pairs_total += 1
-        match_beats_drop += r.row(t, "match_folded").delta_loss < r.row(t, "drop").delta_loss
-        folded_beats_unfolded += (
-            r.row(t, "match_folded").explained_variance > r.row(t, "match_unfolded").explained_variance
-        )
-print(f"paper: {PAPER['fig10_match_vs_drop']}")
-print(f"ours: SAE Match ΔL below layer drop on {match_beats_drop}/{pairs_total} (corpus, layer) cases")
-print(f"paper: {PAPER['fig10_folded_vs_unfolded']}")
-print(f"ours: folded EV above unfolded on {folded_beats_unfolded}/{pairs_total} (corpus, layer) cases")
-show_table(
-    ["scheme", "mean ΔL (nats/token)", "mean explained variance"],
-    [
-        (
-            labels.get(s, s),
-            f"{finite_mean([v for r in results.values() for v in r.series(s, 'delta_loss')]):.3f}",
-            f"{finite_mean([v for r in results.values() for v in r.series(s, 'explained_variance')]):.3f}",
-        )
-        for s in schemes
-    ],
+match_vs_drop = measure_match_vs_drop(results)
+folded_ev = measure_folded_ev(results)
+print(f"ours (beyond the paper): {CLAIMS['fig10_match_vs_drop'].text}")
+print(
+    f"ours: SAE Match ΔL below layer drop on {match_vs_drop.wins}/{match_vs_drop.total} (corpus, layer) cases"
 )
+print(f"paper: {CLAIMS['fig10_folded_vs_unfolded'].text}")
+print(f"ours: folded EV above unfolded on {folded_ev.wins}/{folded_ev.total} (corpus, layer) cases")
+show_table(*approximate.scheme_means(results, schemes, labels))
 
 # %% [markdown]
 # **What this shows.** Explained variance of ĥ_t against the true h_t on the same tokens (outliers
@@ -163,7 +137,7 @@ show_table(
 
 # %% tags=["hide-input"]
 corpus0 = next(iter(results))
-split = loss_split(results[corpus0])
+split = approximate.loss_split(results[corpus0])
 show(
     line_per_layer(
         [s.layer for s in split],
@@ -189,24 +163,18 @@ show(
 # %% tags=["hide-input"]
 SWEEP_SCHEMES = ("match_folded", "match_unfolded", "encdec_current", "encdec_previous")
 sweep = study.sweep_variants()
-best_l0 = float("nan")
-interior = None
+sweep_result = None
 if sweep is None:
     print(f"profile {study.profile.name!r} has no L0 sweep at two adjacent layers; skipped")
 else:
     sweep_layer, variants = sweep
-    ids0, mask0 = batches[corpus0]
     # The SAE-free baselines (drop, linear) and cosine matching do not depend on L0: left out here.
     sweep_schemes = tuple(s for s in default_schemes() if s.label in SWEEP_SCHEMES)
-    sweep_result = l0_sweep(
-        model,
-        ids0,
-        variants,
-        sweep_layer,
+    sweep_result = approximate.l0_sweep(
+        inputs.replace(tokens=batches[corpus0]),
         replace(config, schemes=sweep_schemes),
-        token_mask=mask0,
-        cache_dir=study.results_dir,
-        progress=False,
+        layer=sweep_layer,
+        variants=variants,
     )
     l0s, _ = sweep_result.series("match_folded", "explained_variance")
     curves = {labels[s]: sweep_result.series(s, "explained_variance")[1] for s in SWEEP_SCHEMES}
@@ -228,12 +196,10 @@ else:
             y_title="ΔL (nats/token)",
         )
     )
-    ev = np.asarray(curves[labels["match_folded"]])
-    i_best = int(np.nanargmax(ev))
-    best_l0 = float(l0s[i_best])
-    interior = 0 < i_best < len(l0s) - 1
-    print(f"paper: {PAPER['fig14_best_l0']}")
-    print(f"ours: SAE Match EV is highest at L0 = {best_l0:.1f} among {[round(v, 1) for v in l0s]}")
+best = measure_best_l0(sweep_result)
+if sweep_result is not None:
+    print(f"paper: {CLAIMS['fig14_best_l0'].text}")
+    print(f"ours: SAE Match EV is highest at L0 = {best.best_l0:.1f} among {[round(v, 1) for v in best.l0s]}")
 
 # %% [markdown]
 # **What this shows.** Each point is a pair of SAEs (layers t−1 and t) trained with the same sparsity
@@ -271,21 +237,15 @@ print(f"correlation over layers: {correlation(bumps, ev_folded):.3f}")
 # %% tags=["hide-input"]
 if quantile_layers is None:
     quantile_layers = sorted({max(1, paper_layer(t, n)) for t in (3, 10, 20)})
-ids0, mask0 = batches[corpus0]
-hybrid = approximate_layers(
-    model,
-    ids0,
-    study.saes,
+hybrid = approximate.run(
+    inputs.replace(tokens=batches[corpus0]),
     ApproximationConfig(
         schemes=hybrid_schemes(quantiles),
         batch_size=batch_size,
         outlier_factor=study.profile.outlier_factor,
         median_norms=study.median_norms(),
+        layers=tuple(quantile_layers),
     ),
-    layers=quantile_layers,
-    token_mask=mask0,
-    cache_dir=study.results_dir,
-    progress=False,
 )
 qs = [float(q) for q in quantiles]
 labels_q = [s.label for s in hybrid_schemes(quantiles)]
@@ -308,9 +268,9 @@ show(
         y_title="ΔL (nats/token)",
     )
 )
-gain = float(np.mean([v[0] - v[-1] for v in ev_q.values()]))
-print(f"paper: {PAPER['fig16_quantile']}")
-print(f"ours: EV(q = {qs[0]:g}) − EV(q = {qs[-1]:g}) = {gain:+.3f}, mean over layers {quantile_layers}")
+gain = measure_quantile_gain(hybrid, qs)
+print(f"paper: {CLAIMS['fig16_quantile'].text}")
+print(f"ours: EV(q = {qs[0]:g}) − EV(q = {qs[-1]:g}) = {gain.gain:+.3f}, mean over layers {quantile_layers}")
 
 # %% [markdown]
 # **What this shows.** The features of layer t−1 whose matching MSE is below the q-quantile go
@@ -323,28 +283,10 @@ write_claims(
     out_dir,
     "05_hidden_state",
     [
-        Claim(
-            key="fig10_match_vs_drop",
-            ours=f"SAE Match ΔL < layer drop in {match_beats_drop}/{pairs_total} (corpus, layer) cases",
-            holds=bool(match_beats_drop > pairs_total / 2),
-        ),
-        Claim(
-            key="fig10_folded_vs_unfolded",
-            ours=f"folded EV > unfolded in {folded_beats_unfolded}/{pairs_total} (corpus, layer) cases",
-            holds=bool(folded_beats_unfolded > pairs_total / 2),
-        ),
-        Claim(
-            key="fig14_best_l0",
-            ours="no sweep on this profile"
-            if interior is None
-            else f"SAE Match EV best at L0 = {best_l0:.0f}",
-            holds=interior,
-        ),
-        Claim(
-            key="fig16_quantile",
-            ours=f"EV(q={qs[0]:g}) − EV(q={qs[-1]:g}) = {gain:+.3f}",
-            holds=bool(gain > 0),
-        ),
+        CLAIMS["fig10_match_vs_drop"].evaluate(match_vs_drop),
+        CLAIMS["fig10_folded_vs_unfolded"].evaluate(folded_ev),
+        CLAIMS["fig14_best_l0"].evaluate(best),
+        CLAIMS["fig16_quantile"].evaluate(gain),
     ],
 )
 exact_free = all(np.isfinite(r.series("match_folded")).all() for r in results.values())

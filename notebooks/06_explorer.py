@@ -32,8 +32,9 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 import numpy as np
 
+from saematch_core.experiments.measures.contexts import sample_features
+from saematch_core.experiments.study import load_study, path_contexts, path_table
 from saematch_core.plots import line_per_layer, path_explorer, show, show_table
-from saematch_core.study import feature_contexts, feature_path, load_study, pair_step_costs, sample_features
 
 study = load_study(profile, progress=False)
 print(study.describe())
@@ -45,14 +46,12 @@ print(f"following features {starts} of layer {start} through layers {study.layer
 
 # %% tags=["hide-input"]
 matches = study.consecutive_matches()
-perms = {k: v.perm for k, v in matches.items()}
-costs = {k: v.cost for k, v in matches.items()}
-paths = {f: feature_path(perms, costs, study.layers, start, f) for f in starts}
+paths = study.paths(start, starts)
 show(
     path_explorer(
         study.layers,
-        {f"feature {f}": np.asarray(p[0]) for f, p in paths.items()},
-        {f"feature {f}": p[1] for f, p in paths.items()},
+        {f"feature {f}": np.asarray(p.features) for f, p in paths.items()},
+        {f"feature {f}": list(p.step_costs) for f, p in paths.items()},
         title=f"Feature paths from layer {start}",
         x_title="layer (residual stream after block)",
         y_title="per-pair MSE of the step towards the start layer (squared residual units)",
@@ -73,7 +72,7 @@ show(
         [a for a, _ in study.pairs],
         {
             "median over all features": median_cost,
-            **{f"feature {f}": pair_step_costs(p[1], study.layers, start) for f, p in paths.items()},
+            **{f"feature {f}": p.pair_costs() for f, p in paths.items()},
         },
         title="Per-layer matching MSE: the sampled paths against all features",
         x_title="layer pair (t → t+1), by t",
@@ -94,18 +93,10 @@ show(
 # between « »).
 
 # %% tags=["hide-input"]
-contexts = {
-    t: feature_contexts(study, t, sorted({p[0][i] for p in paths.values() if p[0][i] >= 0}), k=n_contexts)
-    for i, t in enumerate(study.layers)
-}
-for f, (feats, step) in paths.items():
-    rows = []
-    for i, t in enumerate(study.layers):
-        ctx = contexts[t].get(feats[i], ())
-        text = " ‖ ".join(c.text for c in ctx) if ctx else "(never active on the evaluation tokens)"
-        rows.append((t, feats[i], "start" if t == start else f"{step[i]:.4g}", text))
+contexts = path_contexts(study, paths.values(), k=n_contexts)
+for f, p in paths.items():
     print(f"feature {f} of layer {start}")
-    show_table(["layer", "feature", "step MSE", "top-activating contexts"], rows)
+    show_table(*path_table(p, contexts))
 
 # %% [markdown]
 # **What this shows.** Reading down a table follows one feature's meaning through the depth of the
@@ -113,4 +104,4 @@ for f, (feats, step) in paths.items():
 # step MSE is usually high too.
 
 # %% tags=["hide-input"]
-assert all(len(p[0]) == len(study.layers) for p in paths.values()), "every path spans every layer"
+assert all(len(p.features) == len(study.layers) for p in paths.values()), "every path spans every layer"

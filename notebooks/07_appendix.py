@@ -24,9 +24,14 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 from pathlib import Path
 
 import saematch_core
-from saematch_core.book import environment_table
+from saematch_core.experiments.appendix import (
+    benchmark_series,
+    benchmark_table,
+    environment_table,
+    quality_table,
+)
+from saematch_core.experiments.study import load_study
 from saematch_core.plots import grouped_bars, show, show_table
-from saematch_core.study import benchmark_series, benchmark_table, load_study
 
 study = load_study(profile, progress=False)
 print(study.describe())
@@ -39,20 +44,7 @@ print(study.describe())
 # and the increase in next-token loss when the layer is replaced by its reconstruction (ΔL).
 
 # %% tags=["hide-input"]
-rows = [
-    (
-        r.family,
-        r.layer,
-        r.setting,
-        f"{r.quality.l0:.1f}",
-        f"{r.quality.fvu:.3f}",
-        f"{r.quality.dead_fraction:.3f}",
-        "–" if r.quality.delta_loss is None else f"{r.quality.delta_loss:.3f}",
-        "–" if r.train_seconds is None else f"{r.train_seconds:.0f}",
-    )
-    for r in study.prepared.records
-]
-show_table(["family", "layer", "setting", "L0", "FVU", "dead", "ΔL (nats/token)", "training (s)"], rows)
+show_table(*quality_table(study.prepared.records))
 
 # %% [markdown]
 # ## Performance of the matching solvers

@@ -9,7 +9,7 @@
 #
 # Inputs: the main JumpReLU SAEs of every layer, the TopK and ReLU SAEs of the layer band the
 # substrate trains them for, the evaluation residual stream and (for ΔL) the language model.
-# Five questions the paper leaves open:
+# Six questions the paper leaves open:
 #
 # 1. when is a matched pair really *matched* (a calibrated verdict, not only a ranking)?
 # 2. how often does a feature split, merge, appear or vanish between layers?
@@ -41,24 +41,28 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 from pathlib import Path
 
-from saematch_core.approximate import ApproximationConfig, Scheme, approximate_layers
-from saematch_core.ceiling import seed_ceiling
-from saematch_core.circularity import disagreements_by_layer, theta_vs_scale
-from saematch_core.databased import databased_by_layer
-from saematch_core.decision import decisions_by_layer
-from saematch_core.family_fold import family_comparison, token_halves
+from saematch_core.experiments import (
+    approximate,
+    ceiling,
+    circularity,
+    databased,
+    decision,
+    family_fold,
+    splits,
+    theta_scale,
+)
+from saematch_core.experiments.approximate import ApproximationConfig, Scheme
+from saematch_core.experiments.measures.scales import token_halves
+from saematch_core.experiments.results import finite_mean
+from saematch_core.experiments.study import load_study
 from saematch_core.match import MatchConfig
 from saematch_core.plots import line_per_layer, lines_by_group, show, show_table
-from saematch_core.results import finite_mean
-from saematch_core.splits import links_by_layer
-from saematch_core.study import feature_contexts, load_study
 
 study = load_study(profile, progress=False)
 print(study.describe())
-acts = study.activations()
 keep = study.keep()
-cache = study.results_dir
 pairs = study.pairs[:: max(1, -(-len(study.pairs) // n_pairs)) if n_pairs else 1]
+inputs = study.inputs(pairs=pairs)
 x_pairs = [a for a, _ in pairs]
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -74,9 +78,7 @@ print(f"{len(pairs)} consecutive layer pairs from {x_pairs}, {int(keep.sum())} k
 # p-values into verdicts. The verdict never looks at data; co-activation on real tokens checks it.
 
 # %%
-decisions = decisions_by_layer(
-    study.saes, acts, pairs=pairs, keep=keep, alpha=alpha, n_null=n_null, cache_dir=cache, progress=False
-)
+decisions = decision.run(inputs, decision.DecisionConfig(alpha=alpha, n_null=n_null))
 decisions.to_json(out / "decisions.json")
 show(
     line_per_layer(
@@ -132,9 +134,7 @@ print(
 # link on data: it stays high when one feature's tokens contain the other's, as for parts of a split.
 
 # %%
-links = links_by_layer(
-    study.saes, acts, pairs=pairs, keep=keep, level=link_level, n_null=n_null, cache_dir=cache, progress=False
-)
+links = splits.run(inputs, splits.SplitsConfig(level=link_level, n_null=n_null))
 links.to_json(out / "links.json")
 labels = {
     "one_to_one": "one-to-one (layer t)",
@@ -206,16 +206,12 @@ else:
         "topk": study.family("topk"),
         "relu": study.family("relu"),
     }
+    # Scales are estimated on half of the evaluation texts and scored on the other half.
     fit_keep, eval_keep = token_halves(keep, study.evals.chunk_ids)
-    comparison = family_comparison(
-        families,
-        acts,
-        keep=eval_keep,
-        scale_activations=acts,
-        scale_keep=fit_keep,
-        n_null=n_null,
-        cache_dir=cache,
-        progress=False,
+    comparison = family_fold.run(
+        study.inputs(keep=eval_keep, families=families),
+        family_fold.FamilyFoldConfig(n_null=n_null),
+        fit=study.inputs(keep=fit_keep),
     )
     comparison.to_json(out / "family_fold.json")
     band_pairs = band[:-1]
@@ -234,21 +230,7 @@ else:
             y_title="Δ Matching Score (scaled − raw)",
         )
     )
-    show_table(
-        ["family", "method", "mean Matching Score", "mean random", "agreement with raw"],
-        [
-            [
-                fam,
-                method,
-                f"{comparison.mean(fam, method):.3f}",
-                f"{comparison.mean(fam, method, 'random_score'):.3f}",
-                f"{comparison.mean(fam, method, 'agreement_with_raw'):.2f}",
-            ]
-            for fam in families
-            for method in ("raw", "data_scale", "weight_scale", "theta")
-            if comparison.series(fam, method)
-        ],
-    )
+    show_table(*comparison.table())
 
 # %% [markdown]
 # **Conclusion.** If the data-scale gain is similar in all three families, the improvement comes from
@@ -269,7 +251,7 @@ else:
 # layer is replaced through each matching (section 5's measurement, reused from its cache).
 
 # %%
-theta = theta_vs_scale(study.saes, acts, keep=keep, cache_dir=cache, progress=False)
+theta = theta_scale.run(study.inputs())
 theta.to_json(out / "theta_vs_scale.json")
 show(
     line_per_layer(
@@ -283,7 +265,7 @@ show(
         y_title="per-feature statistic over alive features",
     )
 )
-dis = disagreements_by_layer(study.saes, acts, pairs=pairs, keep=keep, cache_dir=cache, progress=False)
+dis = circularity.run(inputs)
 dis.to_json(out / "disagreements.json")
 show(
     line_per_layer(
@@ -319,10 +301,7 @@ config = ApproximationConfig(
 )
 delta = {}
 for corpus in study.corpora:
-    ids, mask = study.corpus_batch(corpus, tokens_per_corpus)
-    res = approximate_layers(
-        study.loaded.model, ids, study.saes, config, token_mask=mask, cache_dir=cache, progress=False
-    )
+    res = approximate.run(inputs.replace(tokens=study.corpus_batch(corpus, tokens_per_corpus)), config)
     res.to_json(out / f"delta_loss_{corpus}.json")
     delta[corpus] = {"folded": res.series("match_folded"), "unfolded": res.series("match_unfolded")}
     layers_dl = list(res.layers)
@@ -351,11 +330,9 @@ if candidates:
         f"(partner {ex.partner_unfolded})"
     )
     shown = {
-        f"layer {row.layer_a} feature {ex.feature}": feature_contexts(study, row.layer_a, [ex.feature], k=3),
-        f"folded partner {ex.partner_folded}": feature_contexts(study, row.layer_b, [ex.partner_folded], k=3),
-        f"unfolded partner {ex.partner_unfolded}": feature_contexts(
-            study, row.layer_b, [ex.partner_unfolded], k=3
-        ),
+        f"layer {row.layer_a} feature {ex.feature}": study.contexts(row.layer_a, [ex.feature], k=3),
+        f"folded partner {ex.partner_folded}": study.contexts(row.layer_b, [ex.partner_folded], k=3),
+        f"unfolded partner {ex.partner_unfolded}": study.contexts(row.layer_b, [ex.partner_unfolded], k=3),
     }
     show_table(
         ["feature", "top contexts"],
@@ -381,12 +358,12 @@ else:
 # here. The figure shows what fraction of its pairs each data-free matching recovers.
 
 # %%
-databased = databased_by_layer(study.saes, acts, pairs=pairs, keep=keep, cache_dir=cache, progress=False)
-databased.to_json(out / "databased.json")
+reference = databased.run(inputs)
+reference.to_json(out / "databased.json")
 show(
     line_per_layer(
         x_pairs,
-        {m: databased.series(m) for m in ("folded", "unfolded", "cosine", "random")},
+        {m: reference.series(m) for m in ("folded", "unfolded", "cosine", "random")},
         title="Share of the correlation matching's pairs that data-free matching recovers",
         x_title="layer pair (t → t+1)",
         y_title="fraction of data-based pairs recovered",
@@ -395,7 +372,7 @@ show(
 show(
     line_per_layer(
         x_pairs,
-        {m: databased.series(m, "matching_score") for m in ("databased", "folded", "unfolded", "random")},
+        {m: reference.series(m, "matching_score") for m in ("databased", "folded", "unfolded", "random")},
         title="Matching Score of the data-based reference and of data-free matchings",
         x_title="layer pair (t → t+1)",
         y_title="mean P(partner active | feature active)",
@@ -403,8 +380,8 @@ show(
 )
 for m in ("databased", "folded", "unfolded", "cosine", "random"):
     print(
-        f"{m}: recovers {databased.mean(m):.1%} of the data-based pairs, "
-        f"Matching Score {databased.mean(m, 'matching_score'):.3f}"
+        f"{m}: recovers {reference.mean(m):.1%} of the data-based pairs, "
+        f"Matching Score {reference.mean(m, 'matching_score'):.3f}"
     )
 
 # %% [markdown]
@@ -427,19 +404,17 @@ seed_saes = study.family("seed")
 if not seed_saes:
     print(f"profile {profile!r} trains no second-seed SAEs: no ceiling to show")
 else:
-    ceiling = seed_ceiling(
-        study.saes, seed_saes, acts, keep=keep, n_null=n_null, cache_dir=cache, progress=False
-    )
-    ceiling.to_json(out / "seed_ceiling.json")
+    seeds = ceiling.run(study.inputs(families={"seed": seed_saes}), ceiling.SeedCeilingConfig(n_null=n_null))
+    seeds.to_json(out / "seed_ceiling.json")
     show(
         lines_by_group(
-            ceiling.layers(),
+            seeds.layers(),
             {
                 method: {
-                    "same layer, another seed (ceiling)": ceiling.series(method, "same_layer"),
-                    "previous layer t−1 → t": ceiling.series(method, "previous"),
-                    "next layer t → t+1": ceiling.series(method, "next"),
-                    "random partners": ceiling.series(method, "random"),
+                    "same layer, another seed (ceiling)": seeds.series(method, "same_layer"),
+                    "previous layer t−1 → t": seeds.series(method, "previous"),
+                    "next layer t → t+1": seeds.series(method, "next"),
+                    "random partners": seeds.series(method, "random"),
                 }
                 for method in ("folded", "unfolded")
             },
@@ -450,13 +425,13 @@ else:
     )
     show(
         line_per_layer(
-            ceiling.layers(),
+            seeds.layers(),
             {
-                "SAE t's own reconstruction": ceiling.series("folded", "ev_self"),
-                "same layer, another seed, matched (folded)": ceiling.series("folded", "ev_same_layer"),
-                "from layer t−1, matched (SAE Match, folded)": ceiling.series("folded", "ev_previous"),
-                "same layer, another seed, matched (unfolded)": ceiling.series("unfolded", "ev_same_layer"),
-                "from layer t−1, matched (unfolded)": ceiling.series("unfolded", "ev_previous"),
+                "SAE t's own reconstruction": seeds.series("folded", "ev_self"),
+                "same layer, another seed, matched (folded)": seeds.series("folded", "ev_same_layer"),
+                "from layer t−1, matched (SAE Match, folded)": seeds.series("folded", "ev_previous"),
+                "same layer, another seed, matched (unfolded)": seeds.series("unfolded", "ev_same_layer"),
+                "from layer t−1, matched (unfolded)": seeds.series("unfolded", "ev_previous"),
             },
             title="Explained variance of h_t: swapping in a matched SAE of the same or the previous layer",
             x_title="layer t",
@@ -465,11 +440,11 @@ else:
     )
     for method in ("folded", "unfolded"):
         print(
-            f"{method}: neighbouring-layer Matching Score = {ceiling.fraction_of_ceiling(method):.0%} "
+            f"{method}: neighbouring-layer Matching Score = {seeds.fraction_of_ceiling(method):.0%} "
             "of the same-layer ceiling on average; explained variance of h_t: own SAE "
-            f"{finite_mean(ceiling.series(method, 'ev_self')):.2f}, same layer another seed "
-            f"{finite_mean(ceiling.series(method, 'ev_same_layer')):.2f}, from layer t−1 "
-            f"{finite_mean(ceiling.series(method, 'ev_previous')):.2f}"
+            f"{finite_mean(seeds.series(method, 'ev_self')):.2f}, same layer another seed "
+            f"{finite_mean(seeds.series(method, 'ev_same_layer')):.2f}, from layer t−1 "
+            f"{finite_mean(seeds.series(method, 'ev_previous')):.2f}"
         )
 
 # %% [markdown]
@@ -489,4 +464,4 @@ else:
 # %%
 assert len(decisions.rows) == len(pairs) and all(0 <= r.fraction_matched <= 1 for r in decisions.rows)
 assert all(r.n_one_to_one + r.n_split + r.n_death <= r.n_a for r in links.rows)
-assert all(r.method != "databased" or r.recovered == 1.0 for r in databased.rows)
+assert all(r.method != "databased" or r.recovered == 1.0 for r in reference.rows)

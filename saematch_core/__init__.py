@@ -1,9 +1,9 @@
 """saematch: match sparse-autoencoder features across layers (SAE Match, ICLR 2025).
 
-The public API of the library; everything else is private. Floors 1–2 of the design (containers,
-formats, cache, matching math) are imported here; the substrate and experiments
-(``saematch_core.profiles``, ``.prepare``, ``.approximate``, ``.evaluate``) import transformers and
-are imported from their modules.
+The public API of the library: containers, formats, the cache and the matching math (the first two
+floors of ``docs/ARCHITECTURE.md``). The substrate (``saematch_core.profiles``, ``.prepare``, ...)
+and the study of the paper (``saematch_core.experiments``) are imported from their modules; they
+load language models and are not needed to match two SAEs.
 
 >>> import torch, saematch_core as sm
 >>> a = sm.SAE(W_enc=torch.eye(3), b_enc=torch.zeros(3), W_dec=torch.eye(3), b_dec=torch.zeros(3),
@@ -13,7 +13,7 @@ are imported from their modules.
 """
 
 from saematch_core.cache import cache_root, content_key
-from saematch_core.compose import agreement, compose, compose_chain, invert, path
+from saematch_core.compose import FeaturePath, agreement, compose, compose_chain, invert, path
 from saematch_core.cost import cost_matrix, feature_vectors, iter_cost_chunks, pair_costs
 from saematch_core.errors import InfeasibleMatchError, SAEFormatError, SAEValidationError
 from saematch_core.fold import fold, is_folded, rescale_features
@@ -38,6 +38,7 @@ __all__ = [
     "GEMMA_SCOPE_2B_RES_REPO",
     "SAE",
     "Activation",
+    "FeaturePath",
     "ForwardOutput",
     "InfeasibleMatchError",
     "MatchConfig",

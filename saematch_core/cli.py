@@ -66,8 +66,7 @@ EXIT_USAGE = 2
 """Exit status for bad input (argparse's convention)."""
 
 MATCH_FLAG_ALIASES: dict[str, tuple[str, ...]] = {"params": ("--objective",)}
-"""Extra flag spellings per MatchConfig field (``--objective``: what the parameters form, the paper's
-word, for ``--params``)."""
+"""Extra flag spellings per MatchConfig field (``--objective``: ``--params`` named by what it sets)."""
 
 # Errors that mean "bad input", reported in one line with exit status 2 (bugs still show a traceback).
 _USER_ERRORS = (

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["agreement", "compose", "compose_chain", "identity", "invert", "path"]
+__all__ = ["FeaturePath", "agreement", "compose", "compose_chain", "identity", "invert", "path"]
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -131,46 +132,123 @@ def invert(p: Tensor, size: int | None = None) -> Tensor:
     return out
 
 
-def path(perms: Sequence[Tensor], start_layer: int, feature: int) -> list[int]:
-    """Follow one feature through a chain of matchings.
+@dataclass(frozen=True)
+class FeaturePath:
+    """One feature followed through a chain of matchings, forward and backward from its start.
+
+    Every tuple has one entry per layer of the chain, in chain order.
+    """
+
+    layers: tuple[int, ...]
+    """The chain's layers (labels: model layers, or positions 0, 1, … by default)."""
+    start: int
+    """The layer the path starts from (one of :attr:`layers`)."""
+    features: tuple[int, ...]
+    """The feature occupied at each layer; ``-1`` once a step (away from the start) has no partner."""
+    step_costs: tuple[float, ...]
+    """Per layer, the cost of the matched pair linking it to its neighbour towards the start; ``nan``
+    at the start, after a lost step, and everywhere when no costs were given."""
+
+    def forward(self) -> list[int]:
+        """The features from the start layer to the last one.
+
+        >>> path([torch.tensor([1, 0]), torch.tensor([-1, 0])], 0, 0).forward()
+        [0, 1, 0]
+        """
+        return list(self.features[self.layers.index(self.start) :])
+
+    def pair_costs(self) -> list[float]:
+        """:attr:`step_costs` re-indexed by layer pair ``(layers[i], layers[i+1])``: after the start a
+        step is stored at its target layer, before the start at its source.
+
+        >>> p = path([torch.tensor([1, 0]), torch.tensor([0, 1])], 1, 0,
+        ...          costs=[torch.tensor([0.5, 0.25])] * 2)
+        >>> p.features, p.step_costs, p.pair_costs()
+        ((1, 0, 0), (0.25, nan, 0.5), [0.25, 0.5])
+        """
+        i0 = self.layers.index(self.start)
+        steps = self.step_costs
+        return [float(steps[i + 1] if i + 1 > i0 else steps[i]) for i in range(len(self.layers) - 1)]
+
+
+def path(
+    perms: Sequence[Tensor],
+    start_layer: int,
+    feature: int,
+    *,
+    costs: Sequence[Tensor] | None = None,
+    layers: Sequence[int] | None = None,
+) -> FeaturePath:
+    """Follow one feature through a chain of matchings, forward and backward from ``start_layer``.
 
     Parameters
     ----------
     perms : sequence of LongTensor
-        ``perms[i]`` maps the features of layer ``i`` of the chain to those of layer ``i + 1`` (so the
-        chain has ``len(perms) + 1`` layers, numbered from 0 as positions in the chain, not model layers).
+        ``perms[i]`` maps the features of the chain's layer ``i`` to those of layer ``i + 1`` (so the
+        chain has ``len(perms) + 1`` layers). Steps backward from the start invert the matchings,
+        which must then be one-to-one (:func:`invert`).
     start_layer : int
-        Chain position to start from, ``0 <= start_layer <= len(perms)``.
+        The layer to start from: a label of ``layers`` (by default a position ``0 … len(perms)``).
     feature : int
         Feature index at ``start_layer``.
+    costs : sequence of Tensor, optional
+        ``costs[i]``: the per-pair cost (F_i,) of ``perms[i]``, indexed by layer ``i``'s features
+        (e.g. :attr:`MatchResult.cost <saematch_core.match.MatchResult.cost>`).
+    layers : sequence of int, optional
+        Labels of the chain's layers (e.g. model layers), ``len(perms) + 1`` of them; default
+        ``0 … len(perms)``.
 
     Returns
     -------
-    list of int, length ``len(perms) + 1 − start_layer``
-        The feature at chain positions ``start_layer, start_layer + 1, ..., len(perms)``; once a step has
-        no partner the rest of the path is ``-1``.
+    FeaturePath
+        The feature at every layer of the chain (``-1`` once a step has no partner) and the cost of
+        every step.
 
     Examples
     --------
-    >>> path([torch.tensor([1, 0]), torch.tensor([-1, 0])], 0, 0)
-    [0, 1, 0]
+    >>> path([torch.tensor([1, 0]), torch.tensor([-1, 0])], 0, 0).features
+    (0, 1, 0)
+    >>> path([torch.tensor([1, 0]), torch.tensor([-1, 0])], 11, 0, layers=[10, 11, 12]).features
+    (1, 0, -1)
     """
     n_layers = len(perms) + 1
-    if not isinstance(start_layer, int) or not 0 <= start_layer < n_layers:
-        raise ValueError(f"start_layer: expected an int in [0, {n_layers - 1}], got {start_layer!r}")
+    labels = tuple(range(n_layers)) if layers is None else tuple(int(t) for t in layers)
+    if len(labels) != n_layers:
+        raise ValueError(f"layers: expected {n_layers} labels (one per chain layer), got {len(labels)}")
+    if start_layer not in labels:
+        raise ValueError(f"start_layer: expected one of {list(labels)}, got {start_layer!r}")
     maps = [_as_map(p, f"perms[{i}]") for i, p in enumerate(perms)]
     for i in range(len(maps) - 1):
         _as_map(maps[i], f"perms[{i}]", size=maps[i + 1].shape[0])
-    width = maps[start_layer].shape[0] if start_layer < len(maps) else None
+    if costs is not None and (
+        len(costs) != len(maps) or any(c.shape != m.shape for c, m in zip(costs, maps, strict=False))
+    ):
+        raise ValueError(f"costs: expected one (F_i,) tensor per matching ({len(maps)}), shaped like perms")
+    i0 = labels.index(start_layer)
+    width = maps[i0].shape[0] if i0 < len(maps) else None
     if not isinstance(feature, int) or feature < 0 or (width is not None and feature >= width):
-        raise ValueError(
-            f"feature: expected an int in [0, {width}) at chain position {start_layer}, got {feature!r}"
-        )
-    out = [feature]
-    for p in maps[start_layer:]:
-        cur = out[-1]
-        out.append(-1 if cur < 0 else int(p[cur]))
-    return out
+        raise ValueError(f"feature: expected an int in [0, {width}) at layer {start_layer}, got {feature!r}")
+
+    def cost(i: int, f: int) -> float:
+        return math.nan if costs is None else float(costs[i][f])
+
+    feats, step = [-1] * n_layers, [math.nan] * n_layers
+    feats[i0] = feature
+    for i in range(i0 + 1, n_layers):
+        prev = feats[i - 1]
+        if prev < 0:
+            break
+        feats[i] = int(maps[i - 1][prev])
+        step[i] = cost(i - 1, prev) if feats[i] >= 0 else math.nan
+    for i in range(i0 - 1, -1, -1):
+        nxt = feats[i + 1]
+        if nxt < 0:
+            break
+        m = maps[i]
+        size = maps[i + 1].shape[0] if i + 1 < len(maps) else max(int(m.max()) + 1, int(m.shape[0]))
+        feats[i] = int(invert(m, size=size)[nxt])
+        step[i] = cost(i, feats[i]) if feats[i] >= 0 else math.nan
+    return FeaturePath(layers=labels, start=start_layer, features=tuple(feats), step_costs=tuple(step))
 
 
 def agreement(p_composed: Tensor, p_direct: Tensor) -> float:

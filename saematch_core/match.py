@@ -38,6 +38,7 @@ from saematch_core.cost import (
 )
 from saematch_core.errors import SAEValidationError
 from saematch_core.lap import DEFAULT_TOL, SOLVERS, Candidates, check_candidates, check_tol, solve
+from saematch_core.result_file import RESULT_SCHEMA_VERSION, result_document, write_result_file
 from saematch_core.sae import SAE
 from saematch_core.verify import check_match_result
 
@@ -47,8 +48,8 @@ logger = logging.getLogger(__name__)
 
 MATCH_RESULT_KIND = "match_result"
 """Value of the ``kind`` key in a :class:`MatchResult` JSON file."""
-MATCH_SCHEMA_VERSION = 1
-"""Version of the :class:`MatchResult` JSON / safetensors-metadata layout."""
+MATCH_SCHEMA_VERSION = RESULT_SCHEMA_VERSION
+"""Version of the :class:`MatchResult` JSON / safetensors-metadata layout (version 1 is still read)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,7 +232,8 @@ class MatchResult:
         return self.total_cost / n if n else math.nan
 
     def metrics(self) -> dict[str, float]:
-        """Flat ``str → float`` summary used in the JSON file."""
+        """Flat ``str → float`` summary: costs, match count, timings (``time_*_s``) and solver
+        diagnostics (``solver_*``), for tables and logs."""
         out = {
             "total_cost": float(self.total_cost),
             "mean_cost": float(self.mean_cost),
@@ -243,54 +245,68 @@ class MatchResult:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self, *, git_commit: str | None = None) -> dict[str, Any]:
-        """The JSON layout of STYLE.md; ``details`` lists the matched pairs ``{a, b, cost}`` only."""
+        """The result file's object (:mod:`saematch_core.result_file`): the header, ``config`` (the
+        :class:`MatchConfig`) and ``data``, which holds ``solver``, ``shape``, ``is_permutation``,
+        ``folded``, ``total_cost``, ``mean_cost``, ``n_matched``, ``timings``, ``info`` and ``pairs``,
+        one ``{"a": i, "b": perm[i], "cost": cost[i]}`` per matched feature ``i`` (ascending)."""
         matched = (self.perm >= 0).nonzero().flatten().tolist()
         perm, cost = self.perm.tolist(), self.cost.tolist()
-        return {
-            "kind": MATCH_RESULT_KIND,
-            "schema_version": MATCH_SCHEMA_VERSION,
-            "saematch_version": _saematch_version(),
-            "git_commit": git_commit,
-            "git_commit_reason": None if git_commit else "not provided by the caller",
-            "run_id": self.run_id,
-            "created_ms": self.created_ms,
-            "config": self.config.to_dict(),
+        data = {
             "solver": self.solver,
             "shape": list(self.shape),
             "is_permutation": self.is_permutation,
             "folded": list(self.folded),
+            "total_cost": float(self.total_cost),
+            "mean_cost": float(self.mean_cost),
+            "n_matched": self.n_matched,
             "timings": dict(self.timings),
             "info": dict(self.info),
-            "metrics": {k: (None if math.isnan(v) else v) for k, v in self.metrics().items()},
-            "details": [{"a": i, "b": perm[i], "cost": cost[i]} for i in matched],
+            "pairs": [{"a": i, "b": perm[i], "cost": cost[i]} for i in matched],
         }
+        return result_document(
+            kind=MATCH_RESULT_KIND,
+            config=self.config.to_dict(),
+            data=data,
+            run_id=self.run_id,
+            created_ms=self.created_ms,
+            git_commit=git_commit,
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "MatchResult") -> MatchResult:
-        """Inverse of :meth:`to_dict`. ``source`` names the file in error messages."""
+        """Inverse of :meth:`to_dict`; also reads the version-1 layout (``metrics`` and ``details``
+        at the top level). ``source`` names the file in error messages."""
         if data.get("kind") != MATCH_RESULT_KIND:
             raise ValueError(f"{source}: expected kind {MATCH_RESULT_KIND!r}, got {data.get('kind')!r}")
-        if data.get("schema_version") != MATCH_SCHEMA_VERSION:
-            got = data.get("schema_version")
-            raise ValueError(f"{source}: expected schema_version {MATCH_SCHEMA_VERSION}, got {got!r}")
+        version = data.get("schema_version")
+        if version not in (1, MATCH_SCHEMA_VERSION):
+            raise ValueError(
+                f"{source}: expected schema_version 1 or {MATCH_SCHEMA_VERSION}, got {version!r}"
+            )
         try:
-            f_a, f_b = (int(s) for s in data["shape"])
+            if version == 1:
+                body = dict(data)
+                body["total_cost"] = data["metrics"]["total_cost"]
+                body["pairs"] = data.get("details", [])
+            else:
+                body = data["data"]
+            f_a, f_b = (int(s) for s in body["shape"])
             perm = torch.full((f_a,), -1, dtype=torch.long)
             cost = torch.full((f_a,), math.nan, dtype=torch.float64)
-            for rec in data.get("details", []):
+            for rec in body.get("pairs", []):
                 perm[int(rec["a"])] = int(rec["b"])
                 cost[int(rec["a"])] = float(rec["cost"])
             return cls(
                 perm=perm,
                 cost=cost,
-                total_cost=float(data["metrics"]["total_cost"]),
-                solver=str(data["solver"]),
-                is_permutation=bool(data["is_permutation"]),
+                total_cost=float(body["total_cost"]),
+                solver=str(body["solver"]),
+                is_permutation=bool(body["is_permutation"]),
                 shape=(f_a, f_b),
-                timings=data.get("timings", {}),
+                timings=body.get("timings", {}),
                 config=MatchConfig.from_dict(data["config"]),
-                folded=tuple(data.get("folded", (False, False))),  # type: ignore[arg-type]
-                info=data.get("info", {}),
+                folded=tuple(body.get("folded", (False, False))),  # type: ignore[arg-type]
+                info=body.get("info", {}),
                 run_id=str(data["run_id"]),
                 created_ms=int(data["created_ms"]),
             )
@@ -298,24 +314,13 @@ class MatchResult:
             raise ValueError(f"{source}: malformed match result ({type(exc).__name__}: {exc})") from exc
 
     def to_json(self, path: str | os.PathLike[str], *, git_commit: str | None = None) -> Path:
-        """Write :meth:`to_dict` as JSON, atomically (temp file + rename). Returns the path."""
-        data = self.to_dict(git_commit=git_commit)
-        details = data.pop("details")
-        # One line per matched pair: readable headers without 5 lines per pair at F = 65536.
-        head = json.dumps(data, indent=1, allow_nan=False)
-        rows = ",\n".join("  " + json.dumps(rec, allow_nan=False) for rec in details)
-        text = (
-            head[: head.rindex("}")].rstrip()
-            + ',\n "details": [\n'
-            + rows
-            + ("\n" if rows else "")
-            + " ]\n}\n"
-        )
-        return _atomic_write(Path(path), text.encode())
+        """Write :meth:`to_dict` as JSON, atomically (temp file + rename), one matched pair per
+        line. Returns the path."""
+        return write_result_file(path, self.to_dict(git_commit=git_commit))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> MatchResult:
-        """Read a file written by :meth:`to_json`."""
+        """Read a file written by :meth:`to_json` (either layout version)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such match-result file")
@@ -330,12 +335,12 @@ class MatchResult:
 
     # ------------------------------------------------------------------ safetensors
     def save(self, path: str | os.PathLike[str], *, git_commit: str | None = None) -> Path:
-        """Write ``perm`` and ``cost`` tensors plus the JSON layout (without ``details``) as metadata
+        """Write ``perm`` and ``cost`` tensors plus the JSON layout (without ``pairs``) as metadata
         of one ``.safetensors`` file, atomically. Returns the path."""
         from safetensors.torch import save
 
         meta = self.to_dict(git_commit=git_commit)
-        del meta["details"]
+        del meta["data"]["pairs"]
         blob = save(
             {"perm": self.perm.detach().cpu().contiguous(), "cost": self.cost.detach().cpu().contiguous()},
             metadata={"saematch": json.dumps(meta, allow_nan=False)},
@@ -366,7 +371,6 @@ class MatchResult:
             meta = json.loads(meta_text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: metadata 'saematch' is not valid JSON ({exc})") from exc
-        meta["details"] = []
         base = cls.from_dict(meta, source=str(path))
         return check_match_result(replace(base, perm=perm, cost=cost), source=path)
 
@@ -530,17 +534,6 @@ def _describe(t: object) -> str:
     if isinstance(t, Tensor):
         return f"{t.dtype} tensor of shape {tuple(t.shape)}"
     return type(t).__name__
-
-
-def _saematch_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("saematch")
-    except PackageNotFoundError:
-        import saematch_core
-
-        return getattr(saematch_core, "__version__", None)
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:

@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 
-from saematch_core.book import BookConfig, BookResult, build_book
+from saematch_core._book import BookConfig, BookResult, build_book
 
 REPO = Path(__file__).resolve().parents[1]
 

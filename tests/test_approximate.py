@@ -5,31 +5,58 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from saematch_core import approximate
-from saematch_core.approximate import (
+from saematch_core.experiments import approximate
+from saematch_core.experiments.approximate import (
     ApproximationConfig,
     ApproximationResult,
     ApproxRow,
     Scheme,
     _counted,
-    _permute_codes,
-    approximate_layers,
     hybrid_schemes,
     l0_sweep,
     loss_split,
     replaced_layer,
 )
+from saematch_core.experiments.inputs import Inputs, TokenBatch
+from saematch_core.experiments.measures.swap import permute_codes
 from saematch_core.fold import rescale_features
 from saematch_core.match import MatchConfig
 from saematch_core.models import decoder_layers
 from saematch_core.sae import SAE
 
 D, VOCAB, N_LAYERS = 32, 64, 3
+
+
+def approximate_layers(
+    model: nn.Module,
+    ids: torch.Tensor,
+    saes: dict[int, SAE],
+    config: ApproximationConfig | None = None,
+    *,
+    layers: list[int] | None = None,
+    fit_tokens: torch.Tensor | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> ApproximationResult:
+    """:func:`approximate.run` on these inputs (the tests' shorthand)."""
+    cfg = ApproximationConfig() if config is None else config
+    if layers is not None:
+        cfg = replace(cfg, layers=tuple(layers))
+    inputs = Inputs(
+        saes=saes,
+        model=model,
+        tokens=TokenBatch(ids, None),
+        fit_tokens=None if fit_tokens is None else TokenBatch(fit_tokens, None),
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    return approximate.run(inputs, cfg)
 
 
 def tiny_llama() -> nn.Module:
@@ -263,7 +290,7 @@ def test_linear_map_fitted_on_same_tokens_beats_drop(tmp_path) -> None:
 
 
 def test_results_are_cached_per_layer_and_scheme(tmp_path, monkeypatch) -> None:
-    import saematch_core.approximate as approx
+    import saematch_core.experiments.approximate as approx
 
     model = tiny_llama()
     cfg = ApproximationConfig(schemes=(Scheme(kind="drop"),))
@@ -309,9 +336,22 @@ def test_outliers_pass_through_and_are_not_counted() -> None:
 
 def test_permute_codes_moves_and_sums() -> None:
     codes = torch.tensor([[1.0, 2.0, 3.0]])
-    out = _permute_codes(codes, torch.tensor([2, 0, -1]), 4)
+    out = permute_codes(codes, torch.tensor([2, 0, -1]), 4)
     assert out.tolist() == [[2.0, 0.0, 1.0, 0.0]]
-    assert _permute_codes(codes, torch.tensor([1, 1, 1]), 2).tolist() == [[0.0, 6.0]]
+    assert permute_codes(codes, torch.tensor([1, 1, 1]), 2).tolist() == [[0.0, 6.0]]
+
+
+def test_scheme_means_average_over_corpora_and_layers() -> None:
+    def row(t: int, s: str, dl: float) -> ApproxRow:
+        return ApproxRow(
+            layer=t, scheme=s, delta_loss=dl, delta_loss_se=0.0, clean_loss=2.0, explained_variance=1 - dl,
+            kl=0.0, n_tokens=1, n_loss_tokens=1, n_passthrough=0,
+        )  # fmt: skip
+
+    web = ApproximationResult(rows=(row(1, "drop", 0.1), row(2, "drop", 0.3)))
+    code = ApproximationResult(rows=(row(1, "drop", math.nan), row(2, "drop", 0.5)))
+    headers, rows = approximate.scheme_means({"web": web, "code": code}, ["drop"], {"drop": "layer drop"})
+    assert headers[0] == "scheme" and rows == [("layer drop", "0.300", "0.700")]
 
 
 def test_loss_split_adds_up() -> None:
@@ -355,9 +395,10 @@ def test_l0_sweep_reports_measured_l0_per_variant(tmp_path) -> None:
     cfg = ApproximationConfig(
         schemes=(Scheme(kind="encdec_current"), Scheme(kind="match", match=MatchConfig()))
     )
-    res = l0_sweep(
-        model, tokens(), {"dense": dense, "sparse": sparse}, 1, cfg, cache_dir=tmp_path, progress=False
+    inputs = Inputs(
+        saes={}, model=model, tokens=TokenBatch(tokens(), None), cache_dir=tmp_path, progress=False
     )
+    res = l0_sweep(inputs, cfg, layer=1, variants={"dense": dense, "sparse": sparse})
     assert [(r.variant, r.row.scheme) for r in res.rows] == [
         ("dense", "encdec_current"),
         ("dense", "match_folded"),
@@ -393,7 +434,7 @@ def test_outlier_tokens_are_passed_through_and_counted_apart(tmp_path) -> None:
 
 
 def test_clean_distribution_gives_the_reference_loss_and_kl() -> None:
-    from saematch_core.approximate import _CleanDist, _token_kl, _token_loss
+    from saematch_core.experiments.approximate import _CleanDist, _token_kl, _token_loss
 
     g = torch.Generator().manual_seed(4)
     clean, logits = torch.randn(3, 7, 50, generator=g), torch.randn(3, 7, 50, generator=g)

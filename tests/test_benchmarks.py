@@ -11,7 +11,7 @@ from conftest import make_sae
 
 from benchmarks import run
 from benchmarks.planted import NOISE_LEVELS, noise_for
-from saematch_core.study import benchmark_series, benchmark_table
+from saematch_core.experiments.appendix import benchmark_series, benchmark_table
 
 
 @pytest.mark.slow

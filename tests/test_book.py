@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from _bookbuild import REPO, smoke_book
 
-from saematch_core.book import (
+from saematch_core._book import (
     BookBuildError,
     BookConfig,
     build_book,
     convert_notebook,
     discover_notebooks,
-    environment_table,
     main,
     parse_param_value,
     setup,
@@ -181,13 +180,6 @@ def test_main_reports_bad_input_with_exit_code_2(tmp_path: Path, capsys: pytest.
     code = main(["--root", str(root), "--build-dir", str(tmp_path / "b"), "--only", "09"])
     assert code == 2
     assert "no notebook '09'" in capsys.readouterr().err
-
-
-def test_environment_table_lists_python_and_packages() -> None:
-    rows = dict(environment_table(("saematch", "surely-not-a-package")))
-    assert re.fullmatch(r"\d+\.\d+\.\d+.*", rows["python"])
-    assert rows["surely-not-a-package"] == "not installed"
-    assert rows["saematch"] != "not installed"
 
 
 def test_sphinx_extension_adds_plotly_js_only_to_pages_with_a_figure() -> None:

@@ -9,7 +9,9 @@ import pytest
 import torch
 from conftest import make_sae
 
-from saematch_core.ceiling import SeedCeilingResult, explained_variance, seed_ceiling
+from saematch_core.experiments import ceiling
+from saematch_core.experiments.ceiling import SeedCeilingConfig, SeedCeilingResult, explained_variance
+from saematch_core.experiments.inputs import Inputs
 
 D_IN, D_SAE = 16, 48
 
@@ -20,7 +22,11 @@ def test_a_permuted_copy_reaches_the_ceiling_and_strangers_do_not(tmp_path: Path
     saes = {t: make_sae(D_IN, D_SAE, seed=t) for t in range(3)}
     perm = torch.randperm(D_SAE, generator=g)
     copy = saes[1].permute(perm)  # the same dictionary in another order: a perfectly reproducible SAE
-    res = seed_ceiling(saes, {1: copy}, acts, n_null=2, cache_dir=tmp_path, progress=False)
+    inputs = Inputs(
+        saes=saes, activations=acts, families={"seed": {1: copy}}, cache_dir=tmp_path, progress=False
+    )
+    config = SeedCeilingConfig(n_null=2)
+    res = ceiling.run(inputs, config)
     assert res.layers() == [1] and {r.method for r in res.rows} == {"folded", "unfolded"}
     folded = next(r for r in res.rows if r.method == "folded")
     assert folded.same_layer == pytest.approx(1.0)
@@ -35,17 +41,20 @@ def test_a_permuted_copy_reaches_the_ceiling_and_strangers_do_not(tmp_path: Path
     # cached as a whole: a rerun reads it back; another seed SAE is another key
     files = list((tmp_path / "seed_ceiling").glob("*.json"))
     assert len(files) == 1
-    assert seed_ceiling(saes, {1: copy}, acts, n_null=2, cache_dir=tmp_path, progress=False) == res
-    other = seed_ceiling(saes, {1: saes[0]}, acts, n_null=2, cache_dir=tmp_path, progress=False)
+    assert ceiling.run(inputs, config) == res
+    other = ceiling.run(inputs.replace(families={"seed": {1: saes[0]}}), config)
     assert other != res and len(list((tmp_path / "seed_ceiling").glob("*.json"))) == 2
 
 
 def test_edges_of_the_depth_have_one_neighbour(tmp_path: Path) -> None:
     acts = {t: torch.randn(200, D_IN) for t in range(2)}
     saes = {t: make_sae(D_IN, D_SAE, seed=t) for t in range(2)}
-    res = seed_ceiling(
-        saes, {0: make_sae(D_IN, D_SAE, seed=9)}, acts, n_null=0, cache_dir=tmp_path, progress=False
+    inputs = Inputs(
+        saes=saes, activations=acts, families={"seed": {0: make_sae(D_IN, D_SAE, seed=9)}}, cache_dir=tmp_path
     )
+    res = ceiling.run(inputs, SeedCeilingConfig(n_null=0))
+    with pytest.raises(ValueError, match=r"SeedCeilingConfig\.family"):
+        ceiling.run(inputs, SeedCeilingConfig(family="other"))
     row = res.rows[0]
     assert math.isnan(row.previous) and not math.isnan(row.next) and math.isnan(row.random)
 

@@ -9,14 +9,11 @@ import pytest
 import torch
 from conftest import make_sae
 
-from saematch_core.circularity import (
-    DisagreementResult,
-    ThetaScaleResult,
-    disagreements_by_layer,
-    theta_scale_row,
-    theta_vs_scale,
-)
-from saematch_core.family_fold import activation_scale
+from saematch_core.experiments import circularity, theta_scale
+from saematch_core.experiments.circularity import DisagreementResult
+from saematch_core.experiments.inputs import Inputs
+from saematch_core.experiments.measures.scales import activation_scale
+from saematch_core.experiments.theta_scale import ThetaScaleResult, theta_scale_row
 from saematch_core.fold import rescale_features
 from saematch_core.sae import SAE
 
@@ -40,9 +37,12 @@ def test_theta_scale_row_on_planted_relations() -> None:
 def test_theta_vs_scale_active_codes_exceed_threshold(tmp_path) -> None:
     sae = make_sae(D_IN, D_SAE)
     x = 2 * torch.randn(500, D_IN)
-    res = theta_vs_scale(
-        {0: sae, 1: make_sae(D_IN, D_SAE, activation="relu")}, {0: x, 1: x}, cache_dir=tmp_path
+    inputs = Inputs(
+        saes={0: sae, 1: make_sae(D_IN, D_SAE, activation="relu")},
+        activations={0: x, 1: x},
+        cache_dir=tmp_path,
     )
+    res = theta_scale.run(inputs)
     assert isinstance(res, ThetaScaleResult)
     assert [r.layer for r in res.rows] == [0]  # only JumpReLU layers have θ
     row = res.rows[0]
@@ -69,7 +69,8 @@ def test_disagreements_favour_the_planted_partner(tmp_path) -> None:
     a = make_sae(D_IN, D_SAE)
     b, truth = noisy_spread_copy(a)
     x = 2 * torch.randn(500, D_IN)
-    res = disagreements_by_layer({0: a, 1: b}, {0: x, 1: x}, cache_dir=tmp_path, progress=False)
+    inputs = Inputs(saes={0: a, 1: b}, activations={0: x, 1: x}, cache_dir=tmp_path, progress=False)
+    res = circularity.run(inputs)
     assert isinstance(res, DisagreementResult)
     row = res.rows[0]
     assert row.n_disagree > 10
@@ -82,13 +83,14 @@ def test_disagreements_favour_the_planted_partner(tmp_path) -> None:
     ex = row.examples[0]
     assert ex.partner_folded != ex.partner_unfolded
     assert ex.partner_folded == int(truth[ex.feature])
-    again = disagreements_by_layer({0: a, 1: b}, {0: x, 1: x}, cache_dir=tmp_path, progress=False)
+    again = circularity.run(inputs)
     assert again.to_dict() == res.to_dict()
 
 
 def test_identical_matchings_have_nothing_to_compare(tmp_path) -> None:
     a = make_sae(D_IN, D_SAE)
     x = 2 * torch.randn(100, D_IN)
-    row = disagreements_by_layer({0: a, 1: a}, {0: x, 1: x}, cache_dir=tmp_path, progress=False).rows[0]
+    inputs = Inputs(saes={0: a, 1: a}, activations={0: x, 1: x}, cache_dir=tmp_path, progress=False)
+    row = circularity.run(inputs).rows[0]
     assert (row.n_disagree, row.n_compared) == (0, 0)
     assert math.isnan(row.sign_test_p)

@@ -142,10 +142,10 @@ def test_match_json_layout(tmp_path: Path) -> None:
     )
     data = json.loads(out.read_text())
     assert data["config"]["metric"] == "cosine" and data["config"]["params"] == ["W_dec"]
-    assert data["metrics"]["total_cost"] == pytest.approx(0.0, abs=1e-6)
-    assert len(data["details"]) == D_SAE
-    assert set(data["details"][0]) == {"a", "b", "cost"}
-    assert sorted(d["b"] for d in data["details"]) == list(range(D_SAE))
+    assert data["data"]["total_cost"] == pytest.approx(0.0, abs=1e-6)
+    assert len(data["data"]["pairs"]) == D_SAE
+    assert set(data["data"]["pairs"][0]) == {"a", "b", "cost"}
+    assert sorted(d["b"] for d in data["data"]["pairs"]) == list(range(D_SAE))
 
 
 @pytest.mark.parametrize(

@@ -72,26 +72,27 @@ def test_bad_inputs() -> None:
 
 def test_path_follows_chain() -> None:
     perms = [_randperm(6, s) for s in range(4)]
-    full = path(perms, 0, 2)
+    full = path(perms, 0, 2).forward()
     assert len(full) == 5 and full[0] == 2
     for layer in range(1, 5):
         assert full[layer] == int(compose_chain(perms, 0, layer)[2])
-    # Starting midway gives the tail of the same path.
-    assert path(perms, 2, full[2]) == full[2:]
-    assert path(perms, 4, 3) == [3]
+    # Starting midway gives the tail of the same path, and the head by inverting the matchings.
+    midway = path(perms, 2, full[2])
+    assert midway.forward() == full[2:] and list(midway.features) == full
+    assert path(perms, 4, 3).forward() == [3]
 
 
 def test_path_stops_at_unmatched() -> None:
     perms = [torch.tensor([1, 0]), torch.tensor([-1, 0]), torch.tensor([1, 0])]
-    assert path(perms, 0, 0) == [0, 1, 0, 1]
-    assert path(perms, 0, 1) == [1, 0, -1, -1]
+    assert path(perms, 0, 0).features == (0, 1, 0, 1)
+    assert path(perms, 0, 1).features == (1, 0, -1, -1)
 
 
 def test_path_bad_inputs() -> None:
     perms = [torch.tensor([1, 0]), torch.tensor([0, 1, 2])]
-    with pytest.raises(ValueError, match=r"start_layer: expected an int in \[0, 2\], got 3"):
+    with pytest.raises(ValueError, match=r"start_layer: expected one of \[0, 1, 2\], got 3"):
         path(perms, 3, 0)
-    with pytest.raises(ValueError, match=r"feature: expected an int in \[0, 2\) at chain position 0, got 5"):
+    with pytest.raises(ValueError, match=r"feature: expected an int in \[0, 2\) at layer 0, got 5"):
         path(perms, 0, 5)
     with pytest.raises(ValueError, match=r"perms\[0\]: expected entries < 1"):
         path([torch.tensor([1, 0]), torch.tensor([0])], 0, 0)
@@ -119,4 +120,34 @@ def test_composed_matching_agrees_with_direct_on_a_planted_chain() -> None:
     c = rescale_features(b.permute(torch.randperm(24, generator=g)), torch.rand(24, generator=g) + 0.5)
     p_ab, p_bc, p_ac = match(a, b).perm, match(b, c).perm, match(a, c).perm
     assert agreement(compose(p_ab, p_bc), p_ac) == 1.0
-    assert path([p_ab, p_bc], 0, 5) == [5, int(p_ab[5]), int(p_ac[5])]
+    assert path([p_ab, p_bc], 0, 5).features == (5, int(p_ab[5]), int(p_ac[5]))
+
+
+def test_path_forward_composes_and_backward_inverts_with_step_costs() -> None:
+    g = torch.Generator().manual_seed(0)
+    layers = [10, 11, 12, 13]
+    perms = [torch.randperm(6, generator=g) for _ in range(3)]
+    costs = [torch.rand(6, generator=g) for _ in perms]
+    p = path(perms, 11, 4, costs=costs, layers=layers)
+    feats, step = p.features, p.step_costs
+    assert list(feats[1:]) == [4, int(perms[1][4]), int(compose_chain(perms, 1, 3)[4])]
+    assert p.forward() == list(feats[1:])
+    assert int(perms[0][feats[0]]) == feats[1]  # the backward step lands on the start feature
+    assert math.isnan(step[1])
+    assert step[0] == pytest.approx(float(costs[0][feats[0]]))
+    assert step[2] == pytest.approx(float(costs[1][feats[1]]))
+    assert p.pair_costs() == [step[0], step[2], step[3]]
+    assert all(math.isnan(s) for s in path(perms, 11, 4, layers=layers).step_costs)  # no costs given
+    with pytest.raises(ValueError, match="start_layer"):
+        path(perms, 7, 0, layers=layers)
+    with pytest.raises(ValueError, match="layers"):
+        path(perms, 0, 0, layers=[0, 1])
+    with pytest.raises(ValueError, match="costs"):
+        path(perms, 0, 0, costs=costs[:2])
+
+
+def test_path_costs_stop_at_a_missing_partner() -> None:
+    perms = [torch.tensor([1, -1]), torch.tensor([0, 1])]
+    costs = [torch.tensor([0.5, 0.25])] * 2
+    p = path(perms, 0, 1, costs=costs)
+    assert p.features == (1, -1, -1) and all(math.isnan(s) for s in p.step_costs)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from _planted import D_IN, D_SAE, planted
 from conftest import make_sae
-from test_evaluate import D_IN, D_SAE, planted
 
-from saematch_core.contexts import pair_contexts, top_contexts
+from saematch_core.experiments.measures.contexts import (
+    alive_features,
+    feature_values,
+    pad_rows,
+    pair_contexts,
+    sample_features,
+    top_contexts,
+)
 
 
 def test_top_contexts_windows_and_markers() -> None:
@@ -46,3 +54,37 @@ def test_pair_contexts_errors_name_the_parameter() -> None:
         pair_contexts(sae, sae, x, x, D_SAE, 0, ids, str)
     with pytest.raises(ValueError, match="acts_a"):
         pair_contexts(sae, sae, x[:1], x, 0, 0, ids, str)
+
+
+def test_pad_rows_matches_a_loop() -> None:
+    cid = np.array([0, 0, 0, 1, 1, 2])
+    pos = np.array([0, 1, 2, 0, 1, 0])
+    vals = np.arange(12, dtype=np.float32).reshape(6, 2)
+    got = pad_rows(vals, cid, pos)
+    ref = torch.zeros(3, 3, 2)
+    for i in range(6):
+        ref[cid[i], pos[i]] = torch.from_numpy(vals[i])
+    assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="same number of rows"):
+        pad_rows(vals[:5], cid, pos)
+
+
+def test_feature_values_and_alive_match_full_encode() -> None:
+    sae = make_sae(8, 16)
+    x = torch.randn(50, 8)
+    full = sae.encode(x)
+    assert torch.allclose(feature_values(sae, x.numpy(), [3, 0, 7], chunk_size=7), full[:, [3, 0, 7]])
+    keep = np.zeros(50, dtype=bool)
+    keep[::3] = True
+    assert np.array_equal(alive_features(sae, x.numpy(), keep, chunk_size=8), (full[keep] > 0).any(0).numpy())
+    with pytest.raises(ValueError, match="features: expected indices"):
+        feature_values(sae, x, [16])
+
+
+def test_sample_features_is_seeded_and_alive_only() -> None:
+    alive = np.zeros(100, dtype=bool)
+    alive[::4] = True
+    a = sample_features(alive, 10, seed=3)
+    assert a == sample_features(alive, 10, seed=3) and len(set(a)) == 10
+    assert all(alive[i] for i in a) and a == sorted(a)
+    assert len(sample_features(alive, 500)) == 25

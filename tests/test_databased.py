@@ -9,15 +9,19 @@ import pytest
 import torch
 from conftest import make_sae
 
-from saematch_core.databased import (
+from saematch_core.experiments import databased
+from saematch_core.experiments.databased import (
+    DataBasedConfig,
     DataBasedResult,
-    coactivation_from_codes,
-    coactivation_matrix,
-    databased_by_layer,
     databased_match,
     recovered_fraction,
 )
-from saematch_core.evaluate import coactivation, pair_metrics
+from saematch_core.experiments.inputs import Inputs
+from saematch_core.experiments.measures.coactivation import (
+    coactivation,
+    coactivation_from_codes,
+    pair_metrics,
+)
 from saematch_core.fold import rescale_features
 from saematch_core.match import MatchConfig
 
@@ -49,12 +53,12 @@ def test_statistics_agree_with_per_pair_reference() -> None:
     assert stats.dead_a.tolist() == [False] * 4 + [True]
 
 
-def test_matrix_agrees_with_evaluate_pair_metrics() -> None:
+def test_every_pair_statistics_agree_with_pair_metrics() -> None:
     a, b = make_sae(D_IN, D_SAE, seed=0), make_sae(D_IN, D_SAE, seed=1)
     x, y = 2 * torch.randn(300, D_IN), 2 * torch.randn(300, D_IN)
     perm = torch.randperm(D_SAE)
     keep = torch.rand(300) > 0.2
-    stats = coactivation_matrix(a, b, x, y, keep=keep, chunk_size=64)
+    stats = coactivation(a, b, x, y, all_pairs=True, keep=keep, chunk_size=64)
     ref = pair_metrics(coactivation(a, b, x, y, {"p": perm}, keep=keep), "p")
     rows = torch.arange(D_SAE)
     for name in ("p_partner", "jaccard", "pearson"):
@@ -99,7 +103,8 @@ def test_databased_by_layer_on_planted_pair(tmp_path) -> None:
     b = rescale_features(a.permute(perm), 0.3 + 3 * torch.rand(D_SAE, generator=g))
     x = 2 * torch.randn(500, D_IN)
     methods = {"folded": MatchConfig(), "vanilla": MatchConfig(solver="identity")}
-    res = databased_by_layer({0: a, 1: b}, {0: x, 1: x}, methods, cache_dir=tmp_path, progress=False)
+    inputs = Inputs(saes={0: a, 1: b}, activations={0: x, 1: x}, cache_dir=tmp_path, progress=False)
+    res = databased.run(inputs, DataBasedConfig(methods=methods))
     assert isinstance(res, DataBasedResult)
     by = {r.method: r for r in res.rows}
     assert by["databased"].recovered == 1.0
@@ -115,3 +120,5 @@ def test_measure_name_is_checked() -> None:
     stats = coactivation_from_codes(sparse_codes(10, 3), sparse_codes(10, 3, seed=1))
     with pytest.raises(ValueError, match="measure"):
         databased_match(stats, "spearman")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"DataBasedConfig\.measure"):
+        DataBasedConfig(measure="spearman")  # type: ignore[arg-type]

@@ -10,10 +10,11 @@ from conftest import make_sae
 
 from saematch_core.cost import feature_vectors, pair_costs
 from saematch_core.errors import SAEValidationError
-from saematch_core.family_fold import (
-    FamilyFoldResult,
+from saematch_core.experiments import family_fold
+from saematch_core.experiments.family_fold import FamilyFoldConfig, FamilyFoldResult
+from saematch_core.experiments.inputs import Inputs
+from saematch_core.experiments.measures.scales import (
     activation_scale,
-    family_comparison,
     fill_dead_scale,
     scaled_vectors,
     token_halves,
@@ -153,13 +154,14 @@ def test_family_comparison_rows_and_gain(tmp_path) -> None:
     jump = make_sae(D_IN, D_SAE, seed=4)
     jump_b, _ = spread_copy(jump, seed=5)
     x = acts()
-    res = family_comparison(
-        {"relu": {0: relu, 1: relu_b}, "jumprelu": {0: jump, 1: jump_b}},
-        {0: x, 1: x},
-        n_null=2,
+    inputs = Inputs(
+        saes={0: jump, 1: jump_b},
+        activations={0: x, 1: x},
+        families={"relu": {0: relu, 1: relu_b}, "jumprelu": {0: jump, 1: jump_b}},
         cache_dir=tmp_path,
         progress=False,
     )
+    res = family_fold.run(inputs, FamilyFoldConfig(n_null=2))
     assert isinstance(res, FamilyFoldResult)
     methods = {(r.family, r.method) for r in res.rows}
     assert ("jumprelu", "theta") in methods and ("relu", "theta") not in methods
@@ -168,6 +170,13 @@ def test_family_comparison_rows_and_gain(tmp_path) -> None:
     assert res.gain("relu", "data_scale")[0] > 0
     assert all(r.random_score < 0.9 for r in res.rows)
     assert len(list((tmp_path / FamilyFoldResult.kind).glob("*.json"))) == 2
+    headers, rows = res.table()
+    assert headers[:2] == ["family", "method"] and rows[0][:2] == ["relu", "raw"]
+    assert ["jumprelu", "theta"] in [r[:2] for r in rows] and ["relu", "theta"] not in [r[:2] for r in rows]
+    only = family_fold.run(inputs, FamilyFoldConfig(n_null=2, families=("relu",)))
+    assert {r.family for r in only.rows} == {"relu"}
+    with pytest.raises(ValueError, match=r"FamilyFoldConfig\.families"):
+        family_fold.run(inputs, FamilyFoldConfig(families=("topk",)))
 
 
 def test_token_halves_are_disjoint_and_keep_whole_groups() -> None:

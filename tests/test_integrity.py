@@ -27,10 +27,10 @@ from saematch_core.activations import ActivationCache, open_activation_cache
 from saematch_core.cache import check_file, read_manifest, record_path
 from saematch_core.data import Document
 from saematch_core.errors import DamagedFileError, SAEFormatError
+from saematch_core.experiments.results import JsonResult, load_or_compute, result_path
 from saematch_core.formats import FORMATS, load_sae
 from saematch_core.prepare import prepare, sae_file
 from saematch_core.profiles import Profile, get_profile
-from saematch_core.results import JsonResult, load_or_compute, result_path
 
 
 def _profile() -> Profile:

@@ -291,16 +291,36 @@ def test_json_round_trip_and_layout(tmp_path) -> None:
     res = match(a, b, metric="cosine")
     path = res.to_json(tmp_path / "perm.json", git_commit="abc123")
     data = json.loads(path.read_text())
-    assert data["kind"] == MATCH_RESULT_KIND and data["schema_version"] == 1
+    assert data["kind"] == MATCH_RESULT_KIND and data["schema_version"] == 2
     assert data["git_commit"] == "abc123" and data["saematch_version"]
-    assert set(data) >= {"run_id", "created_ms", "config", "metrics", "details"}
-    assert all(isinstance(v, float) for v in data["metrics"].values())
+    assert set(data) == {
+        "kind", "schema_version", "saematch_version", "git_commit", "git_commit_reason", "run_id",
+        "created_ms", "config", "data",
+    }  # fmt: skip
+    body = data["data"]
+    assert body["total_cost"] == pytest.approx(res.total_cost) and body["n_matched"] == res.n_matched
     text = path.read_text()
-    assert text[text.index('"details"') :].count("\n") == len(data["details"]) + 3, "one line per pair"
-    assert [d["a"] for d in data["details"]] == (res.perm >= 0).nonzero().flatten().tolist()
-    assert {tuple(d) for d in data["details"]} == {("a", "b", "cost")}
+    pairs_text = text[text.index('"pairs"') :]
+    assert pairs_text.count("\n") == len(body["pairs"]) + 4, "one line per pair"
+    assert [d["a"] for d in body["pairs"]] == (res.perm >= 0).nonzero().flatten().tolist()
+    assert {tuple(d) for d in body["pairs"]} == {("a", "b", "cost")}
     _assert_same_result(MatchResult.from_json(path), res)
     assert [p.name for p in tmp_path.iterdir()] == ["perm.json"], "no temp files left behind"
+
+
+def test_json_of_the_first_layout_version_still_reads(tmp_path) -> None:
+    """Files written before the one result layout: ``metrics`` and ``details`` at the top level."""
+    res = match(make_sae(d_in=4, d_sae=5, seed=1), make_sae(d_in=4, d_sae=5, seed=2))
+    new = res.to_dict()
+    old = {k: v for k, v in new.items() if k != "data"} | {"schema_version": 1}
+    body = new["data"]
+    old.update({k: body[k] for k in ("solver", "shape", "is_permutation", "folded", "timings", "info")})
+    old["metrics"] = {"total_cost": body["total_cost"], "mean_cost": body["mean_cost"], "n_matched": 5.0}
+    old["details"] = body["pairs"]
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    _assert_same_result(MatchResult.from_json(tmp_path / "v1.json"), res)
+    with pytest.raises(ValueError, match="schema_version"):
+        MatchResult.from_dict(new | {"schema_version": 7})
 
 
 def test_safetensors_round_trip(tmp_path) -> None:
@@ -361,9 +381,9 @@ def test_empty_match_has_nan_mean(tmp_path) -> None:
     empty = replace(res, perm=torch.full((3,), -1), cost=nan, total_cost=0.0, shape=(3, 0))
     assert empty.n_matched == 0 and math.isnan(empty.mean_cost)
     assert np.isfinite(res.mean_cost)
-    # NaN is not JSON: the mean is written as null and the pairs list is empty.
+    # NaN is not JSON: the mean is written as the string "nan" and the pairs list is empty.
     data = json.loads(empty.to_json(tmp_path / "empty.json").read_text())
-    assert data["metrics"]["mean_cost"] is None and data["details"] == []
+    assert data["data"]["mean_cost"] == "nan" and data["data"]["pairs"] == []
     _assert_same_result(MatchResult.from_json(tmp_path / "empty.json"), empty)
 
 

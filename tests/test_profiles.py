@@ -47,7 +47,7 @@ def test_unknown_keys_rejected() -> None:
         Profile.from_dict(data)
 
 
-def test_budgets_of_the_issue() -> None:
+def test_default_and_paper_profiles_have_the_sizes_the_book_needs() -> None:
     default = get_profile("default")
     assert default.model.n_layers == 30 and default.model.d_model == 576
     assert len(default.sweep_l0_coefs) >= 5 and len(default.sweep_layers) == 2

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import make_sae
 
-from saematch_core.match import MatchConfig, match
-from saematch_core.results import (
+from saematch_core.experiments.inputs import Inputs
+from saematch_core.experiments.results import (
     JsonResult,
     acts_digest,
     cached_match,
@@ -28,6 +28,7 @@ from saematch_core.results import (
     sae_digest,
     tensor_digest,
 )
+from saematch_core.match import MatchConfig, match
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +62,22 @@ def test_json_round_trip_keeps_nan_inf_and_nesting(tmp_path) -> None:
     path = tmp_path / "r.json"
     res.to_json(path, config={"seed": 1})
     doc = json.loads(path.read_text())
-    assert doc["kind"] == "demo" and doc["config"] == {"seed": 1} and doc["schema_version"] == 1
+    assert doc["kind"] == "demo" and doc["config"] == {"seed": 1} and doc["schema_version"] == 2
+    assert set(doc) == {
+        "kind",
+        "schema_version",
+        "saematch_version",
+        "git_commit",
+        "git_commit_reason",
+        "run_id",
+        "created_ms",
+        "config",
+        "data",
+    }
+    # a file of the first layout version (the same object without run_id) still reads
+    old = {k: v for k, v in doc.items() if k != "run_id"} | {"schema_version": 1}
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    assert _Demo.from_json(tmp_path / "v1.json").to_dict() == res.to_dict()
     back = _Demo.from_json(path)
     assert math.isnan(back.value) and back.count == 3 and back.maybe is None
     assert back.inner[0] == _Inner(x=math.inf, tags=("a", "nan"))  # a str field keeps "nan" as text
@@ -161,11 +177,10 @@ def test_map_layer_pairs_caches_each_pair_under_its_spec(tmp_path) -> None:
         calls.append((la, lb))
         return _PairDemo(layers=(la, lb), d_sae=saes[lb].d_sae)
 
-    def run(**kw) -> list[_PairDemo]:
+    def run(activations=None, force=False, **kw) -> list[_PairDemo]:  # type: ignore[no-untyped-def]
         kw.setdefault("spec", {"seed": 0})
-        return map_layer_pairs(
-            _PairDemo, saes, [(1, 2), (0, 1)], compute, desc="demo", cache_dir=tmp_path, progress=False, **kw
-        )
+        inputs = Inputs(saes=saes, activations=activations, cache_dir=tmp_path, force=force, progress=False)
+        return map_layer_pairs(_PairDemo, inputs, [(1, 2), (0, 1)], compute, desc="demo", **kw)
 
     first = run(activations=acts)
     assert [r.layers for r in first] == [(1, 2), (0, 1)] and first[0].d_sae == 8
@@ -187,12 +202,14 @@ def test_map_layer_pairs_caches_each_pair_under_its_spec(tmp_path) -> None:
     assert seen == []  # everything cached: not called
     run(spec={"seed": 9}, prefetch=lambda missing: seen.append((missing, list(calls))))
     assert seen == [([(1, 2), (0, 1)], calls[:6])] and len(calls) == 8
+    run(activations=acts, data=False)  # a result that does not depend on the data keeps the data-free key
+    assert len(calls) == 8
 
 
 def test_array_rows_copies_read_only_memmaps_without_warning(tmp_path) -> None:
     import warnings
 
-    from saematch_core.results import array_rows
+    from saematch_core.experiments.results import array_rows
 
     path = tmp_path / "acts.npy"
     np.save(path, np.arange(12, dtype=np.float16).reshape(6, 2))
@@ -239,7 +256,8 @@ def test_cached_matches_solves_in_threads_like_one_by_one(tmp_path: Path) -> Non
 def test_cached_matches_runs_fewer_dense_solves_at_once_when_memory_is_short(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from saematch_core import lap_sparse, results
+    from saematch_core import lap_sparse
+    from saematch_core.experiments import results
 
     saes = [make_sae(8, 16, seed=i) for i in range(3)]
     jobs = [(saes[i], saes[i + 1], MatchConfig(solver="scipy")) for i in range(2)]

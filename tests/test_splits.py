@@ -8,17 +8,12 @@ import pytest
 import torch
 from conftest import make_sae
 
-from saematch_core.databased import coactivation_from_codes
+from saematch_core.experiments import splits
+from saematch_core.experiments.inputs import Inputs
+from saematch_core.experiments.measures.coactivation import coactivation_from_codes
+from saematch_core.experiments.measures.links import FeatureLinks, feature_links, link_vectors, validate_links
+from saematch_core.experiments.splits import SplitsConfig, SplitsResult, SplitsRow
 from saematch_core.fold import rescale_features
-from saematch_core.splits import (
-    FeatureLinks,
-    SplitsResult,
-    SplitsRow,
-    feature_links,
-    link_vectors,
-    links_by_layer,
-    validate_links,
-)
 
 D_IN = 32
 PARAMS = ("W_enc", "W_dec", "b_enc")
@@ -116,7 +111,10 @@ def test_links_by_layer_counts_and_caches(tmp_path) -> None:
     b = rescale_features(a.permute(torch.randperm(40)), 0.5 + torch.rand(40))
     c = make_sae(D_IN, 40, seed=3)
     x = 2 * torch.randn(300, D_IN)
-    res = links_by_layer({0: a, 1: b, 2: c}, {0: x, 1: x, 2: x}, cache_dir=tmp_path, progress=False)
+    inputs = Inputs(
+        saes={0: a, 1: b, 2: c}, activations={0: x, 1: x, 2: x}, cache_dir=tmp_path, progress=False
+    )
+    res = splits.run(inputs)
     assert isinstance(res, SplitsResult)
     first, second = res.rows
     assert (first.n_one_to_one, first.n_death, first.n_birth) == (40, 0, 0)
@@ -124,6 +122,8 @@ def test_links_by_layer_counts_and_caches(tmp_path) -> None:
     assert first.overlap_random < first.overlap_one_to_one
     assert second.n_death >= 35
     assert len(list((tmp_path / SplitsResult.kind).glob("*.json"))) == 2
+    with pytest.raises(ValueError, match=r"SplitsConfig\.level"):
+        SplitsConfig(level=0.0)
 
 
 def test_fractions_divide_by_the_right_width() -> None:
@@ -154,7 +154,7 @@ def test_fractions_divide_by_the_right_width() -> None:
 
 
 def test_links_agree_with_dense_reference() -> None:
-    from saematch_core.decision import relative_cost
+    from saematch_core.experiments.measures.verdict import relative_cost
 
     g = torch.Generator().manual_seed(8)
     a, b = torch.randn(15, 7, generator=g), torch.randn(11, 7, generator=g)

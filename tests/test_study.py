@@ -1,9 +1,8 @@
-"""The notebooks' glue: token batches, contexts, feature paths, summaries and the reproduction table."""
+"""The study: a profile loaded for the notebooks, its inputs, views, contexts and feature paths."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,39 +13,14 @@ from torch import nn
 
 from saematch_core.activations import ActivationCache
 from saematch_core.compose import path as compose_path
-from saematch_core.evaluate import PairRecord
+from saematch_core.experiments.appendix import quality_table
+from saematch_core.experiments.inputs import Inputs
+from saematch_core.experiments.study import NEVER_ACTIVE, Study, load_study, path_contexts, path_table
 from saematch_core.formats import save_sae
 from saematch_core.match import MatchConfig
 from saematch_core.models import ByteTokenizer, LoadedModel
-from saematch_core.persistence import PersistenceResult, PersistenceRow
 from saematch_core.prepare import PrepareResult, SAERecord
 from saematch_core.profiles import get_profile
-from saematch_core.study import (
-    CLAIMS_FILE,
-    PAPER,
-    Claim,
-    Study,
-    agreement_groups,
-    alive_features,
-    benchmark_series,
-    benchmark_table,
-    claims_table_html,
-    correlation,
-    curves_by_start,
-    early_late_split,
-    feature_contexts,
-    feature_path,
-    feature_values,
-    first_below,
-    load_study,
-    pad_rows,
-    pair_step_costs,
-    paper_layer,
-    pick_by_mse,
-    read_claims,
-    sample_features,
-    write_claims,
-)
 from saematch_core.train import SAEQuality
 
 D_IN, D_SAE, N_LAYERS = 8, 16, 3
@@ -170,7 +144,7 @@ def test_consecutive_matches_are_memoised_per_config(tmp_path: Path) -> None:
 def test_feature_contexts_agree_with_a_direct_search(tmp_path: Path) -> None:
     study = _fake_study(tmp_path)
     layer, feats = 1, [0, 3]
-    got = feature_contexts(study, layer, feats, k=3, before=2, after=1)
+    got = study.contexts(layer, feats, k=3, before=2, after=1)
     values = study.saes[layer].encode(torch.from_numpy(np.asarray(study.acts(layer), dtype=np.float32)))
     keep = study.keep(layer)
     tokens = np.asarray(study.evals.tokens)
@@ -184,161 +158,37 @@ def test_feature_contexts_agree_with_a_direct_search(tmp_path: Path) -> None:
             assert c.position == int(study.evals.positions[i]) and "«" in c.text
 
 
-# ------------------------------------------------------------------------------------------ arrays
-def test_pad_rows_matches_a_loop() -> None:
-    cid = np.array([0, 0, 0, 1, 1, 2])
-    pos = np.array([0, 1, 2, 0, 1, 0])
-    vals = np.arange(12, dtype=np.float32).reshape(6, 2)
-    got = pad_rows(vals, cid, pos)
-    ref = torch.zeros(3, 3, 2)
-    for i in range(6):
-        ref[cid[i], pos[i]] = torch.from_numpy(vals[i])
-    assert torch.equal(got, ref)
-    with pytest.raises(ValueError, match="same number of rows"):
-        pad_rows(vals[:5], cid, pos)
+def test_inputs_cover_the_study(tmp_path: Path) -> None:
+    study = _fake_study(tmp_path)
+    inputs = study.inputs(pairs=[(0, 1)])
+    assert isinstance(inputs, Inputs) and inputs.saes is study.saes and inputs.pairs == ((0, 1),)
+    assert set(inputs.activations or {}) == {0, 1, 2} and inputs.cache_dir == study.results_dir
+    assert np.array_equal(np.asarray(inputs.keep), study.keep()) and not inputs.progress
+    assert inputs.layer_pairs() == [(0, 1)] and study.inputs().layer_pairs() == [(0, 1), (1, 2)]
+    assert study.inputs(keep=study.keep(1)).keep is not None
+    assert study.inputs(activations=None).activations is None
+    headers, rows = quality_table(study.prepared.records)
+    assert len(rows) == len(study.prepared.records) and len(headers) == len(rows[0])
+    assert rows[0][:3] == ("main", 0, "x") and rows[0][6] == "–"  # ΔL not measured here
 
 
-def test_feature_values_and_alive_match_full_encode() -> None:
-    sae = make_sae(D_IN, D_SAE)
-    x = torch.randn(50, D_IN)
-    full = sae.encode(x)
-    assert torch.allclose(feature_values(sae, x.numpy(), [3, 0, 7], chunk_size=7), full[:, [3, 0, 7]])
-    keep = np.zeros(50, dtype=bool)
-    keep[::3] = True
-    assert np.array_equal(alive_features(sae, x.numpy(), keep, chunk_size=8), (full[keep] > 0).any(0).numpy())
-    with pytest.raises(ValueError, match="features: expected indices"):
-        feature_values(sae, x, [D_SAE])
-
-
-def test_sample_features_is_seeded_and_alive_only() -> None:
-    alive = np.zeros(100, dtype=bool)
-    alive[::4] = True
-    a = sample_features(alive, 10, seed=3)
-    assert a == sample_features(alive, 10, seed=3) and len(set(a)) == 10
-    assert all(alive[i] for i in a) and a == sorted(a)
-    assert len(sample_features(alive, 500)) == 25
-
-
-# ------------------------------------------------------------------------------------------ paths
-def test_feature_path_forward_is_compose_path_and_backward_inverts() -> None:
-    g = torch.Generator().manual_seed(0)
-    layers = [0, 1, 2, 3]
-    perms = {(t, t + 1): torch.randperm(6, generator=g) for t in range(3)}
-    costs = {k: torch.rand(6, generator=g) for k in perms}
-    feats, step = feature_path(perms, costs, layers, 1, 4)
-    assert feats[1:] == compose_path([perms[(t, t + 1)] for t in range(3)], 1, 4)
-    assert int(perms[(0, 1)][feats[0]]) == feats[1]  # the backward step lands on the start feature
-    assert math.isnan(step[1])
-    assert step[0] == pytest.approx(float(costs[(0, 1)][feats[0]]))
-    assert step[2] == pytest.approx(float(costs[(1, 2)][feats[1]]))
-    assert pair_step_costs(step, layers, 1) == [step[0], step[2], step[3]]
-    with pytest.raises(ValueError, match="start_layer"):
-        feature_path(perms, costs, layers, 7, 0)
-
-
-def test_feature_path_stops_at_a_missing_partner() -> None:
-    perms = {(0, 1): torch.tensor([1, -1]), (1, 2): torch.tensor([0, 1])}
-    costs = {k: torch.tensor([0.5, 0.25]) for k in perms}
-    feats, step = feature_path(perms, costs, [0, 1, 2], 0, 1)
-    assert feats == [1, -1, -1] and all(math.isnan(s) for s in step)
-
-
-# ------------------------------------------------------------------------------------------ summaries
-def test_small_summaries() -> None:
-    assert first_below([1, 2, 3], [0.9, 0.8, 0.7], 0.5) == math.inf
-    assert first_below([1, 2], [0.4, 0.9], 0.5) == 1.0
-    assert correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert math.isnan(correlation([1, 1, 1], [1, 2, 3]))
-    x, y = np.random.default_rng(0).normal(size=(2, 20))
-    assert correlation(x, y) == pytest.approx(float(np.corrcoef(x, y)[0, 1]))
-    early, late = early_late_split(list(range(26)), [0.0] * 10 + [1.0] * 16, 26)
-    assert (early, late) == (0.0, 1.0)
-    assert paper_layer(25, 30) == 29 and paper_layer(0, 30) == 0
-    with pytest.raises(ValueError, match="Gemma 2 2B layer"):
-        paper_layer(26, 30)
-
-
-def _pair(i: int, mse: float, p: float, included: bool = True) -> PairRecord:
-    return PairRecord(
-        feature=i, partner=i, mse=mse, p_partner=p, jaccard=p, pearson=p, top_token_overlap=p,
-        top_position_overlap=p, included=included,
-    )  # fmt: skip
-
-
-def test_agreement_groups_and_pick_by_mse() -> None:
-    pairs = [_pair(0, 0.1, 0.9), _pair(1, 0.2, 0.3), _pair(2, 5.0, 0.01), _pair(3, 1.0, math.nan, False)]
-    groups = agreement_groups(pairs, cuts=(0.1, 0.5))
-    assert [len(v) for v in groups.values()] == [1, 1, 1, 1]
-    values = list(groups.values())
-    assert values[0].tolist() == [0.1] and values[3].tolist() == [1.0]
-    picked = pick_by_mse(pairs)
-    assert (picked["low"].feature, picked["median"].feature, picked["high"].feature) == (0, 1, 2)
-    assert pick_by_mse([_pair(0, 1.0, 0.5, False)]) == {}
-
-
-def test_curves_by_start_pads_short_curves() -> None:
-    def row(s: int, d: int, a: float) -> PersistenceRow:
-        return PersistenceRow(
-            start=s, target=s + d, distance=d, agreement=a, n_compared=1, n_lost=0,
-            score_composed=a, score_direct=a, score_random=0.0,
-        )  # fmt: skip
-
-    result = PersistenceResult(rows=(row(1, 1, 1.0), row(1, 2, 0.5), row(2, 1, 1.0)))
-    distances, curves = curves_by_start(result)
-    assert distances == [1, 2] and curves[1] == [1.0, 0.5]
-    assert curves[2][0] == 1.0 and math.isnan(curves[2][1])
-
-
-# ------------------------------------------------------------------------------------------ claims
-def test_claims_round_trip_in_paper_order(tmp_path: Path) -> None:
-    write_claims(tmp_path / "05_x", "05_x", [Claim(key="fig16_quantile", ours="+0.1", holds=True)])
-    write_claims(tmp_path / "01_y", "01_y", [Claim(key="fig1_theta_norm", ours="r = <0.9>", holds=None)])
-    (tmp_path / "other").mkdir()
-    claims = read_claims(tmp_path)
-    assert [c.key for c in claims] == ["fig1_theta_norm", "fig16_quantile"]
-    assert (
-        claims[0].section == "01_y"
-        and claims[0].holds is None
-        and claims[0].paper == PAPER["fig1_theta_norm"]
-    )
-    table = claims_table_html(claims, link_prefix="../notebooks/")
-    assert "r = &lt;0.9&gt;" in table and 'href="../notebooks/05_x.html"' in table
-    assert "not measurable here" in table and "reproduced" in table
-    assert json.loads((tmp_path / "05_x" / CLAIMS_FILE).read_text())["section"] == "05_x"
-    with pytest.raises(ValueError, match=r"Claim\.key"):
-        Claim(key="fig99", ours="", holds=None)
-    with pytest.raises(FileNotFoundError):
-        read_claims(tmp_path / "missing")
-
-
-def test_benchmark_table(tmp_path: Path) -> None:
-    assert benchmark_table(tmp_path / "none.json") is None
-    path = tmp_path / "results.json"
-    path.write_text(
-        json.dumps({"meta": {}, "records": [{"F": 64, "ours_s": 0.123456, "scipy_s": None, "x": 1}]})
-    )
-    table = benchmark_table(path)
-    assert table is not None
-    headers, rows = table
-    assert headers == ["F", "scipy_s", "ours_s"] and rows == [["64", "–", "0.1235"]]
-
-
-def test_benchmark_series_groups_instances_by_precision(tmp_path: Path) -> None:
-    assert benchmark_series(tmp_path / "none.json", "e2e_over_gemm") is None
-    path = tmp_path / "results.json"
-    recs = [
-        {"F": 8, "d": 4, "noise": "easy", "candidates": "float32", "e2e_over_gemm": 1.5},
-        {"F": 8, "d": 4, "noise": "easy", "candidates": "bfloat16", "e2e_over_gemm": 0.5},
-        {"F": 8, "d": 4, "noise": "hard", "candidates": "float32", "e2e_over_gemm": 2.0},
-        {"F": 8, "d": 4, "noise": "medium", "candidates": "float32", "chain_layers": 30},  # no ratio
-    ]
-    path.write_text(json.dumps({"meta": {}, "records": recs}))
-    got = benchmark_series(path, "e2e_over_gemm")
-    assert got is not None
-    cats, series = got
-    assert cats == ["F=8 d=4 easy", "F=8 d=4 hard"] and series["float32"] == [1.5, 2.0]
-    assert series["bfloat16"][0] == 0.5 and math.isnan(series["bfloat16"][1])
-    assert benchmark_series(path, "no_such_column") is None
+def test_paths_follow_the_consecutive_matchings_with_their_costs(tmp_path: Path) -> None:
+    study = _fake_study(tmp_path)
+    matches = study.consecutive_matches()
+    paths = study.paths(1, [2, 5])
+    p = paths[2]
+    perms = [matches[(0, 1)].perm, matches[(1, 2)].perm]
+    assert p.layers == (0, 1, 2) and p.features[1] == 2
+    assert p.forward() == compose_path(perms, 1, 2).forward()
+    assert int(perms[0][p.features[0]]) == 2  # the backward step lands on the start feature
+    assert p.step_costs[2] == pytest.approx(float(matches[(1, 2)].cost[2]))
+    contexts = path_contexts(study, paths.values(), k=2)
+    headers, rows = path_table(p, contexts)
+    assert headers[:3] == ["layer", "feature", "step MSE"] and [r[0] for r in rows] == [0, 1, 2]
+    assert rows[1][2] == "start" and rows[2][2] == f"{p.step_costs[2]:.4g}"
+    for t, f, _, text in rows:
+        ctx = contexts.get(t, {}).get(f, ())
+        assert text == (" ‖ ".join(c.text for c in ctx) if ctx else NEVER_ACTIVE)
 
 
 def test_load_study_rejects_a_non_profile() -> None:

@@ -4,8 +4,13 @@ The paper asks an LLM judge whether a feature and its partner mean the same thin
 Neuronpedia explanations. Offline we show the evidence itself, the tokens where each feature fires
 most with a window of context (the activating token between markers), and score the pair
 automatically: overlap of the top-activating tokens and positions, and the correlation of the two
-features' activations. Aggregate versions over all pairs live in :mod:`saematch_core.evaluate`
-(:func:`~saematch_core.evaluate.pair_metrics`).
+features' activations. Aggregate versions over all pairs live in
+:mod:`saematch_core.experiments.measures.coactivation` (:func:`~.coactivation.pair_metrics`).
+
+Activation caches are flat: rows are tokens of consecutive chunks (``chunk_ids``, ``positions``).
+:func:`pad_rows` turns per-row values back into padded ``(n_chunks, seq)`` arrays for
+:func:`top_contexts`; :func:`feature_values`, :func:`alive_features` and :func:`sample_features`
+read features off the rows.
 """
 
 from __future__ import annotations
@@ -14,12 +19,22 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from saematch_core.sae import SAE
 
-__all__ = ["Context", "PairContexts", "pair_contexts", "top_contexts"]
+__all__ = [
+    "Context",
+    "PairContexts",
+    "alive_features",
+    "feature_values",
+    "pad_rows",
+    "pair_contexts",
+    "sample_features",
+    "top_contexts",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,3 +190,97 @@ def _activate_one(sae: SAE, pre: Tensor, feature: int) -> Tensor:
     if sae.activation == "relu":
         return torch.relu(pre)[..., 0]
     raise ValueError("sae: TopK activations depend on every feature; encode the full SAE instead")
+
+
+# ----------------------------------------------------------------------------------- rows
+def pad_rows(values: np.ndarray | Tensor, chunk_ids: np.ndarray, positions: np.ndarray) -> Tensor:
+    """Flat per-token values → padded per-chunk layout.
+
+    Parameters
+    ----------
+    values : array, shape (n_tokens,) or (n_tokens, d)
+    chunk_ids, positions : int arrays, shape (n_tokens,): the chunk and position of every row.
+
+    Returns
+    -------
+    Tensor, shape (n_chunks, seq) or (n_chunks, seq, d), zeros where a chunk is shorter.
+    """
+    v = values if isinstance(values, Tensor) else torch.from_numpy(np.asarray(values))
+    cid = torch.from_numpy(np.asarray(chunk_ids, dtype=np.int64))
+    pos = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+    if v.shape[0] != cid.shape[0] or cid.shape != pos.shape:
+        raise ValueError(
+            f"values, chunk_ids, positions: expected the same number of rows, got {v.shape[0]}, "
+            f"{cid.shape[0]}, {pos.shape[0]}"
+        )
+    n_chunks = int(cid.max()) + 1 if cid.numel() else 0
+    seq = int(pos.max()) + 1 if pos.numel() else 0
+    out = torch.zeros((n_chunks, seq, *v.shape[1:]), dtype=v.dtype)
+    out[cid, pos] = v
+    return out
+
+
+def feature_values(
+    sae: SAE, acts: np.ndarray | Tensor, features: Sequence[int], *, chunk_size: int = 4096
+) -> Tensor:
+    """Activations of some features of ``sae`` on every row of ``acts``.
+
+    Parameters
+    ----------
+    acts : array, shape (n_tokens, d_in) (a memory map is read in chunks).
+    features : indices into the SAE's d_sae features.
+
+    Returns
+    -------
+    Tensor, shape (n_tokens, len(features)), float32.
+    """
+    idx = torch.as_tensor(list(features), dtype=torch.long)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= sae.d_sae):
+        raise ValueError(f"features: expected indices in [0, {sae.d_sae}), got {idx.tolist()}")
+    n = int(acts.shape[0])
+    parts = []
+    with torch.no_grad():
+        for s in range(0, n, chunk_size):
+            part = acts[s : s + chunk_size]
+            x = part if isinstance(part, Tensor) else torch.from_numpy(np.array(part, dtype=np.float32))
+            parts.append(sae.encode(x.to(sae.dtype))[:, idx].float())
+    return torch.cat(parts) if parts else torch.zeros((0, idx.numel()))
+
+
+def alive_features(
+    sae: SAE, acts: np.ndarray | Tensor, keep: np.ndarray | None = None, *, chunk_size: int = 4096
+) -> np.ndarray:
+    """Features active (code > 0) on at least one kept row of ``acts`` (n_tokens, d_in), shape (d_sae,)."""
+    n = int(acts.shape[0])
+    mask = np.ones(n, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    if mask.shape != (n,):
+        raise ValueError(f"keep: expected shape ({n},), got {mask.shape}")
+    alive = torch.zeros(sae.d_sae, dtype=torch.bool)
+    with torch.no_grad():
+        for s in range(0, n, chunk_size):
+            rows = np.flatnonzero(mask[s : s + chunk_size]) + s
+            if rows.size == 0:
+                continue
+            part = acts[rows] if isinstance(acts, Tensor) else np.asarray(acts[rows], dtype=np.float32)
+            x = part if isinstance(part, Tensor) else torch.from_numpy(part)
+            alive |= (sae.encode(x.to(sae.dtype)) > 0).any(0).cpu()
+    return alive.numpy()
+
+
+def sample_features(alive: np.ndarray | Tensor, n: int, seed: int = 0) -> list[int]:
+    """``n`` distinct features drawn uniformly (seeded) among those marked alive, sorted.
+
+    Parameters
+    ----------
+    alive : bool array, shape (d_sae,)
+
+    >>> sample_features(np.array([True, False, True, True]), 2, seed=0)
+    [2, 3]
+    """
+    a = np.asarray(alive, dtype=bool)
+    pool = np.flatnonzero(a)
+    if n < 0:
+        raise ValueError(f"n: expected >= 0, got {n}")
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(pool, size=min(n, pool.size), replace=False)
+    return sorted(int(i) for i in picked)

@@ -1,4 +1,4 @@
-"""A calibrated "matched / not matched" verdict for every matched pair (a reviewer's ask).
+"""A calibrated "matched / not matched" verdict for every matched pair, from the weights alone.
 
 SAE Match ranks pairs by cost but never says when a feature has *no* real partner. This module
 turns each pair's cost into a p-value against a null model and controls the false-discovery rate.
@@ -25,34 +25,31 @@ with few real pairs among many features, Benjamini–Hochberg needs more rotatio
 declared "matched" contain at most a fraction ``alpha`` of chance pairs in expectation (under the
 pooled null). The best-vs-second-best *margin* is reported next to it: the gap between the matched
 partner's relative cost and the best other candidate's.
+
+Nothing here reads activations, so a face (the command line) may use it on two SAE files directly;
+:mod:`saematch_core.experiments.decision` runs it over a study's layer pairs with a data check.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from saematch_core.cost import feature_vectors
-from saematch_core.evaluate import coactivation, pair_metrics, random_partners
+from saematch_core.experiments.results import cached_match
 from saematch_core.match import MatchConfig
-from saematch_core.results import ArrayLike, JsonResult, cached_match, finite_mean, map_layer_pairs
 from saematch_core.sae import SAE
 
 __all__ = [
-    "DecisionResult",
-    "DecisionRow",
     "MatchDecision",
     "benjamini_hochberg",
     "decide",
     "decide_vectors",
-    "decisions_by_layer",
     "empirical_p_values",
     "random_rotation",
     "relative_cost",
@@ -381,11 +378,11 @@ def decide(
     perm : LongTensor (F_A,), optional; a precomputed matching to judge instead of ``match``'s.
     alpha : FDR level.
     n_null : random rotations of B in the null (each gives F_A null samples).
-    cache_dir : where the matching is cached (:func:`~saematch_core.results.cached_match`).
+    cache_dir : where the matching is cached (:func:`~saematch_core.experiments.results.cached_match`).
 
     Examples
     --------
-    See ``tests/test_decision.py``: a planted permutation is "matched", an unrelated SAE is not.
+    See ``tests/test_verdict.py``: a planted permutation is "matched", an unrelated SAE is not.
     """
     cfg = MatchConfig() if config is None else config
     if perm is None:
@@ -395,164 +392,3 @@ def decide(
     return decide_vectors(
         va, vb, perm, cfg.params, metric=cfg.metric, alpha=alpha, n_null=n_null, seed=seed, chunk_size=1024
     )
-
-
-# ----------------------------------------------------------------------------------- per layer
-@dataclass(frozen=True, kw_only=True)
-class DecisionRow:
-    """Verdicts on one layer pair, with the data-based check when activations were given."""
-
-    layer_a: int
-    layer_b: int
-    n_tested: int
-    """Features of A with a partner."""
-    n_matched: int
-    """Confident partners at the FDR level."""
-    fraction_matched: float
-    threshold: float
-    """Largest relative cost declared matched."""
-    null_median: float
-    """Median best-chance relative cost."""
-    median_margin: float
-    """Median best-vs-second-best margin over tested pairs."""
-    score_matched: float
-    """Mean ``P(partner active | feature active)`` of confident pairs (``nan`` without data)."""
-    score_unmatched: float
-    """Same for pairs not declared matched."""
-    score_random: float
-    """Same for random partners (the data-based null)."""
-    confirmed_matched: float
-    """Fraction of confident pairs whose co-activation beats the 95th percentile of random pairs'."""
-    confirmed_unmatched: float
-    """Same for pairs not declared matched."""
-    n_scored_matched: int
-    """Confident pairs with both members alive on the data (those in the scores)."""
-    n_scored_unmatched: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class DecisionResult(JsonResult):
-    """Rows per layer pair."""
-
-    kind: ClassVar[str] = "match_decision"
-    alpha: float
-    rows: tuple[DecisionRow, ...]
-
-    def series(self, metric: str = "fraction_matched") -> tuple[float, ...]:
-        """``metric`` per layer pair, pairs in order."""
-        return tuple(float(getattr(r, metric)) for r in self.rows)
-
-    def mean(self, metric: str = "fraction_matched") -> float:
-        """Mean of :meth:`series` over pairs where it is defined (``nan`` if nowhere)."""
-        return finite_mean(self.series(metric))
-
-
-def _data_check(
-    dec: MatchDecision,
-    sae_a: SAE,
-    sae_b: SAE,
-    acts_a: ArrayLike,
-    acts_b: ArrayLike,
-    keep: ArrayLike | None,
-    seed: int,
-    chunk_size: int,
-) -> dict[str, float | int]:
-    minus = torch.full_like(dec.perm, -1)
-    perms = {
-        "matched": torch.where(dec.matched, dec.perm, minus),
-        "unmatched": torch.where(~dec.matched, dec.perm, minus),
-        "random": random_partners(sae_a.d_sae, sae_b.d_sae, torch.Generator().manual_seed(seed)),
-    }
-    stats = coactivation(sae_a, sae_b, acts_a, acts_b, perms, keep=keep, chunk_size=chunk_size)
-    p = {k: pair_metrics(stats, k)["p_partner"] for k in perms}
-    rnd = p["random"][~torch.isnan(p["random"])]
-    cut = float(torch.quantile(rnd, 0.95)) if rnd.numel() else math.nan
-    out: dict[str, float | int] = {}
-    for k, v in p.items():
-        ok = v[~torch.isnan(v)]
-        out[f"score_{k}"] = finite_mean(ok)
-        if k != "random":
-            out[f"confirmed_{k}"] = float((ok > cut).double().mean()) if ok.numel() else math.nan
-            out[f"n_scored_{k}"] = int(ok.numel())
-    return out
-
-
-def decisions_by_layer(
-    saes: Mapping[int, SAE],
-    activations: Mapping[int, ArrayLike] | None = None,
-    config: MatchConfig | None = None,
-    *,
-    pairs: Sequence[tuple[int, int]] | None = None,
-    keep: ArrayLike | None = None,
-    alpha: float = 0.05,
-    n_null: int = 2,
-    seed: int = 0,
-    chunk_size: int = 4096,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> DecisionResult:
-    """:func:`decide` on every layer pair (default consecutive layers), with the co-activation check.
-
-    Parameters
-    ----------
-    activations : layer → (n_tokens, d_in) on the same tokens, optional; without them the data-based
-        columns are ``nan``.
-    keep : BoolTensor (n_tokens,), optional.
-
-    Each pair is cached on its own.
-    """
-    cfg = MatchConfig() if config is None else config
-    layers = sorted(saes)
-    pairs = list(itertools.pairwise(layers)) if pairs is None else [(int(p[0]), int(p[1])) for p in pairs]
-    nan_data: dict[str, float | int] = {
-        "score_matched": math.nan,
-        "score_unmatched": math.nan,
-        "score_random": math.nan,
-        "confirmed_matched": math.nan,
-        "confirmed_unmatched": math.nan,
-        "n_scored_matched": 0,
-        "n_scored_unmatched": 0,
-    }
-
-    def compute(la: int, lb: int) -> DecisionResult:
-        a, b = saes[la], saes[lb]
-        dec = decide(a, b, cfg, alpha=alpha, n_null=n_null, seed=seed, cache_dir=cache_dir)
-        data = dict(nan_data)
-        if activations is not None and la in activations and lb in activations:
-            data = _data_check(dec, a, b, activations[la], activations[lb], keep, seed, chunk_size)
-        tested = dec.perm >= 0
-        margins = dec.margin[tested & ~torch.isnan(dec.margin)]
-        row = DecisionRow(
-            layer_a=la,
-            layer_b=lb,
-            n_tested=dec.n_tested,
-            n_matched=dec.n_matched,
-            fraction_matched=dec.fraction_matched,
-            threshold=dec.threshold,
-            null_median=float(dec.null.median()),
-            median_margin=float(margins.median()) if margins.numel() else math.nan,
-            score_matched=float(data["score_matched"]),
-            score_unmatched=float(data["score_unmatched"]),
-            score_random=float(data["score_random"]),
-            confirmed_matched=float(data["confirmed_matched"]),
-            confirmed_unmatched=float(data["confirmed_unmatched"]),
-            n_scored_matched=int(data["n_scored_matched"]),
-            n_scored_unmatched=int(data["n_scored_unmatched"]),
-        )
-        return DecisionResult(alpha=alpha, rows=(row,))
-
-    parts = map_layer_pairs(
-        DecisionResult,
-        saes,
-        pairs,
-        compute,
-        spec={"config": cfg.to_dict(), "alpha": alpha, "n_null": n_null, "seed": seed},
-        activations=activations,
-        keep=keep,
-        desc="match decisions",
-        cache_dir=cache_dir,
-        force=force,
-        progress=progress,
-    )
-    return DecisionResult(alpha=alpha, rows=tuple(r for part in parts for r in part.rows))

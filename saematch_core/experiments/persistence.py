@@ -7,16 +7,15 @@ the composed matching ``s→s+d`` is compared with the direct matching of SAE ``
 - ``agreement``: fraction of start features whose composed partner equals the direct partner
   (features without a partner in either are not compared; :func:`saematch_core.compose.agreement`);
 - with activations, the data-based check: the Matching Score (mean ``P(reached feature active |
-  start feature active)``, see :mod:`saematch_core.evaluate`) of the composed matching, of the direct
-  matching, and of random partners, over the same tokens.
+  start feature active)``, see :mod:`saematch_core.experiments.measures.coactivation`) of the
+  composed matching, of the direct matching, and of random partners, over the same tokens.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -24,10 +23,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saematch_core.compose import agreement, compose_chain
-from saematch_core.evaluate import coactivation, pair_metrics, random_partners
-from saematch_core.match import MatchConfig
-from saematch_core.results import (
-    ArrayLike,
+from saematch_core.experiments.inputs import Inputs
+from saematch_core.experiments.measures.coactivation import coactivation, pair_metrics, random_partners
+from saematch_core.experiments.results import (
     JsonResult,
     acts_digest,
     cached_matches,
@@ -35,9 +33,9 @@ from saematch_core.results import (
     load_or_compute,
     sae_digest,
 )
-from saematch_core.sae import SAE
+from saematch_core.match import MatchConfig
 
-__all__ = ["PersistenceResult", "PersistenceRow", "default_starts", "persistence"]
+__all__ = ["PersistenceConfig", "PersistenceResult", "PersistenceRow", "default_starts", "run"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +72,23 @@ class PersistenceResult(JsonResult):
         rows = [r for r in self.rows if r.start == start]
         return tuple(r.distance for r in rows), tuple(float(getattr(r, metric)) for r in rows)
 
+    def curves(self, metric: str = "agreement") -> tuple[list[int], dict[int, list[float]]]:
+        """Every start's curve on a shared distance axis, NaN where a start reaches fewer layers.
+
+        Returns
+        -------
+        distances : 1..max distance; curves : start layer → values of ``metric`` per distance.
+        """
+        starts = sorted({r.start for r in self.rows})
+        max_d = max((r.distance for r in self.rows), default=0)
+        distances = list(range(1, max_d + 1))
+        curves = {}
+        for s in starts:
+            ds, vs = self.curve(s, metric)
+            by_d = dict(zip(ds, vs, strict=True))
+            curves[s] = [float(by_d.get(d, math.nan)) for d in distances]
+        return distances, curves
+
 
 def default_starts(layers: Sequence[int]) -> tuple[int, ...]:
     """Start layers at about a third, half and three quarters of the available layers.
@@ -88,36 +103,47 @@ def default_starts(layers: Sequence[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(picks))
 
 
-def persistence(
-    saes: Mapping[int, SAE],
-    starts: Sequence[int] | None = None,
-    max_distance: int = 5,
-    config: MatchConfig | None = None,
-    *,
-    activations: Mapping[int, ArrayLike] | None = None,
-    keep: ArrayLike | None = None,
-    seed: int = 0,
-    chunk_size: int = 4096,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> PersistenceResult:
+@dataclass(frozen=True, kw_only=True)
+class PersistenceConfig:
+    """What :func:`run` measures."""
+
+    starts: tuple[int, ...] | None = None
+    """Start layers; ``None``: :func:`default_starts` of the SAEs' layers."""
+    max_distance: int = 5
+    """Follow at most this many layers from each start."""
+    match: MatchConfig = field(default_factory=MatchConfig)
+    """Matching used for both the consecutive and the direct matchings (default: the paper's)."""
+
+    def __post_init__(self) -> None:
+        if self.starts is not None:
+            if isinstance(self.starts, (str, bytes)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.starts
+            ):
+                raise TypeError(f"PersistenceConfig.starts: expected a tuple of ints, got {self.starts!r}")
+            object.__setattr__(self, "starts", tuple(self.starts))
+        d = self.max_distance
+        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+            raise ValueError(f"PersistenceConfig.max_distance: expected an int >= 1, got {d!r}")
+        if not isinstance(self.match, MatchConfig):
+            raise TypeError(
+                f"PersistenceConfig.match: expected a MatchConfig, got {type(self.match).__name__}"
+            )
+
+
+def run(inputs: Inputs, config: PersistenceConfig | None = None) -> PersistenceResult:
     """Composed vs direct matching over distance from each start layer (Fig. 8).
 
     Parameters
     ----------
-    saes : layer → SAE; targets stop where a consecutive layer is missing.
-    starts : start layers; default :func:`default_starts`.
-    max_distance : follow at most this many layers.
-    config : matching used for both the consecutive and the direct matchings (default: the paper's).
-    activations : layer → (n_tokens, d_in) on the same tokens, optional (data-based check).
-    keep : BoolTensor (n_tokens,), optional; tokens counted by the data-based check.
-    seed : for the random null.
+    inputs : ``saes`` (targets stop where a consecutive layer is missing), optional activations
+        (same tokens) and ``keep`` for the data-based check, ``seed`` of the random null, the
+        result cache.
+    config : starts, distance, matching.
     """
-    cfg = MatchConfig() if config is None else config
-    starts = default_starts(list(saes)) if starts is None else tuple(int(s) for s in starts)
-    if not isinstance(max_distance, int) or max_distance < 1:
-        raise ValueError(f"max_distance: expected an int >= 1, got {max_distance!r}")
+    cfg = PersistenceConfig() if config is None else config
+    saes, activations, keep, seed = inputs.saes, inputs.activations, inputs.keep, inputs.seed
+    starts = default_starts(list(saes)) if cfg.starts is None else cfg.starts
+    max_distance, chunk_size = cfg.max_distance, inputs.chunk_size
     plan: list[tuple[int, list[int]]] = []
     for s in starts:
         if s not in saes:
@@ -133,7 +159,7 @@ def persistence(
         "saes": {str(layer): sae_digest(saes[layer]) for layer in used},
         "starts": list(starts),
         "max_distance": max_distance,
-        "config": cfg.to_dict(),
+        "config": cfg.match.to_dict(),
         "activations": None
         if activations is None
         else {str(layer): acts_digest(activations[layer]) for layer in used if layer in activations},
@@ -146,15 +172,16 @@ def persistence(
         steps = sorted({t for _, ts in plan for t in ts})
         longer = [(s, t) for s, ts in plan for t in ts if t > s + 1]
         solved = cached_matches(
-            [(saes[t - 1], saes[t], cfg) for t in steps] + [(saes[s], saes[t], cfg) for s, t in longer],
-            cache_dir,
+            [(saes[t - 1], saes[t], cfg.match) for t in steps]
+            + [(saes[s], saes[t], cfg.match) for s, t in longer],
+            inputs.cache_dir,
         )
         step: dict[int, Tensor] = {t - 1: r.perm for t, r in zip(steps, solved[: len(steps)], strict=True)}
         direct_perm = {pair: r.perm for pair, r in zip(longer, solved[len(steps) :], strict=True)}
         rows = []
         g = torch.Generator().manual_seed(seed)
         total = sum(len(ts) for _, ts in plan)
-        bar = tqdm(total=total, desc="persistence", disable=not progress)
+        bar = tqdm(total=total, desc="persistence", disable=not inputs.progress)
         for s, targets in plan:
             for t in targets:
                 composed = compose_chain([step[i] for i in range(s, t)])
@@ -192,4 +219,4 @@ def persistence(
         bar.close()
         return PersistenceResult(rows=tuple(rows))
 
-    return load_or_compute(PersistenceResult, spec, compute, cache_dir=cache_dir, force=force)
+    return load_or_compute(PersistenceResult, spec, compute, cache_dir=inputs.cache_dir, force=inputs.force)

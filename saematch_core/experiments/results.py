@@ -1,17 +1,16 @@
 """Typed experiment results: JSON round trip, input fingerprints and the on-disk result cache.
 
-Every experiment of floor 4 (:mod:`saematch_core.approximate`, :mod:`saematch_core.evaluate`,
-:mod:`saematch_core.persistence`) returns a frozen dataclass that mixes in :class:`JsonResult`,
-and is cached as one JSON file per set of inputs under
+The base of :mod:`saematch_core.experiments`. Every experiment returns a frozen dataclass that
+mixes in :class:`JsonResult`, and is cached as one JSON file per set of inputs under
 ``cache_root()/results/<kind>/<content_key(spec)>.json``, where ``spec`` describes the inputs by
 their fingerprints (:func:`tensor_digest`, :func:`acts_digest`, :func:`sae_digest`,
 :func:`model_digest`) and the config. A rerun with the same inputs reads the file instead of computing.
 Experiments that run per layer pair share their cache-spec fields (:func:`pair_spec`) and their loop
-(:func:`map_layer_pairs`).
+(:func:`map_layer_pairs`); matchings are solved once and shared (:func:`cached_match`,
+:func:`cached_matches`).
 
-The JSON layout follows the style guide: ``kind``, ``schema_version``, ``saematch_version``,
-``git_commit`` (null, with ``git_commit_reason``), ``created_ms``, ``config`` (the cache spec) and
-``data`` (the result's fields; tuples become lists, nested results become objects).
+Files follow the one result layout of :mod:`saematch_core.result_file`: ``config`` is the cache
+spec and ``data`` the result's fields (tuples become lists, nested results become objects).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import json
 import logging
 import math
 import os
-import time
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,13 +33,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saematch_core.cache import atomic_write_text, cache_root, content_key, is_intact, seal
+from saematch_core.cache import cache_root, content_key, is_intact, seal
+from saematch_core.experiments.inputs import ArrayLike, Inputs
 from saematch_core.match import MatchConfig, MatchResult, match
+from saematch_core.result_file import read_result_file, result_document, write_result_file
 from saematch_core.sae import SAE
 from saematch_core.verify import read_cached_match, write_cached_match
 
 __all__ = [
-    "ArrayLike",
     "JsonResult",
     "acts_digest",
     "array_rows",
@@ -63,14 +62,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 R = TypeVar("R", bound="JsonResult")
 T = TypeVar("T")
 U = TypeVar("U")
-
-ArrayLike = Tensor | np.ndarray
-"""Activations: a tensor or numpy array (a ``np.memmap`` is read chunk by chunk)."""
-
 
 _FULL_HASH_BYTES = 64 * 2**20
 
@@ -238,36 +232,20 @@ class JsonResult:
         return cls(**decoded)
 
     def to_json(self, path: str | Path, config: Mapping[str, Any] | None = None) -> None:
-        """Write the result atomically with the standard header (see the module docstring)."""
-        from saematch_core import __version__
-
-        doc = {
-            "kind": self.kind,
-            "schema_version": SCHEMA_VERSION,
-            "saematch_version": __version__,
-            "git_commit": None,
-            "git_commit_reason": "results are keyed by their inputs, not by the code's commit",
-            "created_ms": int(time.time() * 1000),
-            "config": dict(config or {}),
-            "data": self.to_dict(),
-        }
-        atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        """Write the result atomically in the one result layout (:mod:`saematch_core.result_file`),
+        with ``config`` (e.g. the cache spec) as its ``config``."""
+        doc = result_document(
+            kind=self.kind,
+            config=dict(config or {}),
+            data=self.to_dict(),
+            git_commit_reason="results are keyed by their inputs, not by the code's commit",
+        )
+        write_result_file(path, doc)
 
     @classmethod
     def from_json(cls: type[R], path: str | Path) -> R:
-        """Read a file written by :meth:`to_json`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such result file")
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(doc, dict) or doc.get("kind") != cls.kind:
-            got = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
-            raise ValueError(f"{path}: expected a result of kind {cls.kind!r}, got {got!r}")
-        if doc.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(
-                f"{path}: expected schema_version {SCHEMA_VERSION}, got {doc.get('schema_version')!r}"
-            )
-        return cls.from_dict(doc["data"])
+        """Read a file written by :meth:`to_json` (either layout version)."""
+        return cls.from_dict(read_result_file(path, cls.kind)["data"])
 
 
 def _restore_floats(tp: Any, value: Any) -> Any:
@@ -483,31 +461,31 @@ def pair_spec(
 
 def map_layer_pairs(
     result_type: type[R],
-    saes: Mapping[int, SAE],
+    inputs: Inputs,
     pairs: Iterable[tuple[int, int]],
     compute: Callable[[int, int], R],
     *,
-    spec: Mapping[str, Any] | Callable[[int, int], Mapping[str, Any]] | None = None,
-    activations: Mapping[int, ArrayLike] | None = None,
-    keep: ArrayLike | None = None,
     desc: str,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: bool = True,
+    spec: Mapping[str, Any] | Callable[[int, int], Mapping[str, Any]] | None = None,
+    saes: Mapping[int, SAE] | None = None,
+    data: bool = True,
     prefetch: Callable[[list[tuple[int, int]]], object] | None = None,
 ) -> list[R]:
     """``compute(layer_a, layer_b)`` for every pair, each cached on its own (:func:`load_or_compute`).
 
-    A pair's cache spec is :func:`pair_spec` (with the pair's activations when ``activations`` has
-    both layers) updated with ``spec``: fields shared by every pair, or a function of the pair.
+    A pair's cache spec is :func:`pair_spec` (with the pair's activations and ``inputs.keep`` when
+    ``data`` is set and ``inputs`` has activations of both layers) updated with ``spec``: fields
+    shared by every pair, or a function of the pair. ``inputs`` also gives the cache folder,
+    ``force`` and ``progress``.
 
     Parameters
     ----------
     result_type : the result class of one pair.
-    saes : layer → SAE; every layer of ``pairs`` must be present.
+    inputs : the experiment's inputs.
     pairs : (layer_a, layer_b), computed in this order behind one tqdm bar named ``desc``.
-    compute : called only on a cache miss (or with ``force``).
-    activations, keep : recorded in the spec as :func:`pair_spec` describes.
+    compute : called only on a cache miss (or with ``inputs.force``).
+    saes : layer → SAE; default ``inputs.saes``. Every layer of ``pairs`` must be present.
+    data : whether the result depends on the activations (then they are part of the key).
     prefetch : called once with the pairs that will be computed (cache misses) before any of them,
         e.g. to solve their matchings in parallel with :func:`cached_matches`.
 
@@ -515,12 +493,15 @@ def map_layer_pairs(
     -------
     list of ``result_type``, one per pair, in order.
     """
+    saes = inputs.saes if saes is None else saes
+    activations = inputs.activations if data else None
+    cache_dir, force = inputs.cache_dir, inputs.force
     pairs = list(pairs)
     keys = []
     for la, lb in pairs:
         with_data = activations is not None and la in activations and lb in activations
         acts = (activations[la], activations[lb]) if with_data and activations is not None else None
-        key = pair_spec(saes[la], saes[lb], (la, lb), acts=acts, keep=keep)
+        key = pair_spec(saes[la], saes[lb], (la, lb), acts=acts, keep=inputs.keep)
         if spec is not None:
             key.update(spec(la, lb) if callable(spec) else spec)
         keys.append(key)
@@ -534,7 +515,7 @@ def map_layer_pairs(
             prefetch(missing)
     out = []
     for (la, lb), key, hit in tqdm(
-        list(zip(pairs, keys, found, strict=True)), desc=desc, disable=not progress
+        list(zip(pairs, keys, found, strict=True)), desc=desc, disable=not inputs.progress
     ):
         out.append(
             hit

@@ -2,8 +2,8 @@
 
 A one-to-one matching forces every feature onto some partner. Here the cost structure decides
 instead. Every pair ``(i, j)`` of features of layers A and B whose relative cost
-``r = ‖a_i − b_j‖² / (‖a_i‖² + ‖b_j‖²)`` (see :mod:`saematch_core.decision`) is below a threshold
-``τ`` is a *link*. ``τ`` comes from the rotated-partner null of :mod:`saematch_core.decision`: it is
+``r = ‖a_i − b_j‖² / (‖a_i‖² + ‖b_j‖²)`` (see :mod:`~saematch_core.experiments.measures.verdict`) is
+below a threshold ``τ`` is a *link*. ``τ`` comes from the verdict's rotated-partner null: it is
 the ``level`` quantile of the best cost an unrelated feature reaches by chance, so a feature of A
 with no real counterpart gets a link with probability about ``level``.
 
@@ -17,43 +17,34 @@ From the bipartite graph of links:
 
 A feature can be both part of a split and of a merge (a tangle); counts are per feature.
 
-**Validation with co-activation** (same tokens for both layers, :mod:`saematch_core.databased`):
-for the links of each kind, the mean *overlap coefficient* ``|A_i ∩ B_j| / min(|A_i|, |B_j|)``
-(which stays high when one feature's tokens contain the other's, as for the parts of a split),
-against random pairs; and for dead (born) features, their best overlap with *any* feature of the
-other layer against that of linked features. Features never active on the tokens are left out of
-the data columns.
+**Validation with co-activation** (same tokens for both layers,
+:mod:`~saematch_core.experiments.measures.coactivation`): for the links of each kind, the mean
+*overlap coefficient* ``|A_i ∩ B_j| / min(|A_i|, |B_j|)`` (which stays high when one feature's
+tokens contain the other's, as for the parts of a split), against random pairs; and for dead (born)
+features, their best overlap with *any* feature of the other layer against that of linked features.
+Features never active on the tokens are left out of the data columns.
+
+The links are data-free (a face may compute them from two SAE files);
+:mod:`saematch_core.experiments.splits` counts them over a study's layer pairs.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from saematch_core.cost import feature_vectors
-from saematch_core.databased import CoactivationMatrix, coactivation_matrix
-from saematch_core.decision import relative_cost_chunks, rotated_null
+from saematch_core.experiments.measures.coactivation import Coactivation
+from saematch_core.experiments.measures.verdict import relative_cost_chunks, rotated_null
+from saematch_core.experiments.results import finite_mean
 from saematch_core.match import MatchConfig
-from saematch_core.results import ArrayLike, JsonResult, finite_mean, map_layer_pairs
 from saematch_core.sae import SAE
 
-__all__ = [
-    "FeatureLinks",
-    "LinkValidation",
-    "SplitsResult",
-    "SplitsRow",
-    "feature_links",
-    "link_vectors",
-    "links_by_layer",
-    "validate_links",
-]
+__all__ = ["FeatureLinks", "LinkValidation", "feature_links", "link_vectors", "validate_links"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,73 +172,6 @@ def feature_links(
     )
 
 
-# ----------------------------------------------------------------------------------- per layer
-@dataclass(frozen=True, kw_only=True)
-class SplitsRow:
-    """Link structure of one layer pair and its data-based validation."""
-
-    layer_a: int
-    layer_b: int
-    threshold: float
-    n_a: int
-    n_b: int
-    n_links: int
-    n_one_to_one: int
-    """Features of A in a one-to-one link."""
-    n_split: int
-    """Features of A with ≥ 2 links."""
-    n_merge: int
-    """Features of B with ≥ 2 links."""
-    n_death: int
-    """Features of A without a link."""
-    n_birth: int
-    """Features of B without a link."""
-    overlap_one_to_one: float
-    """Mean overlap coefficient of one-to-one links (``nan`` without data)."""
-    overlap_split: float
-    """Mean overlap coefficient of links whose A end splits."""
-    overlap_merge: float
-    """Mean overlap coefficient of links whose B end merges."""
-    overlap_random: float
-    """Mean overlap coefficient of random pairs."""
-    best_overlap_dead: float
-    """Mean over dying A features of their best overlap with any B feature."""
-    best_overlap_linked: float
-    """Same for A features with at least one link."""
-    best_overlap_born: float
-    """Mean over born B features of their best overlap with any A feature."""
-    n_active_a: int
-    """A features active on the tokens (the data columns use only these)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class SplitsResult(JsonResult):
-    """Rows per layer pair."""
-
-    kind: ClassVar[str] = "feature_links"
-    level: float
-    rows: tuple[SplitsRow, ...]
-
-    def series(self, metric: str) -> tuple[float, ...]:
-        """``metric`` per row, in order."""
-        return tuple(float(getattr(r, metric)) for r in self.rows)
-
-    def mean(self, metric: str) -> float:
-        """Mean of :meth:`series` where it is defined (``nan`` if nowhere)."""
-        return finite_mean(self.series(metric))
-
-    def fractions(self) -> dict[str, tuple[float, ...]]:
-        """Per layer pair, the share of A's features that continue one-to-one, split or die, and of
-        B's features that merge several or are born (keys ``one_to_one``, ``split``, ``death``,
-        ``merge``, ``birth``)."""
-        out: dict[str, tuple[float, ...]] = {}
-        for key, width in (("one_to_one", "n_a"), ("split", "n_a"), ("death", "n_a")):
-            out[key] = tuple(getattr(r, f"n_{key}") / max(getattr(r, width), 1) for r in self.rows)
-        for key in ("merge", "birth"):
-            out[key] = tuple(getattr(r, f"n_{key}") / max(r.n_b, 1) for r in self.rows)
-        return out
-
-
 @dataclass(frozen=True, kw_only=True)
 class LinkValidation:
     """Co-activation evidence for a :class:`FeatureLinks` graph (field meanings as in :class:`SplitsRow`)."""
@@ -263,7 +187,7 @@ class LinkValidation:
 
 
 def validate_links(
-    links: FeatureLinks, stats: CoactivationMatrix, *, n_random: int = 4096, seed: int = 0
+    links: FeatureLinks, stats: Coactivation, *, n_random: int = 4096, seed: int = 0
 ) -> LinkValidation:
     """Mean overlap coefficient per kind of link, of random pairs, and the best overlap of dying,
     linked and born features (module docstring). ``stats`` must be for the same two SAEs."""
@@ -301,73 +225,3 @@ def validate_links(
         best_overlap_born=finite_mean(best_b[links.births]),
         n_active_a=int(alive_a.sum()),
     )
-
-
-def links_by_layer(
-    saes: Mapping[int, SAE],
-    activations: Mapping[int, ArrayLike] | None = None,
-    config: MatchConfig | None = None,
-    *,
-    pairs: Sequence[tuple[int, int]] | None = None,
-    keep: ArrayLike | None = None,
-    level: float = 0.01,
-    n_null: int = 2,
-    seed: int = 0,
-    chunk_size: int = 4096,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> SplitsResult:
-    """Counts of one-to-one links, splits, merges, deaths and births per layer pair (default
-    consecutive layers), validated with co-activation when ``activations`` are given. Each pair is
-    cached on its own."""
-    cfg = MatchConfig() if config is None else config
-    layers = sorted(saes)
-    pairs = list(itertools.pairwise(layers)) if pairs is None else [(int(p[0]), int(p[1])) for p in pairs]
-
-    def compute(la: int, lb: int) -> SplitsResult:
-        a, b = saes[la], saes[lb]
-        links = feature_links(a, b, cfg, level=level, n_null=n_null, seed=seed)
-        data = LinkValidation()
-        if activations is not None and la in activations and lb in activations:
-            stats = coactivation_matrix(
-                a, b, activations[la], activations[lb], keep=keep, chunk_size=chunk_size
-            )
-            data = validate_links(links, stats, seed=seed)
-        row = SplitsRow(
-            layer_a=la,
-            layer_b=lb,
-            threshold=links.threshold,
-            n_a=a.d_sae,
-            n_b=b.d_sae,
-            n_links=int(links.links.shape[0]),
-            n_one_to_one=int(links.one_to_one.sum()),
-            n_split=int(links.splits.sum()),
-            n_merge=int(links.merges.sum()),
-            n_death=int(links.deaths.sum()),
-            n_birth=int(links.births.sum()),
-            overlap_one_to_one=data.overlap_one_to_one,
-            overlap_split=data.overlap_split,
-            overlap_merge=data.overlap_merge,
-            overlap_random=data.overlap_random,
-            best_overlap_dead=data.best_overlap_dead,
-            best_overlap_linked=data.best_overlap_linked,
-            best_overlap_born=data.best_overlap_born,
-            n_active_a=data.n_active_a,
-        )
-        return SplitsResult(level=level, rows=(row,))
-
-    parts = map_layer_pairs(
-        SplitsResult,
-        saes,
-        pairs,
-        compute,
-        spec={"config": cfg.to_dict(), "level": level, "n_null": n_null, "seed": seed},
-        activations=activations,
-        keep=keep,
-        desc="feature links",
-        cache_dir=cache_dir,
-        force=force,
-        progress=progress,
-    )
-    return SplitsResult(level=level, rows=tuple(r for part in parts for r in part.rows))

@@ -13,20 +13,18 @@ notebook, with the kernel's working directory set to the build folder. Sphinx ru
 errors (``-W -n --keep-going``). plotly.js is copied from the installed ``plotly`` package into
 ``site/book/_static`` so that pages never reach for a CDN (see :mod:`saematch_core.plots`).
 
-This module is also the Sphinx extension (``extensions: [saematch_core.book]`` in ``_config.yml``)
+This module is also the Sphinx extension (``extensions: [saematch_core._book]`` in ``_config.yml``)
 that loads ``plotly.min.js`` on the pages that hold a figure, and only there.
 
-Command line: ``python -m saematch_core.book --profile smoke [--only 06] [-p layer 20] [--build-dir build]``.
+Command line: ``python -m saematch_core._book --profile smoke [--only 06] [-p layer 20] [--build-dir build]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import importlib.metadata
 import logging
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -49,7 +47,6 @@ __all__ = [
     "build_html",
     "convert_notebook",
     "discover_notebooks",
-    "environment_table",
     "execute_notebook",
     "main",
     "parse_param_value",
@@ -69,21 +66,6 @@ SUMMARY_PREFIX = "99_"
 """Notebooks named ``99_*`` summarise the other sections' results and re-run after any of them."""
 _SITE_NOTEBOOKS = "notebooks"
 _PIPELINE_PARAMS = frozenset({"profile", "out_dir"})
-_VERSIONED_PACKAGES = (
-    "saematch",
-    "torch",
-    "numpy",
-    "scipy",
-    "transformers",
-    "safetensors",
-    "huggingface_hub",
-    "plotly",
-    "papermill",
-    "jupytext",
-    "jupyter-book",
-    "sphinx",
-    "myst-nb",
-)
 
 
 class BookBuildError(RuntimeError):
@@ -482,20 +464,6 @@ def build_book(config: BookConfig | None = None) -> BookResult:
     return BookResult(executed=tuple(ran), html_dir=html_dir, timings=timings)
 
 
-def environment_table(packages: Sequence[str] = _VERSIONED_PACKAGES) -> list[tuple[str, str]]:
-    """``(name, version)`` rows for the book's appendix: Python, the platform and ``packages``.
-
-    A package that is not installed is listed as ``"not installed"``.
-    """
-    rows = [("python", platform.python_version()), ("platform", platform.platform())]
-    for name in packages:
-        try:
-            rows.append((name, importlib.metadata.version(name)))
-        except importlib.metadata.PackageNotFoundError:
-            rows.append((name, "not installed"))
-    return rows
-
-
 def _add_plotly_js(app: Any, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
     # Called from html-page-context, add_js_file applies to this page only; pages without a
     # figure (search, index, text chapters) then skip parsing several MB of JavaScript.
@@ -511,7 +479,7 @@ def setup(app: Any) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m saematch_core.book",
+        prog="python -m saematch_core._book",
         description="Execute the notebooks with papermill and build the offline Jupyter Book.",
     )
     parser.add_argument(

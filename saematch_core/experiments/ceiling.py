@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -21,11 +20,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saematch_core.approximate import matched_reconstructor
-from saematch_core.evaluate import MatchingScoreResult, default_methods, matching_scores
-from saematch_core.match import MatchConfig
-from saematch_core.results import (
-    ArrayLike,
+from saematch_core.experiments.inputs import ArrayLike, Inputs
+from saematch_core.experiments.measures.scores import MatchingScoreResult, default_methods, matching_scores
+from saematch_core.experiments.measures.swap import matched_reconstructor
+from saematch_core.experiments.results import (
     JsonResult,
     acts_digest,
     array_rows,
@@ -33,9 +31,10 @@ from saematch_core.results import (
     load_or_compute,
     sae_digest,
 )
+from saematch_core.match import MatchConfig
 from saematch_core.sae import SAE
 
-__all__ = ["SeedCeilingResult", "SeedCeilingRow", "explained_variance", "seed_ceiling"]
+__all__ = ["SeedCeilingConfig", "SeedCeilingResult", "SeedCeilingRow", "explained_variance", "run"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,54 +137,59 @@ def explained_variance(
     return 1.0 - float(total) / variance if variance > 0 else math.nan
 
 
-def seed_ceiling(
-    saes: Mapping[int, SAE],
-    seed_saes: Mapping[int, SAE],
-    activations: Mapping[int, ArrayLike],
-    *,
-    methods: Mapping[str, MatchConfig] | None = None,
-    keep: ArrayLike | None = None,
-    n_null: int = 5,
-    seed: int = 0,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> SeedCeilingResult:
+def _ceiling_methods() -> dict[str, MatchConfig]:
+    base = default_methods()
+    return {k: base[k] for k in ("folded", "unfolded")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeedCeilingConfig:
+    """What :func:`run` measures."""
+
+    methods: Mapping[str, MatchConfig] = field(default_factory=_ceiling_methods)
+    """Name → matching (default ``folded`` and ``unfolded`` of
+    :func:`~saematch_core.experiments.measures.scores.default_methods`)."""
+    family: str = "seed"
+    """The family of ``inputs.families`` that holds the second-seed SAEs (layer → SAE)."""
+    n_null: int = 5
+    """Random matchings of the Matching Score's null."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.methods, Mapping) or not all(
+            isinstance(v, MatchConfig) for v in self.methods.values()
+        ):
+            raise TypeError("SeedCeilingConfig.methods: expected a mapping name → MatchConfig")
+        object.__setattr__(self, "methods", dict(self.methods))
+        if not isinstance(self.n_null, int) or isinstance(self.n_null, bool) or self.n_null < 0:
+            raise ValueError(f"SeedCeilingConfig.n_null: expected an int >= 0, got {self.n_null!r}")
+
+
+def run(inputs: Inputs, config: SeedCeilingConfig | None = None) -> SeedCeilingResult:
     """Matching Scores of same-layer (other seed) and neighbouring-layer matchings.
 
     Parameters
     ----------
-    saes : layer → main SAE.
-    seed_saes : layer → SAE of the same layer trained from another seed.
-    activations : layer → evaluation residuals (n_tokens, d_in), the same tokens for every layer.
-    methods : name → matching (default: ``folded`` and ``unfolded`` of
-        :func:`~saematch_core.evaluate.default_methods`).
-    keep, n_null, seed, cache_dir, force : as in :func:`~saematch_core.evaluate.matching_scores`;
-        the whole result is cached, and so is each Matching Score on its own, so the
-        neighbouring-layer scores are shared with section 2 when its methods and null agree.
+    inputs : ``saes`` (layer → main SAE), ``families[config.family]`` (layer → SAE of the same layer
+        trained from another seed), ``activations`` (the same tokens for every layer) and ``keep``,
+        ``seed``, the result cache. The whole result is cached, and so is each Matching Score on
+        its own, so the neighbouring-layer scores are shared with section 2 when its methods and
+        null agree.
+    config : the matchings and the null.
 
     Examples
     --------
     See ``tests/test_ceiling.py``: an SAE and a copy with permuted features reach the ceiling 1.
     """
-    if methods is None:
-        base = default_methods()
-        methods = {k: base[k] for k in ("folded", "unfolded")}
+    cfg = SeedCeilingConfig() if config is None else config
+    if cfg.family not in inputs.families:
+        have = sorted(inputs.families)
+        raise ValueError(f"SeedCeilingConfig.family: no family {cfg.family!r} in inputs.families {have}")
+    saes, seed_saes, activations = inputs.saes, inputs.families[cfg.family], inputs.activations or {}
+    methods, n_null, keep = cfg.methods, cfg.n_null, inputs.keep
     layers = sorted(set(seed_saes) & set(saes) & set(activations))
 
     def score(la: int, lb: int, a: SAE, b: SAE) -> MatchingScoreResult:
-        return matching_scores(
-            a,
-            b,
-            activations[la],
-            activations[lb],
-            methods,
-            layers=(la, lb),
-            keep=keep,
-            n_null=n_null,
-            seed=seed,
-            cache_dir=cache_dir,
-        )
+        return matching_scores(inputs, (la, lb), methods, saes=(a, b), n_null=n_null)
 
     def ev_self(sae: SAE, layer: int) -> float:
         acts = activations[layer]
@@ -193,7 +197,7 @@ def seed_ceiling(
 
     def ev_swap(a: SAE, b: SAE, cfg: MatchConfig, source: int, target: int) -> float:
         return explained_variance(
-            matched_reconstructor(a, b, cfg, cache_dir=cache_dir),
+            matched_reconstructor(a, b, cfg, cache_dir=inputs.cache_dir),
             activations[source],
             activations[target],
             keep=keep,
@@ -207,12 +211,12 @@ def seed_ceiling(
         "keep": None if keep is None else acts_digest(keep),
         "methods": {k: v.to_dict() for k, v in methods.items()},
         "n_null": n_null,
-        "seed": seed,
+        "seed": inputs.seed,
     }
 
     def compute() -> SeedCeilingResult:
         rows = []
-        for t in tqdm(layers, desc="seed ceiling", disable=not progress):
+        for t in tqdm(layers, desc="seed ceiling", disable=not inputs.progress):
             same = score(t, t, saes[t], seed_saes[t])
             prev = score(t - 1, t, saes[t - 1], saes[t]) if t - 1 in saes and t - 1 in activations else None
             nxt = score(t, t + 1, saes[t], saes[t + 1]) if t + 1 in saes and t + 1 in activations else None
@@ -235,4 +239,4 @@ def seed_ceiling(
                 )
         return SeedCeilingResult(rows=tuple(rows))
 
-    return load_or_compute(SeedCeilingResult, spec, compute, cache_dir=cache_dir, force=force)
+    return load_or_compute(SeedCeilingResult, spec, compute, cache_dir=inputs.cache_dir, force=inputs.force)

@@ -35,7 +35,7 @@ Cost: one clean forward pass per (layer, batch) records ``h_{t−1}``, ``h_t``, 
 the exact arguments every block was called with; each scheme then runs only blocks ``t+1 …`` and
 the final norm and unembedding on ``ĥ_t``. That shortcut is checked once per call against the full
 model with a forward hook (:func:`replaced_layer`), and the full model is used when they disagree.
-Results are cached per (layer, scheme) under :func:`saematch_core.results.result_path`: a rerun is
+Results are cached per (layer, scheme) under :func:`saematch_core.experiments.results.result_path`: a rerun is
 instant, an interrupted run resumes at the layer it stopped in, and adding a scheme computes only it.
 """
 
@@ -44,9 +44,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
@@ -54,7 +53,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from saematch_core.fold import fold
+from saematch_core.experiments.inputs import Inputs
+from saematch_core.experiments.measures.swap import matched_pair, permute_codes
+from saematch_core.experiments.results import (
+    JsonResult,
+    finite_mean,
+    model_digest,
+    read_result,
+    result_path,
+    sae_digest,
+    tensor_digest,
+    write_result,
+)
 from saematch_core.match import MatchConfig, MatchResult
 from saematch_core.models import (
     ForwardCapture,
@@ -63,16 +73,6 @@ from saematch_core.models import (
     replace_residual,
     run_suffix,
     suffix_reproduces,
-)
-from saematch_core.results import (
-    JsonResult,
-    cached_match,
-    model_digest,
-    read_result,
-    result_path,
-    sae_digest,
-    tensor_digest,
-    write_result,
 )
 from saematch_core.sae import SAE
 
@@ -85,13 +85,13 @@ __all__ = [
     "Scheme",
     "SchemeKind",
     "SweepRow",
-    "approximate_layers",
     "default_schemes",
     "hybrid_schemes",
     "l0_sweep",
     "loss_split",
-    "matched_reconstructor",
     "replaced_layer",
+    "run",
+    "scheme_means",
 ]
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def hybrid_schemes(quantiles: Sequence[float], match: MatchConfig | None = None)
 
 @dataclass(frozen=True, kw_only=True)
 class ApproximationConfig:
-    """Settings of :func:`approximate_layers`."""
+    """Settings of :func:`run` (and :func:`l0_sweep`)."""
 
     schemes: tuple[Scheme, ...] = field(default_factory=default_schemes)
     """The approximations to evaluate, all on the same tokens. Labels must be unique."""
@@ -217,6 +217,8 @@ class ApproximationConfig:
     suffix: bool = True
     """Run only blocks ``t+1 …`` on ``ĥ_t`` (checked against the full model once); ``False`` runs the
     full model with a forward hook for every scheme (the slow reference)."""
+    layers: tuple[int, ...] | None = None
+    """Blocks ``t`` whose output is replaced; ``None``: every ``t ≥ 1`` whose SAEs the schemes need."""
 
     def __post_init__(self) -> None:
         schemes = tuple(self.schemes)
@@ -248,6 +250,12 @@ class ApproximationConfig:
             raise ValueError(f"ApproximationConfig.ridge: expected a number >= 0, got {self.ridge!r}")
         if not isinstance(self.suffix, bool):
             raise TypeError(f"ApproximationConfig.suffix: expected a bool, got {self.suffix!r}")
+        if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.layers
+            ):
+                raise TypeError(f"ApproximationConfig.layers: expected a tuple of ints, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(self.layers))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,6 +335,22 @@ class LossSplit:
     """``total − reconstruction``."""
 
 
+def scheme_means(
+    results: Mapping[str, ApproximationResult], schemes: Sequence[str], labels: Mapping[str, str]
+) -> tuple[list[str], Sequence[tuple[object, ...]]]:
+    """Headers and rows: per scheme (named by ``labels`` where given), ΔL and explained variance
+    averaged over every corpus and layer of ``results`` (corpus → result)."""
+    rows = [
+        (
+            labels.get(s, s),
+            f"{finite_mean([v for r in results.values() for v in r.series(s, 'delta_loss')]):.3f}",
+            f"{finite_mean([v for r in results.values() for v in r.series(s, 'explained_variance')]):.3f}",
+        )
+        for s in schemes
+    ]
+    return ["scheme", "mean ΔL (nats/token)", "mean explained variance"], rows
+
+
 def loss_split(
     result: ApproximationResult, scheme: str = "match_folded", reference: str = "encdec_current"
 ) -> tuple[LossSplit, ...]:
@@ -364,26 +388,24 @@ class L0SweepResult(JsonResult):
 
 
 def l0_sweep(
-    model: nn.Module,
-    tokens: Tensor,
-    variants: Mapping[str, tuple[SAE, SAE]],
-    layer: int,
+    inputs: Inputs,
     config: ApproximationConfig | None = None,
-    **kwargs: Any,
+    *,
+    layer: int,
+    variants: Mapping[str, tuple[SAE, SAE]],
 ) -> L0SweepResult:
-    """Every scheme at one layer for several SAE pairs ``(SAE t−1, SAE t)``, e.g. one per L0 target
-    (Fig. 14). ``kwargs`` go to :func:`approximate_layers` (``fit_tokens``, ``cache_dir``, ...); each
-    variant is cached there."""
+    """Every scheme at one ``layer`` for several SAE pairs ``(SAE t−1, SAE t)``, e.g. one per L0
+    target (Fig. 14), each in place of ``inputs.saes``; each variant is cached by :func:`run`."""
     if not variants:
         raise ValueError("variants: expected at least one (SAE t−1, SAE t) pair")
+    cfg = replace(ApproximationConfig() if config is None else config, layers=(layer,))
     rows = []
     for name, pair in variants.items():
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise TypeError(
                 f"variants[{name!r}]: expected a (SAE t−1, SAE t) tuple, got {type(pair).__name__}"
             )
-        saes = {layer - 1: pair[0], layer: pair[1]}
-        res = approximate_layers(model, tokens, saes, config, layers=[layer], **kwargs)
+        res = run(inputs.replace(saes={layer - 1: pair[0], layer: pair[1]}), cfg)
         rows.extend(SweepRow(variant=str(name), row=r) for r in res.rows)
     return L0SweepResult(layer=layer, rows=tuple(rows))
 
@@ -473,14 +495,6 @@ class _Prepared:
     linear: tuple[Tensor, Tensor] | None = None
 
 
-def _permute_codes(codes: Tensor, perm: Tensor, width: int) -> Tensor:
-    """Move codes of SAE t−1 into SAE t's feature order; unmatched features are dropped and partners
-    shared by several features (greedy) receive the sum."""
-    keep = (perm >= 0).nonzero().flatten()
-    out = codes.new_zeros((*codes.shape[:-1], width))
-    return out.index_add_(-1, perm[keep], codes.index_select(-1, keep))
-
-
 def _well_matched(result: MatchResult, quantile: float) -> Tensor:
     """Bool (F_A,): the round(q·F_A) features with the lowest cost (unmatched ones never)."""
     cost = torch.where(result.perm >= 0, result.cost, torch.full_like(result.cost, math.inf))
@@ -512,38 +526,11 @@ def _scheme_state(scheme: Scheme, prep: _Prepared, h_prev: Tensor | None, h_cur:
     perm = result.perm.to(h_prev.device)
     codes = prev.encode(h_prev)
     if kind == "match":
-        return cur.decode(_permute_codes(codes, perm, cur.d_sae))
+        return cur.decode(permute_codes(codes, perm, cur.d_sae))
     assert scheme.quantile is not None
     well = _well_matched(result, scheme.quantile).to(codes.device)
-    moved = _permute_codes(codes * well, perm, cur.d_sae) @ cur.W_dec
+    moved = permute_codes(codes * well, perm, cur.d_sae) @ cur.W_dec
     return moved + (codes * ~well) @ prev.W_dec + cur.b_dec
-
-
-def matched_reconstructor(
-    sae_a: SAE, sae_b: SAE, config: MatchConfig, *, cache_dir: str | Path | None = None
-) -> Callable[[Tensor], Tensor]:
-    """SAE Match's stand-in for the state SAE B reads, as a function ``h_a ↦ decode_B(P(encode_A(h_a)))``.
-
-    The replacement of Figs. 10/11 without the model: encode ``h_a`` (n, d_in) with SAE A, move the
-    codes to B's feature order with the matching (:func:`~saematch_core.results.cached_match`;
-    folded SAEs where the matching folds), decode with SAE B; returns (n, d_in). The matching is
-    looked up once, here, so the function can be applied chunk after chunk.
-    """
-    a, b, result = _matched_pair(sae_a, sae_b, config, cache_dir)
-
-    def reconstruct(h_a: Tensor) -> Tensor:
-        return b.decode(_permute_codes(a.encode(h_a), result.perm.to(h_a.device), b.d_sae))
-
-    return reconstruct
-
-
-def _matched_pair(
-    prev: SAE, cur: SAE, cfg: MatchConfig, cache_dir: str | Path | None
-) -> tuple[SAE, SAE, MatchResult]:
-    result = cached_match(prev, cur, cfg, cache_dir)
-    use_prev = fold(prev) if result.folded[0] else prev
-    use_cur = fold(cur) if result.folded[1] else cur
-    return use_prev, use_cur, result
 
 
 # ----------------------------------------------------------------------------------- accumulation
@@ -701,38 +688,19 @@ def _fit_linear(
     return out
 
 
-def approximate_layers(
-    model: nn.Module,
-    tokens: Tensor,
-    saes: Mapping[int, SAE],
-    config: ApproximationConfig | None = None,
-    *,
-    layers: Sequence[int] | None = None,
-    token_mask: Tensor | None = None,
-    fit_tokens: Tensor | None = None,
-    fit_mask: Tensor | None = None,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> ApproximationResult:
+def run(inputs: Inputs, config: ApproximationConfig | None = None) -> ApproximationResult:
     """ΔL and explained variance of every scheme at every layer (see the module docstring).
 
     Parameters
     ----------
-    model : transformers causal LM in eval mode (Llama, Gemma 2).
-    tokens : LongTensor, shape (n_chunks, seq)
-        Evaluation chunks; position 0 of each is never counted.
-    saes : layer index → SAE of the residual after that block (``d_in = d_model``).
-    config : ApproximationConfig, optional
-    layers : blocks to replace; default every ``t ≥ 1`` whose SAEs the schemes need.
-    token_mask : BoolTensor, shape (n_chunks, seq), optional
-        False for padding; default all True.
-    fit_tokens, fit_mask : chunks for the ``linear`` scheme's least squares (required with it);
-        keep them disjoint from ``tokens``.
-    cache_dir : root of the result cache (default ``cache_root()/results``); one file per
-        (layer, scheme), so an interrupted run resumes and a new scheme costs only itself.
-    force : recompute even when cached.
-    progress : show a tqdm bar.
+    inputs : ``model`` (a transformers causal LM in eval mode: Llama, Gemma 2), ``tokens`` (the
+        evaluation chunks; position 0 of each is never counted; mask False on padding), ``saes``
+        (layer index → SAE of the residual after that block, ``d_in = d_model``), ``fit_tokens``
+        (chunks for the ``linear`` scheme's least squares, required with it; keep them disjoint
+        from ``tokens``), the result cache (one file per (layer, scheme), so an interrupted run
+        resumes and a new scheme costs only itself), ``force`` and ``progress``.
+    config : the schemes, the replaced layers (default every ``t ≥ 1`` whose SAEs the schemes
+        need) and how the tokens are counted.
 
     Returns
     -------
@@ -742,6 +710,10 @@ def approximate_layers(
     config = ApproximationConfig() if config is None else config
     if not isinstance(config, ApproximationConfig):
         raise TypeError(f"config: expected an ApproximationConfig, got {type(config).__name__}")
+    model, (tokens, token_mask) = inputs.require_model()
+    saes, layers, cache_dir = inputs.saes, config.layers, inputs.cache_dir
+    fit_tokens, fit_mask = inputs.fit_tokens if inputs.fit_tokens is not None else (None, None)
+    force, progress = inputs.force, inputs.progress
     tokens, token_mask = _check_tokens("tokens", tokens, token_mask)
     schemes = config.schemes
     uses_prev = any(s.needs_previous for s in schemes)
@@ -890,7 +862,7 @@ def _approximate_layer(
             # A grid of hybrid schemes shares one matching.
             key = repr(sorted(s.match.to_dict().items()))
             if key not in memo:
-                memo[key] = _matched_pair(prev, cur, s.match, state.get("cache_dir"))
+                memo[key] = matched_pair(prev, cur, s.match, state.get("cache_dir"))
             prep.matched[s.label] = memo[key]
     need_prev = any(s.needs_previous for s in config.schemes)
     accs: dict[str, _Acc] = {}
