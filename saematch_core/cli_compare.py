@@ -103,7 +103,7 @@ def _add_compare_flags(p: argparse.ArgumentParser, *, others: bool = True, data:
         "--epsilon",
         type=float,
         default=d.sinkhorn.epsilon,
-        help="Sinkhorn's ε, in units of the mean pair cost (default: %(default)s)",
+        help="Sinkhorn's ε, in units of the median pair cost (default: %(default)s)",
     )
     if data:
         g.add_argument(
