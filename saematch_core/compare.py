@@ -435,13 +435,16 @@ def _pct(x: float) -> str:
 
 
 def write_records_json(path: Path, doc: Mapping[str, Any]) -> None:
-    """Write ``doc`` as JSON atomically; a list of records or of lists is written one item per line
-    (readable at F = 65536, where one field per line would take millions of lines)."""
+    """Write ``doc`` as JSON atomically; a top-level list of records or of lists is written one item
+    per line and a list of numbers on one line (readable at F = 65536, where one field per line would
+    take millions of lines)."""
     parts = []
     for key, value in doc.items():
         if isinstance(value, list) and value and isinstance(value[0], (dict, list)):
             rows = ",\n".join("  " + json.dumps(v, allow_nan=False) for v in value)
             parts.append(f" {json.dumps(key)}: [\n{rows}\n ]")
+        elif isinstance(value, list):
+            parts.append(f" {json.dumps(key)}: {json.dumps(value, allow_nan=False)}")
         else:
             text = json.dumps(value, indent=1, allow_nan=False).replace("\n", "\n ")
             parts.append(f" {json.dumps(key)}: {text}")
