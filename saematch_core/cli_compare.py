@@ -174,14 +174,17 @@ def run_compare(args: argparse.Namespace) -> int:
                 f"{arrays[1].shape[0]} rows"
             )
         acts = (arrays[0], arrays[-1])
-    report = compare(
-        a,
-        b,
-        cfg,
-        activations=acts,
-        sources=(sae_info(a, args.a, fa), sae_info(b, args.b, fb)),
-        cache_dir=args.cache_dir,
-    )
+    try:
+        report = compare(
+            a,
+            b,
+            cfg,
+            activations=acts,
+            sources=(sae_info(a, args.a, fa), sae_info(b, args.b, fb)),
+            cache_dir=args.cache_dir,
+        )
+    except ImportError as exc:  # e.g. POT for the sinkhorn matcher
+        raise ValueError(str(exc)) from exc
     html_path: Path | None = args.html
     page = None
     if html_path is not None:
@@ -319,9 +322,12 @@ def run_suite_command(args: argparse.Namespace) -> int:
     if args.out is not None:
         _cli._check_out(args.out, args.force, (".json",))
     jobs = load_jobs(args.jobs)
-    result = run_suite(
-        jobs, args.cache_dir, scheduler=args.scheduler, workers=args.workers, n_workers=args.n_workers
-    )
+    try:
+        result = run_suite(
+            jobs, args.cache_dir, scheduler=args.scheduler, workers=args.workers, n_workers=args.n_workers
+        )
+    except ImportError as exc:  # an optional extra is missing: say which, in one line
+        raise ValueError(str(exc)) from exc
     if args.out is not None:
         result.to_json(args.out)
     print(

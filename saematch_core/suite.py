@@ -47,6 +47,7 @@ __all__ = [
     "adjacent_jobs",
     "all_pair_jobs",
     "load_jobs",
+    "local_cluster",
     "run_job",
     "run_suite",
 ]
@@ -270,22 +271,30 @@ def _run_threads(jobs: Sequence[SuiteJob], cache_dir: Path, workers: int | None)
     return [_outcome(i, j, paths[i], cached[i], seconds, solved[i]) for i, j in enumerate(jobs)]
 
 
+_NEEDS_DISTRIBUTED = (
+    "--scheduler: running on a Dask cluster needs dask.distributed: pip install 'saematch[cluster]'"
+)
+
+
+def local_cluster(n_workers: int = 2) -> Any:
+    """A Dask ``LocalCluster`` of ``n_workers`` processes with one thread each (each solve already
+    uses its process's cores through BLAS and numba) and no dashboard; close it when done."""
+    try:
+        from distributed import LocalCluster
+    except ImportError as exc:
+        raise ImportError(_NEEDS_DISTRIBUTED) from exc
+    # dashboard_address=None is documented (no dashboard); the stubs only allow str.
+    options: dict[str, Any] = {"dashboard_address": None}
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, **options)
+
+
 def _run_dask(jobs: Sequence[SuiteJob], cache_dir: Path, scheduler: str, n_workers: int) -> list[JobOutcome]:
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError as exc:
-        raise ImportError(
-            "--scheduler: running on a Dask cluster needs dask.distributed: pip install 'saematch[cluster]'"
-        ) from exc
-    cluster = None
-    if scheduler == "local":
-        # One thread per worker process: each solve already uses the process's cores (BLAS, numba).
-        # No dashboard (documented as dashboard_address=None; the stubs only allow str).
-        options: dict[str, Any] = {"dashboard_address": None}
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, **options)
-        client = Client(cluster)
-    else:
-        client = Client(scheduler)
+        raise ImportError(_NEEDS_DISTRIBUTED) from exc
+    cluster = local_cluster(n_workers) if scheduler == "local" else None
+    client = Client(cluster if cluster is not None else scheduler)
     try:
         futures = client.map(
             _run_job_dict,
