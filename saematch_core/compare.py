@@ -419,10 +419,11 @@ class CompareReport(JsonResult):
         if agree:
             lines.append(f"agreement with {s.matcher}: {agree}")
         if s.n_tokens:
-            scores = ", ".join(f"{m.name} {m.score:.3f}" for m in s.matchers)
+            scores = ", ".join(f"{m.name} {_num(m.score)}" for m in s.matchers)
             lines.append(
-                f"data ({s.n_tokens} tokens): P(partner active) matched {s.score_matched:.3f}, "
-                f"not matched {s.score_unmatched:.3f}, random {s.score_random:.3f}; Matching Score {scores}"
+                f"data ({s.n_tokens} tokens): P(partner active) matched {_num(s.score_matched)}, "
+                f"not matched {_num(s.score_unmatched)}, random {_num(s.score_random)}; "
+                f"Matching Score {scores}"
             )
         return lines
 
@@ -432,6 +433,10 @@ _SCHEMA_VERSION = 1
 
 def _pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _num(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
 def write_records_json(path: Path, doc: Mapping[str, Any]) -> None:

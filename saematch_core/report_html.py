@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from saematch_core.cache import atomic_write_text
-from saematch_core.compare import CompareReport
+from saematch_core.compare import CompareReport, _pct
 
 __all__ = ["MAX_POINTS", "report_html", "write_html_report"]
 
@@ -45,7 +45,7 @@ def report_html(report: CompareReport) -> str:
         ("features of A / B", f"{s.n_a} / {s.n_b}"),
         ("matcher", s.matcher),
         ("pairs", s.n_pairs),
-        (f"matched at FDR {s.alpha:g}", f"{s.n_matched} ({_fmt(s.fraction_matched)})"),
+        (f"matched at FDR {s.alpha:g}", f"{s.n_matched} ({_pct(s.fraction_matched)})"),
         ("largest relative cost called matched", s.threshold),
         ("median best chance relative cost (null)", s.null_median),
         ("median cost", s.cost["median"]),
