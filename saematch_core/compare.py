@@ -117,9 +117,10 @@ class CompareConfig:
     """False-discovery rate of the verdicts (Benjamini–Hochberg)."""
     n_null: int = 2
     """Random rotations of B in the null (each gives F_A null samples)."""
-    level: float = 0.01
-    """Links (families) have a relative cost below the ``level`` quantile of the null: an unrelated
-    feature gets a spurious link with probability about ``level``."""
+    level: float = 0.001
+    """Links (families) have a relative cost below the ``level`` quantile of the null: a feature gets
+    a spurious link with probability about ``level`` (so about ``level × F_A`` spurious families;
+    the book's split analysis uses 0.01)."""
     seed: int = 0
     """Seed of the rotations and of the random partners of the data check."""
     n_random: int = 5

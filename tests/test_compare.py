@@ -142,3 +142,20 @@ def test_matcher_scores_by_layer_scores_every_matcher_per_pair() -> None:
         for name in ("saematch", "cosine", "greedy", "sinkhorn"):
             assert r.row(name).matching_score == pytest.approx(1.0)
         assert r.row("random").matching_score < 0.9
+
+
+@pytest.mark.slow
+def test_matcher_scores_on_the_smoke_profile(tmp_path: Path) -> None:
+    """What the book's matcher comparison computes, on the real smoke substrate (prepare: ~1 min cold)."""
+    from saematch_core.study import load_study
+
+    study = load_study("smoke", cache_dir=tmp_path)
+    out = matcher_scores_by_layer(
+        study.saes, study.activations(), keep=study.keep(), cache_dir=study.results_dir
+    )
+    assert [(r.layer_a, r.layer_b) for r in out] == list(study.pairs)
+    for r in out:
+        assert [row.method for row in r.rows] == ["saematch", "cosine", "greedy", "sinkhorn", "random"]
+        for name in ("saematch", "cosine", "greedy", "sinkhorn"):
+            assert r.row(name).n_pairs > 0 and 0.0 <= r.row(name).matching_score <= 1.0
+    assert np.mean([r.row("saematch").matching_score - r.row("random").matching_score for r in out]) > 0
