@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -146,6 +146,7 @@ class IdRecord:
     b_to_a_best: bool
     """``a`` is ``b``'s most similar feature of A."""
     mutual: bool
+    """Both flags: ``a`` and ``b`` are each other's most similar feature (False without a pair)."""
 
 
 def id_records(report: CompareReport, order: Tensor) -> tuple[IdRecord, ...]:
@@ -159,11 +160,10 @@ def id_records(report: CompareReport, order: Tensor) -> tuple[IdRecord, ...]:
     for t, j in enumerate(order.tolist()):
         p = by_b.get(j)
         if p is None:
-            best = report.b_to_a[j]
             rows.append(
                 IdRecord(
                     a=-1, b=j, b_aligned=t, cost=nan, relative_cost=nan, verdict="unmatched", q_value=nan,
-                    margin=nan, a_to_b_best=False, b_to_a_best=False, mutual=best.mutual,
+                    margin=nan, a_to_b_best=False, b_to_a_best=False, mutual=False,
                 )
             )  # fmt: skip
             continue
@@ -180,7 +180,7 @@ def id_records(report: CompareReport, order: Tensor) -> tuple[IdRecord, ...]:
             rows.append(
                 IdRecord(
                     a=i, b=-1, b_aligned=-1, cost=nan, relative_cost=nan, verdict="unmatched", q_value=nan,
-                    margin=nan, a_to_b_best=False, b_to_a_best=False, mutual=report.a_to_b[i].mutual,
+                    margin=nan, a_to_b_best=False, b_to_a_best=False, mutual=False,
                 )
             )  # fmt: skip
     return tuple(rows)
@@ -308,14 +308,7 @@ def write_permuted(
     root = _root(src, fmt)
     order = torch.as_tensor(order, dtype=torch.long).cpu()
     d_sae = int(order.numel())
-    if root.is_file() and out.suffix != root.suffix:
-        raise ValueError(
-            f"--out: B is one {root.suffix} file; expected a path ending in {root.suffix}, got {out}"
-        )
-    if out.exists() and not force:
-        raise FileExistsError(f"--out: {out} exists; pass --force to overwrite")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out: folder {out.parent} does not exist")
+    _check_out(root, out, force)
     # Where the loader looks inside the copy: the same relative place as in the original.
     inner = src.relative_to(root) if src != root and src.is_relative_to(root) else Path()
     if root.is_file():
@@ -345,6 +338,17 @@ def write_permuted(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out / inner
+
+
+def _check_out(root: Path, out: Path, force: bool) -> None:
+    if root.is_file() and out.suffix != root.suffix:
+        raise ValueError(
+            f"--out: B is one {root.suffix} file; expected a path ending in {root.suffix}, got {out}"
+        )
+    if out.exists() and not force:
+        raise FileExistsError(f"--out: {out} exists; pass --force to overwrite")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out: folder {out.parent} does not exist")
 
 
 def _check_copy(path: Path, fmt: str, expected: SAE) -> None:
@@ -404,9 +408,7 @@ def align(
     -------
     AlignResult
     """
-    cfg = CompareConfig(others=()) if config is None else config
-    if cfg.others:
-        cfg = CompareConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "others": ()})
+    cfg = CompareConfig(others=()) if config is None else replace(config, others=())
     if not cfg.matcher_for(cfg.matcher).one_to_one:
         raise ValueError(
             f"--matcher: {cfg.matcher!r} may give one feature of B to several of A; aligning needs a "
@@ -419,10 +421,9 @@ def align(
             raise FileExistsError(f"--ids: {path} exists; pass --force to overwrite")
         if not path.parent.is_dir():
             raise FileNotFoundError(f"--ids: folder {path.parent} does not exist")
-    if out.exists() and not force:
-        raise FileExistsError(f"--out: {out} exists; pass --force to overwrite")
     a_local, a_fmt = resolve_local(a_spec, format_a)
     b_local, b_fmt = resolve_local(b_spec, format_b)
+    _check_out(_root(b_local, b_fmt), out, force)  # before any work
     a, b = load_sae(a_local, format=a_fmt), load_sae(b_local, format=b_fmt)
     report = compare(
         a, b, cfg, sources=(sae_info(a, a_spec, a_fmt), sae_info(b, b_spec, b_fmt)), cache_dir=cache_dir

@@ -127,7 +127,8 @@ class JobOutcome:
     status: str
     """``solved`` or ``cached`` (found in the store, not recomputed)."""
     seconds: float
-    """Wall-clock time of the job on its worker, loading included."""
+    """Wall-clock time of the job on its worker, loading included (``threads``: the run's wall time
+    divided by the number of jobs, as the solves overlap)."""
     total_cost: float
     n_matched: int
     shape: tuple[int, int]
