@@ -21,7 +21,6 @@ from saematch_core.results import (
     cached_match,
     cached_matches,
     finite_mean,
-    parallel_map,
     sae_digest,
 )
 from saematch_core.results import _match_path as match_path
@@ -42,7 +41,6 @@ __all__ = [
     "match_path",
     "matching_scores",
     "pair_metrics",
-    "parallel_map",
     "random_partners",
     "relative_cost_chunks",
     "sae_digest",
