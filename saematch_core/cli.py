@@ -512,3 +512,42 @@ register_command(
     configure=_configure_prepare,
     run=_run_prepare,
 )
+
+
+def _deferred(name: str) -> Callable[[Any], Any]:
+    """``saematch_core.cli_compare.<name>``, imported when first called (that module imports this one)."""
+
+    def call(arg: Any) -> Any:
+        from saematch_core import cli_compare
+
+        return getattr(cli_compare, name)(arg)
+
+    return call
+
+
+register_command(
+    "compare",
+    help="compare two SAEs: exact matching, a calibrated verdict per pair, best matches both ways, split "
+    "families, agreement between matchers, optional data check; JSON and offline HTML report",
+    configure=_deferred("configure_compare"),
+    run=_deferred("run_compare"),
+)
+register_command(
+    "align",
+    help="write SAE B with its features in A's order, in B's own format, plus an ID map (CSV and JSON)",
+    configure=_deferred("configure_align"),
+    run=_deferred("run_align"),
+)
+register_command(
+    "chain",
+    help="give every feature a stable chain ID along a sequence of SAEs (a chain ends where the verdict "
+    "says a pair is not matched)",
+    configure=_deferred("configure_chain"),
+    run=_deferred("run_chain"),
+)
+register_command(
+    "suite",
+    help="solve a job list of matchings on this machine or a Dask cluster, skipping results already stored",
+    configure=_deferred("configure_suite"),
+    run=_deferred("run_suite_command"),
+)

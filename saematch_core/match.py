@@ -331,7 +331,9 @@ class MatchResult:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
         result = cls.from_dict(data, source=str(path))
-        return check_match_result(result, details=data.get("details"), source=path)
+        body = data.get("data")
+        pairs = body.get("pairs") if isinstance(body, dict) else data.get("details")  # layout 2 or 1
+        return check_match_result(result, pairs=pairs, source=path)
 
     # ------------------------------------------------------------------ safetensors
     def save(self, path: str | os.PathLike[str], *, git_commit: str | None = None) -> Path:

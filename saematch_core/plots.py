@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "scatter",
     "show",
     "show_table",
+    "standalone_html",
     "table_html",
     "to_html",
 ]
@@ -435,6 +437,31 @@ def table_html(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f'<table class="saematch-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+_PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table.saematch-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+table.saematch-table th, table.saematch-table td {
+  border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left;
+}
+table.saematch-table th { background: #f3f3f3; }
+"""
+
+
+def standalone_html(title: str, body: str) -> str:
+    """A complete HTML page that works offline: plotly.js inline (from the installed plotly package,
+    the same file the book serves), a small style sheet, then ``body`` (fragments of :func:`to_html`
+    and :func:`table_html`, or any HTML). The page requests nothing from the network.
+    """
+    js = Path(go.__file__).parent.parent / "package_data" / "plotly.min.js"
+    if not js.is_file():
+        raise FileNotFoundError(f"{js}: plotly.min.js is missing from the installed plotly package")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_PAGE_STYLE}</style>\n"
+        f"<script>{js.read_text(encoding='utf-8')}</script>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 def _display_html(fragment: str) -> None:

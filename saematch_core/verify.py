@@ -38,9 +38,9 @@ __all__ = ["check_match_result", "read_cached_match", "write_cached_match"]
 
 logger = logging.getLogger(__name__)
 
-_MANY_TO_ONE = ("greedy",)
-"""Solvers whose result maps every feature of A and may repeat partners; every other solver gives a
-one-to-one matching of the smaller side."""
+_MANY_TO_ONE = ("greedy", "sinkhorn")
+"""Solvers whose result maps every feature of A and may repeat partners (greedy top-1; entropic OT
+read out by row argmax); every other solver gives a one-to-one matching of the smaller side."""
 _REL_TOL = 1e-6
 _ABS_TOL = 1e-12
 
@@ -50,7 +50,7 @@ def check_match_result(
     a: SAE | None = None,
     b: SAE | None = None,
     *,
-    details: Sequence[Mapping[str, Any]] | None = None,
+    pairs: Sequence[Mapping[str, Any]] | None = None,
     source: str | os.PathLike[str] = "MatchResult",
 ) -> MatchResult:
     """Return ``result`` unchanged if it is a consistent matching, else raise naming what is wrong.
@@ -61,7 +61,7 @@ def check_match_result(
     a, b : the two SAEs it matched; when both are given, every matched pair's cost is recomputed
         from their parameters (same folding, parameters and metric as the result's config) and
         compared with the stored cost.
-    details : the raw ``details`` records of a JSON file (``{a, b, cost}``), to find rows that name an
+    pairs : the raw ``pairs`` records of a JSON file (``{a, b, cost}``), to find rows that name an
         A feature twice or outside ``[0, F_A)`` (reading them into ``perm`` would hide that).
     source : the file, for messages.
 
@@ -70,25 +70,25 @@ def check_match_result(
     DamagedFileError
         One message naming ``source`` and the first inconsistency found.
     """
-    problem = _problem(result, a, b, details)
+    problem = _problem(result, a, b, pairs)
     if problem is not None:
         raise DamagedFileError(f"{source}: not a consistent matching: {problem}")
     return result
 
 
 def _problem(
-    result: MatchResult, a: SAE | None, b: SAE | None, details: Sequence[Mapping[str, Any]] | None
+    result: MatchResult, a: SAE | None, b: SAE | None, pairs: Sequence[Mapping[str, Any]] | None
 ) -> str | None:
     f_a, f_b = result.shape
     perm, cost = result.perm.cpu(), result.cost.cpu()
-    if details is not None:
-        rows = [rec.get("a") for rec in details]
+    if pairs is not None:
+        rows = [rec.get("a") for rec in pairs]
         bad = [r for r in rows if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < f_a]
         if bad:
-            return f"details: row a={bad[0]!r} is not a feature of A (expected 0..{f_a - 1})"
+            return f"pairs: row a={bad[0]!r} is not a feature of A (expected 0..{f_a - 1})"
         if len(set(rows)) != len(rows):
             twice = next(r for r in rows if rows.count(r) > 1)
-            return f"details: A feature {twice} appears in {rows.count(twice)} rows"
+            return f"pairs: A feature {twice} appears in {rows.count(twice)} rows"
     matched = perm >= 0
     used = perm[matched]
     values, counts = torch.unique(used, return_counts=True)

@@ -27,32 +27,32 @@ def _pair(f_a: int = 12, f_b: int = 12) -> tuple[SAE, SAE]:
 
 
 def _swap(data: dict[str, Any]) -> None:
-    rows = data["details"]
+    rows = data["data"]["pairs"]
     rows[0]["b"], rows[1]["b"] = rows[1]["b"], rows[0]["b"]
 
 
 def _share(data: dict[str, Any]) -> None:
-    data["details"][1]["b"] = data["details"][0]["b"]
+    data["data"]["pairs"][1]["b"] = data["data"]["pairs"][0]["b"]
 
 
 def _delete(data: dict[str, Any]) -> None:
-    data["details"] = data["details"][:-3]
+    data["data"]["pairs"] = data["data"]["pairs"][:-3]
 
 
 def _flag(data: dict[str, Any]) -> None:
-    data["is_permutation"] = False
+    data["data"]["is_permutation"] = False
 
 
 def _total(data: dict[str, Any]) -> None:
-    data["metrics"]["total_cost"] *= 0.5
+    data["data"]["total_cost"] *= 0.5
 
 
 def _row_twice(data: dict[str, Any]) -> None:
-    data["details"].append(dict(data["details"][0]))
+    data["data"]["pairs"].append(dict(data["data"]["pairs"][0]))
 
 
 def _nan_cost(data: dict[str, Any]) -> None:
-    data["details"][2]["cost"] = None
+    data["data"]["pairs"][2]["cost"] = None
 
 
 EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
@@ -64,7 +64,7 @@ EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ),
     ("flag", _flag, "is_permutation is false, but no feature of B is used twice"),
     ("total", _total, "total_cost is .*, the per-pair costs sum to"),
-    ("row_twice", _row_twice, "details: A feature 0 appears in 2 rows"),
+    ("row_twice", _row_twice, "pairs: A feature 0 appears in 2 rows"),
 ]
 
 
