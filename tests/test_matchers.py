@@ -82,7 +82,7 @@ def test_sinkhorn_at_small_epsilon_recovers_a_planted_permutation_greedy_misses(
     plan, info = sinkhorn_plan(x, y, metric="cosine")  # the default ε = 0.01
     assert info["log_domain"] == 0.0
     assert torch.equal(plan.argmax(1), inv)
-    exact = torch.as_tensor(lap.linear_assignment((x @ y.T).numpy(), maximize=True)[1])
+    exact = torch.as_tensor(lap.linear_sum_assignment((x @ y.T).numpy(), maximize=True)[1])
     assert torch.equal(exact, inv)  # ε → 0 tends to this: the optimal assignment of the same cost
 
 
