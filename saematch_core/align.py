@@ -54,7 +54,7 @@ from saematch_core.compare import (
 )
 from saematch_core.compose import compose, invert
 from saematch_core.errors import SAEFormatError, SAEValidationError
-from saematch_core.formats import HUB_PREFIX, detect_format, fetch_hub, load_sae
+from saematch_core.formats import load_sae, resolve
 from saematch_core.formats.llama_scope import find_llama_scope_folder
 from saematch_core.formats.sparsify import find_sparsify_folder
 from saematch_core.sae import SAE
@@ -70,7 +70,6 @@ __all__ = [
     "chain",
     "chain_ids",
     "id_records",
-    "resolve_local",
     "write_id_map",
     "write_permuted",
 ]
@@ -225,16 +224,6 @@ def _json_value(v: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- files
-def resolve_local(spec: str, fmt: str | None = None) -> tuple[Path, str]:
-    """The local file or folder behind an SAE spec (a path, or ``hub:...``, downloaded) and its format."""
-    if spec.startswith(HUB_PREFIX):
-        return fetch_hub(spec, fmt)
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"{spec}: no such file or folder")
-    return path, fmt or detect_format(path)
-
-
 def _root(path: Path, fmt: str) -> Path:
     """The file or folder that holds the whole SAE: what an aligned copy mirrors."""
     if fmt in ("native", "gemma_scope") or (path.is_dir() and fmt != "llama_scope"):
@@ -421,10 +410,10 @@ def align(
             raise FileExistsError(f"--ids: {path} exists; pass --force to overwrite")
         if not path.parent.is_dir():
             raise FileNotFoundError(f"--ids: folder {path.parent} does not exist")
-    a_local, a_fmt = resolve_local(a_spec, format_a)
-    b_local, b_fmt = resolve_local(b_spec, format_b)
+    found_a, found_b = resolve(a_spec, format=format_a), resolve(b_spec, format=format_b)
+    a_fmt, b_local, b_fmt = found_a.format, found_b.path, found_b.format
     _check_out(_root(b_local, b_fmt), out, force)  # before any work
-    a, b = load_sae(a_local, format=a_fmt), load_sae(b_local, format=b_fmt)
+    a, b = load_sae(found_a), load_sae(found_b)
     report = compare(
         a, b, cfg, sources=(sae_info(a, a_spec, a_fmt), sae_info(b, b_spec, b_fmt)), cache_dir=cache_dir
     )
