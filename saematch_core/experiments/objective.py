@@ -84,6 +84,7 @@ from saematch_core.experiments.results import (
     load_or_compute,
     map_layer_pairs,
     model_digest,
+    pair_spec,
     sae_digest,
     tensor_digest,
 )
@@ -98,12 +99,14 @@ __all__ = [
     "BLOCKS",
     "L0MismatchConfig",
     "L0MismatchResult",
+    "LayerL0",
     "MismatchRow",
     "Objective",
     "ObjectiveConfig",
     "ObjectivePairResult",
     "ObjectiveResult",
     "ObjectiveRow",
+    "RetrainResult",
     "RetrainRow",
     "Weighting",
     "block_distances",
@@ -882,7 +885,26 @@ def _next_coef(tried: Sequence[tuple[float, float]], target: float, exponent: fl
             s = (math.log(l1) - math.log(l0)) / (math.log(c1) - math.log(c0))
             if s < 0:
                 slope = s
-    return c1 * math.exp((math.log(target) - math.log(l1)) / slope)
+    step = (math.log(target) - math.log(l1)) / slope
+    # A flat or noisy L0 response would send the secant far away: at most a factor 4 per try.
+    return c1 * math.exp(min(max(step, -math.log(4.0)), math.log(4.0)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerL0(JsonResult):
+    """Mean L0 of one SAE on the kept evaluation rows (cached: 30 layers take a minute to encode)."""
+
+    kind: ClassVar[str] = "layer_l0"
+    layer: int
+    l0: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrainResult(JsonResult):
+    """One retrained pair (cached: each costs one to ``max_tries + 1`` SAE trainings)."""
+
+    kind: ClassVar[str] = "l0_retrain"
+    row: RetrainRow
 
 
 def l0_mismatch(
@@ -903,9 +925,9 @@ def l0_mismatch(
     Returns
     -------
     L0MismatchResult
-        Cached as a whole (keyed by the SAEs, data, model, tokens, training rows and config); the
-        matchings and Matching Scores it needs are shared with the other sections through the
-        result cache.
+        Assembled from cached parts: every layer's L0, every pair's evaluation (shared with
+        :func:`run` when it evaluates the same single objective without references) and every
+        retrained pair.
     """
     cfg = L0MismatchConfig() if config is None else config
     if not isinstance(cfg, L0MismatchConfig):
@@ -915,57 +937,110 @@ def l0_mismatch(
         raise ValueError("inputs: no consecutive layer pairs with SAEs and activations to evaluate")
     scale = paper_scale(inputs.saes, ObjectiveConfig().paper_theta)
     model, (tokens, _) = inputs.require_model()
-    n_layers = max(inputs.saes) + 1
-    spec = {
-        **_token_spec(inputs, cfg.outlier_factor, (None, None)),
-        "pairs": [[la, lb, sae_digest(inputs.saes[la]), sae_digest(inputs.saes[lb])] for la, lb in pairs],
-        "acts": [tensor_digest(np.asarray(inputs.acts(x))) for x in sorted({x for p in pairs for x in p})],
-        "keep": None if inputs.keep is None else tensor_digest(np.asarray(inputs.keep)),
-        "config": {
-            k: v
-            for k, v in _config_dict(cfg).items()
-            if k not in ("batch_size",)  # how it runs, not what it measures
-        },
-        "train_acts": None
-        if train_acts is None
-        else {str(k): tensor_digest(np.asarray(v)) for k, v in sorted(train_acts.items())},
-        "seed": inputs.seed,
-    }
+    store = CaptureStore(model, tokens, [lb for _, lb in pairs])
+    evaluate = _pair_evaluator(inputs, cfg, scale, store)
 
-    def compute() -> L0MismatchResult:
-        store = CaptureStore(model, tokens, [lb for _, lb in pairs])
-        evaluate = _pair_evaluator(inputs, cfg, scale, store)
-        l0 = {
-            x: mean_l0(inputs.saes[x], inputs.acts(x), inputs.keep, chunk_size=inputs.chunk_size)
-            for x in sorted({x for p in pairs for x in p})
+    def pair_spec_of(la: int, lb: int) -> dict[str, Any]:
+        return {
+            **_token_spec(inputs, cfg.outlier_factor, _medians(cfg.median_norms, la, lb)),
+            "objectives": [cfg.objective.to_dict()],
+            "references": False,
+            "n_null": cfg.n_null,
+            "seed": inputs.seed,
+            "scale": scale,
         }
-        rows = []
-        for la, lb in pairs:
-            res = evaluate(la, lb, None)
-            r = res.row(cfg.objective.name)
-            rows.append(
-                MismatchRow(
-                    layer_a=la,
-                    layer_b=lb,
-                    l0_a=l0[la],
-                    l0_b=l0[lb],
-                    mismatch=abs(math.log(l0[lb]) - math.log(l0[la]))
-                    if l0[la] > 0 and l0[lb] > 0
-                    else math.nan,
-                    matching_score=r.matching_score,
-                    explained_variance=r.explained_variance,
-                    delta_loss=r.delta_loss,
-                )
-            )
-        retrain = _pick_retrain(rows, cfg, n_layers) if cfg.n_retrain or cfg.retrain_pairs else []
-        by_pair = {(r.layer_a, r.layer_b): r for r in rows}
-        retrained = tuple(
-            _retrain_pair(inputs, cfg, la, lb, by_pair.get((la, lb)), evaluate, train_acts)
-            for la, lb in retrain
-        )
-        return L0MismatchResult(rows=tuple(rows), retrained=retrained)
 
-    return load_or_compute(L0MismatchResult, spec, compute, cache_dir=inputs.cache_dir, force=inputs.force)
+    evals = map_layer_pairs(
+        ObjectivePairResult,
+        inputs,
+        pairs,
+        lambda la, lb: evaluate(la, lb, None),
+        desc="L0 mismatch",
+        spec=pair_spec_of,
+    )
+    l0 = {x: _layer_l0(inputs, x) for x in sorted({x for p in pairs for x in p})}
+    rows = tuple(
+        _mismatch_row(la, lb, l0[la], l0[lb], res.row(cfg.objective.name))
+        for (la, lb), res in zip(pairs, evals, strict=True)
+    )
+    if cfg.retrain_pairs is not None or cfg.n_retrain:
+        retrain = _pick_retrain(rows, cfg, max(inputs.saes) + 1)
+    else:
+        retrain = []
+    by_pair = {(r.layer_a, r.layer_b): r for r in rows}
+    retrained = []
+    for la, lb in retrain:
+        before = by_pair.get((la, lb))
+        if before is None:
+            before = _mismatch_row(
+                la,
+                lb,
+                _layer_l0(inputs, la),
+                _layer_l0(inputs, lb),
+                evaluate(la, lb, None).row(cfg.objective.name),
+            )
+        if train_acts is None or lb not in train_acts:
+            have = [] if train_acts is None else sorted(train_acts)
+            raise ValueError(f"train_acts: expected training rows of layer {lb}, got layers {have}")
+        spec = {
+            **pair_spec_of(la, lb),
+            **pair_spec(
+                inputs.saes[la],
+                inputs.saes[lb],
+                (la, lb),
+                acts=(inputs.acts(la), inputs.acts(lb)),
+                keep=inputs.keep,
+            ),
+            "train_rows": tensor_digest(np.asarray(train_acts[lb])),
+            "retrain": {k: v for k, v in _config_dict(cfg).items() if k in _RETRAIN_KEYS},
+        }
+        rows_lb = train_acts[lb]
+        found = load_or_compute(
+            RetrainResult,
+            spec,
+            lambda la=la, lb=lb, before=before, rows_lb=rows_lb: RetrainResult(
+                row=_retrain_pair(inputs, cfg, la, lb, before, evaluate, rows_lb)
+            ),
+            cache_dir=inputs.cache_dir,
+            force=inputs.force,
+        )
+        retrained.append(found.row)
+    return L0MismatchResult(rows=rows, retrained=tuple(retrained))
+
+
+_RETRAIN_KEYS = ("objective", "train", "l0_exponent", "l0_tolerance", "max_tries", "control", "n_null")
+
+
+def _layer_l0(inputs: Inputs, layer: int) -> float:
+    sae, acts = inputs.saes[layer], inputs.acts(layer)
+    spec = {
+        "sae": sae_digest(sae),
+        "acts": tensor_digest(np.asarray(acts)),
+        "keep": None if inputs.keep is None else tensor_digest(np.asarray(inputs.keep)),
+        "layer": layer,
+    }
+    found = load_or_compute(
+        LayerL0,
+        spec,
+        lambda: LayerL0(layer=layer, l0=mean_l0(sae, acts, inputs.keep, chunk_size=inputs.chunk_size)),
+        cache_dir=inputs.cache_dir,
+        force=inputs.force,
+    )
+    return found.l0
+
+
+def _mismatch_row(la: int, lb: int, l0_a: float, l0_b: float, r: ObjectiveRow) -> MismatchRow:
+    ok = l0_a > 0 and l0_b > 0
+    return MismatchRow(
+        layer_a=la,
+        layer_b=lb,
+        l0_a=l0_a,
+        l0_b=l0_b,
+        mismatch=abs(math.log(l0_b) - math.log(l0_a)) if ok else math.nan,
+        matching_score=r.matching_score,
+        explained_variance=r.explained_variance,
+        delta_loss=r.delta_loss,
+    )
 
 
 def _config_dict(cfg: L0MismatchConfig) -> dict[str, Any]:
@@ -1019,32 +1094,14 @@ def _retrain_pair(
     cfg: L0MismatchConfig,
     la: int,
     lb: int,
-    before: MismatchRow | None,
+    before: MismatchRow,
     evaluate: Callable[[int, int, SAE | None], ObjectivePairResult],
-    train_acts: Mapping[int, ArrayLike] | None,
+    train_rows: ArrayLike,
 ) -> RetrainRow:
-    """Retrain SAE ``lb`` at SAE ``la``'s L0 and measure the pair again."""
+    """Retrain SAE ``lb`` at SAE ``la``'s L0 (``before.l0_a``) and measure the pair again."""
     if cfg.train is None:
         raise ValueError("L0MismatchConfig.train: the SAEs' training recipe is required to retrain")
-    if train_acts is None or lb not in train_acts:
-        have = [] if train_acts is None else sorted(train_acts)
-        raise ValueError(f"train_acts: expected training rows of layer {lb}, got layers {have}")
-    rows = torch.as_tensor(np.asarray(train_acts[lb], dtype=np.float32))
-    if before is None:
-        base = evaluate(la, lb, None)
-        l0_a = mean_l0(inputs.saes[la], inputs.acts(la), inputs.keep, chunk_size=inputs.chunk_size)
-        l0_b = mean_l0(inputs.saes[lb], inputs.acts(lb), inputs.keep, chunk_size=inputs.chunk_size)
-        r = base.row(cfg.objective.name)
-        before = MismatchRow(
-            layer_a=la,
-            layer_b=lb,
-            l0_a=l0_a,
-            l0_b=l0_b,
-            mismatch=abs(math.log(l0_b) - math.log(l0_a)),
-            matching_score=r.matching_score,
-            explained_variance=r.explained_variance,
-            delta_loss=r.delta_loss,
-        )
+    rows = torch.as_tensor(np.asarray(train_rows, dtype=np.float32))
     recipe = layer_train_config(cfg.train, lb)
 
     def train(coef: float) -> tuple[SAE, float, float]:
