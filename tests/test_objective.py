@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from _planted import planted
 from conftest import make_sae
+from test_approximate import N_LAYERS, D, tiny_llama
+from test_approximate import tokens as approx_tokens
 
 from saematch_core.experiments import objective
+from saematch_core.experiments.inputs import Inputs, TokenBatch
 from saematch_core.experiments.objective import (
     L0MismatchConfig,
     L0MismatchResult,
@@ -29,8 +33,10 @@ from saematch_core.experiments.objective import (
     rescale_input,
     spearman,
 )
-from saematch_core.fold import fold
+from saematch_core.experiments.study import load_study
+from saematch_core.fold import fold, rescale_features
 from saematch_core.match import MatchConfig
+from saematch_core.profiles import SAETrainConfig
 
 
 def _perm(obj: Objective, a, b, c: float = 7.0) -> torch.Tensor:
@@ -169,8 +175,8 @@ def test_l0_neighbours_reports_the_contract_numbers() -> None:
 def test_retrain_pairs_are_the_largest_early_mismatches() -> None:
     rows = [_row(i, m, 0.5, 0.1) for i, m in enumerate([0.05, 0.3, 0.1, 0.2, 0.9, 0.4])]
     cfg = L0MismatchConfig(n_retrain=2, early_fraction=0.5)  # early: first layers 0..2 of 6
-    assert objective._pick_retrain(rows, cfg, 6) == [(1, 2), (2, 3)]
-    assert objective._pick_retrain(rows, replace(cfg, retrain_pairs=((4, 5),)), 6) == [(4, 5)]
+    assert objective.pick_retrain_pairs(rows, cfg, 6) == [(1, 2), (2, 3)]
+    assert objective.pick_retrain_pairs(rows, replace(cfg, retrain_pairs=((4, 5),)), 6) == [(4, 5)]
 
 
 def test_next_coefficient_follows_the_power_law_then_the_secant() -> None:
@@ -179,3 +185,85 @@ def test_next_coefficient_follows_the_power_law_then_the_secant() -> None:
     assert _next_coef([(1.0, 10.0), (0.5, 10.0 * 0.5**-0.5)], 20.0, 2.0) == pytest.approx(0.25)
     # a flat response is bounded to a factor 4 per try
     assert _next_coef([(1.0, 10.0)], 1e6, 0.5) == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------- end to end on a tiny model
+def _tiny_inputs(tmp_path: Path) -> tuple[Inputs, torch.Tensor]:
+    """A tiny Llama, random SAEs for blocks 0 and 1, and block 2's SAE = block 1's reordered and
+    rescaled (the planted pair 1 → 2); activations of every block on the same tokens."""
+    model = tiny_llama()
+    ids = approx_tokens(n=6, seq=12, seed=1)
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    acts = {t: hs[t + 1].reshape(-1, D) for t in range(N_LAYERS)}
+    saes = {0: make_sae(D, 48, seed=10), 1: make_sae(D, 48, seed=11)}
+    g = torch.Generator().manual_seed(5)
+    order = torch.randperm(48, generator=g)
+    saes[2] = rescale_features(saes[1].permute(order), 0.3 + 3 * torch.rand(48, generator=g))
+    keep = torch.ones(ids.numel(), dtype=torch.bool)
+    keep[:: ids.shape[1]] = False  # position 0 of every chunk
+    inputs = Inputs(
+        saes=saes, activations=acts, keep=keep, model=model, tokens=TokenBatch(ids, None),
+        cache_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    return inputs, torch.argsort(order)
+
+
+def test_run_moves_codes_as_the_matching_saw_them(tmp_path: Path) -> None:
+    inputs, _ = _tiny_inputs(tmp_path)
+    result = objective.run(inputs, ObjectiveConfig(outlier_factor=None))
+    assert [(p.layer_a, p.layer_b) for p in result.pairs] == [(0, 1), (1, 2)]
+    planted_pair = result.pairs[1]
+    previous = planted_pair.reference("encdec_previous")
+    # At the planted pair, folded codes carried to the partner's folded decoder rebuild exactly SAE
+    # t−1's own reconstruction; raw codes into the rescaled raw decoder do not.
+    for name in ("summed", "normalised", "paper_scale", "decoder", "cosine_folded_codes"):
+        row = planted_pair.row(name)
+        assert row.explained_variance == pytest.approx(previous.explained_variance, abs=1e-5), name
+        assert row.delta_loss == pytest.approx(previous.delta_loss, abs=1e-5), name
+        assert row.agree_first == 1.0
+        assert row.terms["W_dec"] == pytest.approx(0.0, abs=1e-9)
+    cosine = planted_pair.row("cosine")
+    assert cosine.agree_first == 1.0  # the same partners ...
+    assert abs(cosine.explained_variance - previous.explained_variance) > 1e-3  # ... carried over raw
+    # the Matching Score depends on the partners only
+    assert cosine.matching_score == planted_pair.row("summed").matching_score
+    assert set(result.objectives) == {o.name for o in default_objectives()}
+    again = objective.run(inputs, ObjectiveConfig(outlier_factor=None))  # from the cache
+    assert again.pairs[1].to_dict() == planted_pair.to_dict()
+    assert objective.run(inputs, ObjectiveConfig(outlier_factor=None, stride=2)).layers == [1]
+
+
+def test_l0_mismatch_on_the_tiny_model(tmp_path: Path) -> None:
+    inputs, _ = _tiny_inputs(tmp_path)
+    result = objective.l0_mismatch(inputs, L0MismatchConfig(n_retrain=0, outlier_factor=None))
+    assert [(r.layer_a, r.layer_b) for r in result.rows] == [(0, 1), (1, 2)]
+    for r in result.rows:
+        assert r.l0_b == pytest.approx(
+            objective.mean_l0(inputs.saes[r.layer_b], inputs.acts(r.layer_b), inputs.keep)
+        )
+        assert r.mismatch == pytest.approx(abs(math.log(r.l0_b / r.l0_a)))
+    with pytest.raises(ValueError, match="train_acts"):
+        objective.l0_mismatch(inputs, L0MismatchConfig(retrain_pairs=((0, 1),), train=SAETrainConfig()))
+
+
+@pytest.mark.slow
+def test_the_notebook_computation_on_the_smoke_profile(tmp_path: Path) -> None:
+    """The section's computation end to end on the smoke substrate (prepare takes about a minute)."""
+    study = load_study("smoke", cache_dir=tmp_path)
+    inputs = study.inputs(tokens=study.mixed_batch(128))
+    result = objective.run(inputs, ObjectiveConfig(stride=2, median_norms=study.median_norms()))
+    assert len(result.pairs) == len(study.pairs[::2])
+    for name in result.objectives:
+        assert all(math.isfinite(v) for v in result.series(name)), name
+    assert all(0 <= v <= 1 for v in result.series("summed", "matching_score"))
+    cfg = L0MismatchConfig(n_retrain=1, train=study.profile.sae, median_norms=study.median_norms())
+    picked = objective.pick_retrain_pairs(
+        objective.l0_mismatch(inputs, replace(cfg, n_retrain=0)).rows, cfg, 4
+    )
+    mismatch = objective.l0_mismatch(inputs, cfg, train_acts={lb: study.train_rows(lb) for _, lb in picked})
+    (row,) = mismatch.retrained
+    assert (row.layer_a, row.layer_b) == picked[0]
+    # retraining with the original recipe and seed reproduces the original SAE (and its EV)
+    assert row.ev_control == pytest.approx(row.ev_before, abs=1e-6)
+    assert set(mismatch.l0_neighbours()) == {"rho_mismatch_score", "rho_mismatch_ev", "ev_gain"}

@@ -866,7 +866,7 @@ class L0MismatchResult(JsonResult):
         }
 
 
-def _pick_retrain(rows: Sequence[MismatchRow], cfg: L0MismatchConfig, n_layers: int) -> list[tuple[int, int]]:
+def pick_retrain_pairs(rows: Sequence[MismatchRow], cfg: L0MismatchConfig, n_layers: int) -> list[tuple[int, int]]:
     if cfg.retrain_pairs is not None:
         return list(cfg.retrain_pairs)
     early = [r for r in rows if r.layer_a < cfg.early_fraction * n_layers and math.isfinite(r.mismatch)]
@@ -964,7 +964,7 @@ def l0_mismatch(
         for (la, lb), res in zip(pairs, evals, strict=True)
     )
     if cfg.retrain_pairs is not None or cfg.n_retrain:
-        retrain = _pick_retrain(rows, cfg, max(inputs.saes) + 1)
+        retrain = pick_retrain_pairs(rows, cfg, max(inputs.saes) + 1)
     else:
         retrain = []
     by_pair = {(r.layer_a, r.layer_b): r for r in rows}
