@@ -267,7 +267,7 @@ display(
         f"changed the explained variance by "
         + (", ".join(f"{g:+.3f}" for g in gains) if gains else "— (no pair retrained)")
         + (
-            f" (retraining at its own λ: "
+            " (retraining at its own λ: "
             + ", ".join(f"{r.ev_control - r.ev_before:+.3f}" for r in mismatch.retrained)
             + ")."
             if mismatch.retrained

@@ -866,7 +866,12 @@ class L0MismatchResult(JsonResult):
         }
 
 
-def pick_retrain_pairs(rows: Sequence[MismatchRow], cfg: L0MismatchConfig, n_layers: int) -> list[tuple[int, int]]:
+def pick_retrain_pairs(
+    rows: Sequence[MismatchRow], cfg: L0MismatchConfig, n_layers: int
+) -> list[tuple[int, int]]:
+    """The pairs :func:`l0_mismatch` retrains: ``cfg.retrain_pairs``, or the ``cfg.n_retrain`` pairs of
+    ``rows`` with the largest mismatch among those starting in the first ``cfg.early_fraction`` of
+    ``n_layers`` (ascending)."""
     if cfg.retrain_pairs is not None:
         return list(cfg.retrain_pairs)
     early = [r for r in rows if r.layer_a < cfg.early_fraction * n_layers and math.isfinite(r.mismatch)]
