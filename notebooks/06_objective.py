@@ -19,8 +19,10 @@
 # The per-term distances of matched pairs against random pairs show *why* an objective wins.
 # The second half is the paper's Fig. 15: does a mismatch of L0 between neighbouring SAEs predict
 # where matching fails, and does retraining an SAE at its neighbour's L0 help?
-# Runtime: a minute on `smoke`; on `default` an estimated 6–10 minutes cold on 2 cores (every
-# layer pair, matching and retrained SAE is cached, so a rerun takes seconds).
+# Runtime: a minute on `smoke`; on `default` with these parameters an estimated 20–30 minutes cold
+# on 2 cores (the shallowest ablation pair took 210 s of CPU time; later pairs run a shorter
+# suffix of the model). Every layer pair, matching and retrained SAE is cached, so a rerun takes
+# seconds; `stride` and `tokens_per_corpus` bound the cost.
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile: smoke, default or paper
