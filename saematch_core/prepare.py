@@ -54,7 +54,7 @@ from saematch_core.profiles import Profile, SAETrainConfig, get_profile
 from saematch_core.sae import SAE
 from saematch_core.train import DeltaLoss, SAEQuality, sae_quality, sae_replacement, train_sae
 
-__all__ = ["PrepareResult", "SAERecord", "prepare", "sae_file"]
+__all__ = ["PrepareResult", "SAERecord", "layer_train_config", "prepare", "sae_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,12 @@ class _Job:
     hub_path: str = ""
 
 
-def _seeded(config: SAETrainConfig, layer: int) -> SAETrainConfig:
+def layer_train_config(config: SAETrainConfig, layer: int) -> SAETrainConfig:
+    """The recipe ``config`` as ``prepare`` trains it at ``layer``: seed ``config.seed + 1000 · layer``.
+
+    Retraining a layer's SAE with this (and another sparsity coefficient, say) starts from the same
+    initial dictionary and batch order as the SAE ``prepare`` made.
+    """
     # One seed per layer: SAEs of neighbouring layers trained from the same initial dictionary keep
     # feature i at index i, which would make the identity order a free, perfect "matching".
     return dataclasses.replace(config, seed=config.seed + 1000 * layer)
@@ -175,19 +180,20 @@ def _jobs(profile: Profile) -> list[_Job]:
         return jobs
     main = profile.sae
     for layer in profile.layers:
-        jobs.append(_Job("main", layer, f"l0_coef={main.l0_coef:g}", _seeded(main, layer)))
+        jobs.append(_Job("main", layer, f"l0_coef={main.l0_coef:g}", layer_train_config(main, layer)))
     for layer in profile.sweep_layers:
         for coef in profile.sweep_l0_coefs:
-            config = _seeded(dataclasses.replace(main, l0_coef=coef), layer)
+            config = layer_train_config(dataclasses.replace(main, l0_coef=coef), layer)
             jobs.append(_Job("sweep", layer, f"l0_coef={coef:g}", config))
     for family in ("topk", "relu"):
         config = dataclasses.replace(main, activation=family)
         setting = f"k={config.k}" if family == "topk" else f"l1_coef={config.l1_coef:g}"
         for layer in profile.family_layers:
-            jobs.append(_Job(family, layer, setting, _seeded(config, layer)))
+            jobs.append(_Job(family, layer, setting, layer_train_config(config, layer)))
     for layer in profile.seed_layers:
         # the main recipe from a seed no other SAE uses (main seeds step by 1000 per layer)
-        config = dataclasses.replace(_seeded(main, layer), seed=_seeded(main, layer).seed + 500)
+        own = layer_train_config(main, layer)
+        config = dataclasses.replace(own, seed=own.seed + 500)
         jobs.append(_Job("seed", layer, f"seed={config.seed}", config))
     return jobs
 

@@ -17,13 +17,14 @@ from saematch_core.experiments.approximate import (
     ApproximationResult,
     ApproxRow,
     Scheme,
-    _counted,
     hybrid_schemes,
     l0_sweep,
     loss_split,
     replaced_layer,
 )
 from saematch_core.experiments.inputs import Inputs, TokenBatch
+from saematch_core.experiments.measures import replacement
+from saematch_core.experiments.measures.replacement import CleanDist, counted_tokens
 from saematch_core.experiments.measures.swap import permute_codes
 from saematch_core.fold import rescale_features
 from saematch_core.match import MatchConfig
@@ -196,11 +197,11 @@ def test_shared_clean_passes_give_the_same_rows(model: nn.Module, tmp_path, monk
         progress=False,
     )
     calls = []
-    real = approximate.capture_forward
-    monkeypatch.setattr(approximate, "capture_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = replacement.capture_forward
+    monkeypatch.setattr(replacement, "capture_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     shared = run(cache_dir=tmp_path / "a")
     assert len(calls) == 3  # one clean pass per batch, for both layers
-    monkeypatch.setattr(approximate, "_CAPTURE_BUDGET", 0)
+    monkeypatch.setattr(replacement, "_CAPTURE_BUDGET", 0)
     alone = run(cache_dir=tmp_path / "b")
     assert len(calls) == 3 + 2 * 3
     for a, b in zip(shared.rows, alone.rows, strict=True):
@@ -322,15 +323,15 @@ def test_results_are_cached_per_layer_and_scheme(tmp_path, monkeypatch) -> None:
     assert math.isnan(ApproximationResult.from_dict(first.to_dict()).rows[0].l0_cur)
 
 
-def test_outliers_pass_through_and_are_not_counted() -> None:
+def test_outliers_pass_through_and_are_notcounted_tokens() -> None:
     h = torch.randn(2, 6, D)
     h[1, 3] *= 1000
-    counted, outlier = _counted(torch.ones(2, 6, dtype=torch.bool), None, h, 10.0)
+    counted, outlier = counted_tokens(torch.ones(2, 6, dtype=torch.bool), None, h, 10.0)
     assert outlier.sum() == 1 and bool(outlier[1, 3])
     assert not counted[:, 0].any() and not counted[1, 3]
     assert int(counted.sum()) == 2 * 5 - 1
     # a given median (as in an activation cache's manifest) replaces the batch median
-    _, none = _counted(torch.ones(2, 6, dtype=torch.bool), None, h, 10.0, (None, 1e6))
+    _, none = counted_tokens(torch.ones(2, 6, dtype=torch.bool), None, h, 10.0, (None, 1e6))
     assert not none.any()
 
 
@@ -434,12 +435,12 @@ def test_outlier_tokens_are_passed_through_and_counted_apart(tmp_path) -> None:
 
 
 def test_clean_distribution_gives_the_reference_loss_and_kl() -> None:
-    from saematch_core.experiments.approximate import _CleanDist, _token_kl, _token_loss
+    from saematch_core.experiments.approximate import _token_kl, _token_loss
 
     g = torch.Generator().manual_seed(4)
     clean, logits = torch.randn(3, 7, 50, generator=g), torch.randn(3, 7, 50, generator=g)
     ids = torch.randint(0, 50, (3, 7), generator=g)
-    dist = _CleanDist(clean, ids)
+    dist = CleanDist(clean, ids)
     loss, kl = dist.compare(logits)
     torch.testing.assert_close(dist.loss, _token_loss(clean, ids))
     torch.testing.assert_close(loss, _token_loss(logits, ids))

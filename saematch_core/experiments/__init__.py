@@ -9,7 +9,8 @@ Layered inside (a module imports only from its own layer or below; ``docs/ARCHIT
 3. **experiments**, one per module, each ``run(inputs, config) -> Result`` with a frozen config
    dataclass: :mod:`~.scale` (Fig. 1), :mod:`~.parameter_mse` (Figs. 3/12),
    :mod:`~.matching_score` (Figs. 4/7), :mod:`~.agreement` (Figs. 5/6), :mod:`~.persistence`
-   (Fig. 8), :mod:`~.approximate` (Figs. 10–17), :mod:`~.decision`, :mod:`~.splits`,
+   (Fig. 8), :mod:`~.approximate` (Figs. 10–17), :mod:`~.objective` (the objective ablation and
+   Fig. 15), :mod:`~.decision`, :mod:`~.splits`,
    :mod:`~.family_fold`, :mod:`~.theta_scale`, :mod:`~.circularity`, :mod:`~.databased`,
    :mod:`~.ceiling` (beyond the paper). An experiment never imports another experiment. Beside
    them, the views the notebooks show: :mod:`~.study` (a profile loaded for the book) and

@@ -41,10 +41,9 @@ instant, an interrupted run resumes at the layer it stopped in, and adding a sch
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, get_args
 
@@ -54,6 +53,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saematch_core.experiments.inputs import Inputs
+from saematch_core.experiments.measures.replacement import (
+    ApproxRow,
+    CaptureStore,
+    check_tokens,
+    counted_tokens,
+    replaced_layer,
+    replacement_rows,
+)
 from saematch_core.experiments.measures.swap import matched_pair, permute_codes
 from saematch_core.experiments.results import (
     JsonResult,
@@ -66,14 +73,7 @@ from saematch_core.experiments.results import (
     write_result,
 )
 from saematch_core.match import MatchConfig, MatchResult
-from saematch_core.models import (
-    ForwardCapture,
-    capture_forward,
-    decoder_layers,
-    replace_residual,
-    run_suffix,
-    suffix_reproduces,
-)
+from saematch_core.models import capture_forward, decoder_layers
 from saematch_core.sae import SAE
 
 __all__ = [
@@ -259,37 +259,6 @@ class ApproximationConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ApproxRow:
-    """Metrics of one (layer, scheme) on the evaluation tokens."""
-
-    layer: int
-    """Index ``t`` of the block whose output was replaced."""
-    scheme: str
-    """The scheme's label."""
-    delta_loss: float
-    """Mean (replaced − clean) next-token loss, nats/token."""
-    delta_loss_se: float
-    """Standard error of :attr:`delta_loss` over tokens (ignores correlation between tokens)."""
-    clean_loss: float
-    """Mean clean loss on the same tokens."""
-    explained_variance: float
-    """``1 − Var(ĥ − h) / Var(h)`` over the counted tokens."""
-    kl: float
-    """Mean KL(clean ‖ replaced) of the next-token distributions (nats/token) on the loss terms; unlike
-    ΔL it is never negative, so it also measures damage to models whose loss is far from optimal."""
-    n_tokens: int
-    """Tokens counted in the explained variance."""
-    n_loss_tokens: int
-    """Loss terms counted in :attr:`delta_loss`."""
-    n_passthrough: int
-    """Real tokens at positions ≥ 1 left unchanged as outliers."""
-    l0_prev: float = math.nan
-    """Mean number of active features of SAE ``t−1`` on the counted tokens (``nan`` without it)."""
-    l0_cur: float = math.nan
-    """Same for SAE ``t``."""
-
-
-@dataclass(frozen=True, kw_only=True)
 class ApproximationResult(JsonResult):
     """Rows for every (layer, scheme), layers ascending, schemes in config order."""
 
@@ -410,37 +379,6 @@ def l0_sweep(
     return L0SweepResult(layer=layer, rows=tuple(rows))
 
 
-# ----------------------------------------------------------------------------------- hooks
-@contextlib.contextmanager
-def replaced_layer(
-    model: nn.Module, layer: int, replacement: Tensor, passthrough: Tensor | None = None
-) -> Iterator[None]:
-    """Within the block, block ``layer``'s output is ``replacement`` except where ``passthrough``.
-
-    Parameters
-    ----------
-    model : transformers causal LM (Llama, Gemma 2, ...).
-    layer : index of the decoder block.
-    replacement : Tensor, shape (batch, seq, d_model)
-    passthrough : BoolTensor, shape (batch, seq), optional
-        Tokens that keep the model's own hidden state (outliers, position 0, padding).
-
-    The hook is removed on exit, also on error (it is registered through
-    :func:`saematch_core.models.replace_residual`).
-    """
-
-    def fn(h: Tensor) -> Tensor:
-        if replacement.shape != h.shape:
-            raise ValueError(f"replacement: expected shape {tuple(h.shape)}, got {tuple(replacement.shape)}")
-        new = replacement.to(device=h.device, dtype=h.dtype)
-        if passthrough is None:
-            return new
-        return torch.where(passthrough.to(h.device)[..., None], h, new)
-
-    with replace_residual(model, layer, fn):
-        yield
-
-
 # ----------------------------------------------------------------------------------- losses
 def _token_loss(logits: Tensor, ids: Tensor) -> Tensor:
     """(batch, seq − 1) float64 next-token losses."""
@@ -451,7 +389,7 @@ def _token_loss(logits: Tensor, ids: Tensor) -> Tensor:
 
 def _token_kl(clean_logits: Tensor, logits: Tensor) -> Tensor:
     """(batch, seq − 1) KL(clean ‖ replaced) of the next-token distributions, summed in float64
-    (the reference for :class:`_CleanDist`)."""
+    (the reference for :class:`~saematch_core.experiments.measures.replacement.CleanDist`)."""
     out = []
     # One chunk at a time: (batch, seq, vocab) in float64 would be GBs for a 49k vocabulary.
     for b in range(logits.shape[0]):
@@ -459,29 +397,6 @@ def _token_kl(clean_logits: Tensor, logits: Tensor) -> Tensor:
         log_q = torch.log_softmax(logits[b, :-1].float(), dim=-1)
         out.append((log_p.exp() * (log_p - log_q)).sum(-1, dtype=torch.float64))
     return torch.stack(out)
-
-
-class _CleanDist:
-    """Clean next-token log-probabilities of one batch, normalised once for every scheme.
-
-    :meth:`compare` gives what :func:`_token_loss` and :func:`_token_kl` give, with one log-softmax
-    per scheme instead of three.
-    """
-
-    def __init__(self, clean_logits: Tensor, ids: Tensor) -> None:
-        self.log_p = torch.log_softmax(clean_logits[:, :-1].float(), dim=-1)
-        self.targets = ids[:, 1:, None]
-        self.loss = -self.log_p.gather(-1, self.targets).squeeze(-1).double()
-
-    def compare(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """(loss, kl), each (batch, seq − 1) float64, of the replaced ``logits``."""
-        loss, kl = [], []
-        for b in range(logits.shape[0]):  # one chunk at a time, as in _token_kl
-            log_q = torch.log_softmax(logits[b, :-1].float(), dim=-1)
-            loss.append(-log_q.gather(-1, self.targets[b]).squeeze(-1))
-            log_p = self.log_p[b]
-            kl.append((log_p.exp() * (log_p - log_q)).sum(-1, dtype=torch.float64))
-        return torch.stack(loss).double(), torch.stack(kl)
 
 
 # ----------------------------------------------------------------------------------- schemes
@@ -533,82 +448,6 @@ def _scheme_state(scheme: Scheme, prep: _Prepared, h_prev: Tensor | None, h_cur:
     return moved + (codes * ~well) @ prev.W_dec + cur.b_dec
 
 
-# ----------------------------------------------------------------------------------- accumulation
-class _Acc:
-    """Streaming sums (float64) for ΔL and EV of one (layer, scheme)."""
-
-    def __init__(self, d: int) -> None:
-        self.n = 0
-        self.sum_h = torch.zeros(d, dtype=torch.float64)
-        self.sq_h = 0.0
-        self.sum_e = torch.zeros(d, dtype=torch.float64)
-        self.sq_e = 0.0
-        self.n_loss = 0
-        self.clean = 0.0
-        self.diff = 0.0
-        self.diff_sq = 0.0
-        self.kl = 0.0
-        self.passthrough = 0
-
-    def add_state(self, h: Tensor, h_hat: Tensor, keep: Tensor) -> None:
-        x = h[keep].double().cpu()
-        e = h_hat[keep].double().cpu() - x
-        self.n += x.shape[0]
-        self.sum_h += x.sum(0)
-        self.sq_h += float((x * x).sum())
-        self.sum_e += e.sum(0)
-        self.sq_e += float((e * e).sum())
-
-    def add_loss(self, clean: Tensor, replaced: Tensor, kl: Tensor, keep: Tensor) -> None:
-        c, d = clean[keep], (replaced - clean)[keep]
-        self.kl += float(kl[keep].sum())
-        self.n_loss += int(keep.sum())
-        self.clean += float(c.sum())
-        self.diff += float(d.sum())
-        self.diff_sq += float((d * d).sum())
-
-    def row(self, layer: int, label: str) -> ApproxRow:
-        n, nl = max(self.n, 1), max(self.n_loss, 1)
-        var_h = self.sq_h / n - float((self.sum_h / n).square().sum())
-        var_e = self.sq_e / n - float((self.sum_e / n).square().sum())
-        mean_d = self.diff / nl
-        var_d = max(self.diff_sq / nl - mean_d**2, 0.0)
-        return ApproxRow(
-            layer=layer,
-            scheme=label,
-            delta_loss=mean_d if self.n_loss else math.nan,
-            delta_loss_se=math.sqrt(var_d / nl) if self.n_loss else math.nan,
-            clean_loss=self.clean / nl if self.n_loss else math.nan,
-            explained_variance=1.0 - var_e / var_h if self.n and var_h > 0 else math.nan,
-            kl=self.kl / nl if self.n_loss else math.nan,
-            n_tokens=self.n,
-            n_loss_tokens=self.n_loss,
-            n_passthrough=self.passthrough,
-        )
-
-
-def _counted(
-    mask: Tensor,
-    h_prev: Tensor | None,
-    h_cur: Tensor,
-    factor: float | None,
-    medians: tuple[float | None, float | None] = (None, None),
-) -> tuple[Tensor, Tensor]:
-    """(counted, outlier) bool masks of shape (batch, seq); ``medians`` (of ‖h_{t−1}‖, ‖h_t‖) replace
-    the batch medians when given."""
-    base = mask.clone()
-    base[:, 0] = False
-    outlier = torch.zeros_like(base)
-    if factor is not None and bool(base.any()):
-        for h, med in zip((h_prev, h_cur), medians, strict=True):
-            if h is None:
-                continue
-            norms = torch.linalg.vector_norm(h.float(), dim=-1)
-            ref = norms[base].median() if med is None else med
-            outlier |= norms > factor * ref
-    return base & ~outlier, base & outlier
-
-
 def _meds(config: ApproximationConfig, t: int) -> tuple[float | None, float | None]:
     m = config.median_norms
     if m is None:
@@ -617,28 +456,6 @@ def _meds(config: ApproximationConfig, t: int) -> tuple[float | None, float | No
 
 
 # ----------------------------------------------------------------------------------- entry point
-def _check_tokens(name: str, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    if (
-        not isinstance(ids, Tensor)
-        or ids.dtype != torch.long
-        or ids.ndim != 2
-        or min(ids.shape) < 1
-        or ids.shape[1] < 2
-    ):
-        got = (
-            f"{ids.dtype} tensor of shape {tuple(ids.shape)}"
-            if isinstance(ids, Tensor)
-            else type(ids).__name__
-        )
-        raise ValueError(f"{name}: expected a LongTensor of shape (n_chunks >= 1, seq >= 2), got {got}")
-    if mask is None:
-        return ids, torch.ones_like(ids, dtype=torch.bool)
-    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
-        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"{name}_mask: expected shape {tuple(ids.shape)} like {name}, got {got}")
-    return ids, mask.bool()
-
-
 def _fit_linear(
     model: nn.Module,
     ids: Tensor,
@@ -657,7 +474,7 @@ def _fit_linear(
         b_ids, b_mask = ids[start : start + config.batch_size], mask[start : start + config.batch_size]
         cap = capture_forward(model, b_ids, b_mask, layers=want)
         for t in layers:
-            keep, _ = _counted(
+            keep, _ = counted_tokens(
                 b_mask, cap.hidden[t - 1], cap.hidden[t], config.outlier_factor, _meds(config, t)
             )
             x = cap.hidden[t - 1][keep].double().cpu()
@@ -714,7 +531,7 @@ def run(inputs: Inputs, config: ApproximationConfig | None = None) -> Approximat
     saes, layers, cache_dir = inputs.saes, config.layers, inputs.cache_dir
     fit_tokens, fit_mask = inputs.fit_tokens if inputs.fit_tokens is not None else (None, None)
     force, progress = inputs.force, inputs.progress
-    tokens, token_mask = _check_tokens("tokens", tokens, token_mask)
+    tokens, token_mask = check_tokens("tokens", tokens, token_mask)
     schemes = config.schemes
     uses_prev = any(s.needs_previous for s in schemes)
     uses_sae_prev = any(s.kind in ("encdec_previous", "match", "hybrid") for s in schemes)
@@ -740,7 +557,7 @@ def run(inputs: Inputs, config: ApproximationConfig | None = None) -> Approximat
             raise ValueError(
                 "fit_tokens: required by the 'linear' scheme (held-out chunks for least squares)"
             )
-        fit_tokens, fit_mask = _check_tokens("fit_tokens", fit_tokens, fit_mask)
+        fit_tokens, fit_mask = check_tokens("fit_tokens", fit_tokens, fit_mask)
 
     base_spec = {
         "model": model_digest(model),
@@ -755,9 +572,8 @@ def run(inputs: Inputs, config: ApproximationConfig | None = None) -> Approximat
     }
     state: dict[str, Any] = {
         "linear": None,
-        "checked": not config.suffix,
         "cache_dir": cache_dir,
-        "captures": _capture_store(model, tokens, layers),
+        "store": CaptureStore(model, tokens, layers, suffix=config.suffix),
     }
 
     def compute(t: int, todo: tuple[Scheme, ...]) -> ApproximationResult:
@@ -806,37 +622,6 @@ def run(inputs: Inputs, config: ApproximationConfig | None = None) -> Approximat
     return ApproximationResult(rows=tuple(rows))
 
 
-# Clean passes of all batches are kept for the next layer when they fit in this much memory.
-_CAPTURE_BUDGET = 2 << 30
-
-
-def _capture_store(model: nn.Module, tokens: Tensor, layers: Sequence[int]) -> dict[str, Any] | None:
-    """Room to share clean forward passes between layers (each layer would otherwise rerun the whole
-    model once per batch), or ``None`` when their logits and hidden states would not fit the budget."""
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor):
-        return None
-    want = sorted({t - 1 for t in layers} | set(layers))
-    d_model = weight.shape[1]
-    per_token = (weight.shape[0] + len(want) * d_model) * weight.element_size()
-    if tokens.numel() * per_token > _CAPTURE_BUDGET:
-        return None
-    return {"want": want, "by_start": {}}
-
-
-def _clean_capture(
-    model: nn.Module, ids: Tensor, mask: Tensor, start: int, want: Sequence[int], state: dict[str, Any]
-) -> ForwardCapture:
-    store = state.get("captures")
-    if store is None:
-        return capture_forward(model, ids, mask, layers=want)
-    by_start = store["by_start"]
-    if start not in by_start:
-        by_start[start] = capture_forward(model, ids, mask, layers=store["want"])
-    return by_start[start]
-
-
 def _approximate_layer(
     model: nn.Module,
     tokens: Tensor,
@@ -864,47 +649,31 @@ def _approximate_layer(
             if key not in memo:
                 memo[key] = matched_pair(prev, cur, s.match, state.get("cache_dir"))
             prep.matched[s.label] = memo[key]
-    need_prev = any(s.needs_previous for s in config.schemes)
-    accs: dict[str, _Acc] = {}
     l0 = {"prev": [0.0, 0], "cur": [0.0, 0]}
-    n = tokens.shape[0]
-    bar = tqdm(range(0, n, config.batch_size), desc=f"layer {t}", leave=False, disable=not progress)
-    for start in bar:
-        ids = tokens[start : start + config.batch_size].to(device)
-        mask = token_mask[start : start + config.batch_size].to(device)
-        cap = _clean_capture(model, ids, mask, start, [t - 1, t] if need_prev else [t], state)
-        h_prev = cap.hidden.get(t - 1) if need_prev else None
-        h_cur = cap.hidden[t]
-        clean_dist = _CleanDist(cap.logits, ids)
-        clean_loss = clean_dist.loss
-        counted, outlier = _counted(mask, h_prev, h_cur, config.outlier_factor, _meds(config, t))
-        if not accs:
-            accs = {s.label: _Acc(h_cur.shape[-1]) for s in config.schemes}
-        with torch.no_grad():
-            for key, sae, h in (("prev", prev, h_prev), ("cur", cur, h_cur)):
-                if sae is not None and h is not None:
-                    l0[key][0] += float((sae.encode(h[counted]) > 0).sum())
-                    l0[key][1] += int(counted.sum())
-        passthrough = ~counted
-        loss_keep = counted[:, :-1] & mask[:, 1:]
-        if not state["checked"]:
-            state["suffix_ok"] = suffix_reproduces(model, cap, t + 1, ids)
-            state["checked"] = True
-        use_suffix = config.suffix and state.get("suffix_ok", False)
-        for s in config.schemes:
-            with torch.no_grad():
-                h_hat = _scheme_state(s, prep, h_prev, h_cur).to(h_cur.dtype)
-                h_hat = torch.where(passthrough[..., None], h_cur, h_hat)
-                if use_suffix:
-                    logits = run_suffix(model, cap, t + 1, h_hat)
-                    assert logits is not None  # suffix_reproduces succeeded
-                else:
-                    with replaced_layer(model, t, h_hat):
-                        logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
-            acc = accs[s.label]
-            acc.add_state(h_cur, h_hat, counted)
-            acc.add_loss(clean_loss, *clean_dist.compare(logits), loss_keep)
-            acc.passthrough += int(outlier.sum())
+
+    def count_l0(h_prev: Tensor | None, h_cur: Tensor, counted: Tensor) -> None:
+        for key, sae, h in (("prev", prev, h_prev), ("cur", cur, h_cur)):
+            if sae is not None and h is not None:
+                l0[key][0] += float((sae.encode(h[counted]) > 0).sum())
+                l0[key][1] += int(counted.sum())
+
+    fns = {
+        s.label: (lambda h_prev, h_cur, s=s: _scheme_state(s, prep, h_prev, h_cur)) for s in config.schemes
+    }
+    found = replacement_rows(
+        model,
+        tokens,
+        token_mask,
+        t,
+        fns,
+        batch_size=config.batch_size,
+        outlier_factor=config.outlier_factor,
+        medians=_meds(config, t),
+        need_prev=any(s.needs_previous for s in config.schemes),
+        store=state["store"],
+        on_batch=count_l0,
+        progress=progress,
+    )
     l0_prev, l0_cur = (l0[k][0] / l0[k][1] if l0[k][1] else math.nan for k in ("prev", "cur"))
-    rows = (replace(accs[s.label].row(t, s.label), l0_prev=l0_prev, l0_cur=l0_cur) for s in config.schemes)
+    rows = (replace(found[s.label], l0_prev=l0_prev, l0_cur=l0_cur) for s in config.schemes)
     return ApproximationResult(rows=tuple(rows))

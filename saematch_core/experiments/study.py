@@ -271,6 +271,30 @@ class Study:
         chunks = [i for i, c in enumerate(self.evals.chunks) if c["corpus"] == corpus]
         return chunk_batch(self.evals, chunks, max_tokens)
 
+    def mixed_batch(self, tokens_per_corpus: int) -> TokenBatch:
+        """Evaluation chunks of every corpus, at most ``tokens_per_corpus`` tokens of each (whole
+        chunks, at least one per corpus), one corpus after the other, as one padded batch."""
+        chunks: list[int] = []
+        for corpus in self.corpora:
+            total = 0
+            for i, c in enumerate(self.evals.chunks):
+                if c["corpus"] != corpus:
+                    continue
+                if total and total + int(c["length"]) > tokens_per_corpus:
+                    break
+                chunks.append(i)
+                total += int(c["length"])
+        return chunk_batch(self.evals, chunks)
+
+    def train_rows(self, layer: int) -> np.ndarray:
+        """The rows ``prepare`` trained ``layer``'s SAE on (training split, position 0 and outliers
+        removed), shape (n, d_model), float32, in memory (about 0.5 GB on ``default``)."""
+        folder = self.prepared.activation_folders.get("train")
+        cache = open_activation_cache(folder) if folder is not None else None
+        if cache is None:
+            raise FileNotFoundError(f"{folder}: this profile has no training activation cache")
+        return np.asarray(cache.layer(layer)[cache.usable(layer)], dtype=np.float32)
+
     def fit_batch(self, max_tokens: int) -> TokenBatch:
         """Training-split chunks (disjoint from the evaluation documents), round-robin over corpora.
 

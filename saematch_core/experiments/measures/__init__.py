@@ -9,6 +9,7 @@
 - :mod:`~.links`: below-chance links between two layers' features (splits, merges, births, deaths);
 - :mod:`~.scales`: per-feature activation scales (what folding divides out) for any SAE family;
 - :mod:`~.swap`: moving one SAE's codes into another's dictionary through a matching;
+- :mod:`~.replacement`: one layer's output replaced inside the model, scored by ΔL, KL and EV;
 - :mod:`~.contexts`: top-activating contexts of features on a flat activation cache;
 - :mod:`~.summary`: summaries of per-layer series and the paper's depth conventions.
 
