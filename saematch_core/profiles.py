@@ -37,11 +37,20 @@ __all__ = [
 ]
 
 ModelSource = Literal["random_llama", "gguf", "hub"]
+Precision = Literal["float32", "bfloat16"]
 SAESource = Literal["train", "gemma_scope"]
+TrainMode = Literal["disk", "stream"]
 CorpusName = Literal["austen", "code", "reference"]
 _MODEL_SOURCES: tuple[str, ...] = get_args(ModelSource)
 _SAE_SOURCES: tuple[str, ...] = get_args(SAESource)
+_TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
 CORPUS_NAMES: tuple[CorpusName, ...] = get_args(CorpusName)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def _check_precision(owner: str, value: str) -> None:
+    if value not in PRECISIONS:
+        raise ValueError(f"{owner}: expected one of {list(PRECISIONS)}, got {value!r}")
 
 
 def _check_positive(owner: str, **values: float) -> None:
@@ -180,6 +189,11 @@ class SAETrainConfig:
     """Fraction of the final steps over which the learning rate decays linearly to 0."""
     seed: int = 0
     """Seed of initialisation and batch order."""
+    precision: Precision = "float32"
+    """Arithmetic of the training steps. ``float32``: the reference loop (autograd, plain Adam).
+    ``bfloat16``: hand-written gradients whose matrix products run in bfloat16 (native on CPUs with
+    AMX / AVX512-BF16) while weights, Adam state, biases, θ and everything elementwise stay
+    float32; several times faster, same quality within the tolerance measured in ``train.py``."""
 
     def __post_init__(self) -> None:
         if self.activation not in ("jumprelu", "topk", "relu"):
@@ -208,6 +222,7 @@ class SAETrainConfig:
             raise ValueError(f"SAETrainConfig.warmup_frac: expected in [0, 1), got {self.warmup_frac}")
         if not 0 <= self.decay_frac < 1:
             raise ValueError(f"SAETrainConfig.decay_frac: expected in [0, 1), got {self.decay_frac}")
+        _check_precision("SAETrainConfig.precision", self.precision)
 
     @property
     def n_steps(self) -> int:
@@ -291,6 +306,17 @@ class Profile:
     delta_loss_tokens: int = 4096
     """Evaluation tokens (whole chunks, taken in turn from each corpus) for ΔL in the quality
     report (0 disables ΔL)."""
+    forward_precision: Precision = "float32"
+    """Arithmetic of prepare's model forward passes (activation caches, streamed training, ΔL):
+    ``float32``, or ``bfloat16`` autocast (matrix products and attention in bfloat16, weights and
+    residual stream float32; see :func:`saematch_core.models.forward_precision`)."""
+    train_mode: TrainMode = "disk"
+    """How trained SAEs get their inputs. ``disk``: from the training activation cache (every
+    layer on disk, float16; more epochs re-read it). ``stream``: from one forward pass over the
+    training chunks that feeds every SAE at once (:mod:`saematch_core.stream`); no training cache
+    is written, so the token budget is not bounded by the disk, and more epochs cost more passes."""
+    stream_buffer_tokens: int = 16_384
+    """``stream`` only: rows per layer held in the mixing buffer that batches are drawn from."""
 
     def __post_init__(self) -> None:
         if self.sae_source not in _SAE_SOURCES:
@@ -314,6 +340,16 @@ class Profile:
         _check_positive("Profile", outlier_factor=self.outlier_factor)
         if self.delta_loss_tokens < 0:
             raise ValueError(f"Profile.delta_loss_tokens: expected >= 0, got {self.delta_loss_tokens}")
+        _check_precision("Profile.forward_precision", self.forward_precision)
+        if self.train_mode not in _TRAIN_MODES:
+            raise ValueError(
+                f"Profile.train_mode: expected one of {list(_TRAIN_MODES)}, got {self.train_mode!r}"
+            )
+        if self.stream_buffer_tokens < 2 * self.sae.batch_size:
+            raise ValueError(
+                f"Profile.stream_buffer_tokens: expected >= 2 × sae.batch_size = {2 * self.sae.batch_size}, "
+                f"got {self.stream_buffer_tokens}"
+            )
 
     @property
     def layers(self) -> tuple[int, ...]:

@@ -92,6 +92,22 @@ def test_budgets_of_the_issue() -> None:
             lambda: dataclasses.replace(get_profile("smoke"), sae_source="gemma_scope"),
             r"Profile.gemma_scope: required",
         ),
+        (
+            lambda: SAETrainConfig(precision="float16"),  # type: ignore[arg-type]
+            r"SAETrainConfig.precision: expected one of \['float32', 'bfloat16'\], got 'float16'",
+        ),
+        (
+            lambda: dataclasses.replace(get_profile("smoke"), forward_precision="half"),
+            r"Profile.forward_precision: expected one of \['float32', 'bfloat16'\], got 'half'",
+        ),
+        (
+            lambda: dataclasses.replace(get_profile("smoke"), train_mode="ram"),
+            r"Profile.train_mode: expected one of \['disk', 'stream'\], got 'ram'",
+        ),
+        (
+            lambda: dataclasses.replace(get_profile("smoke"), stream_buffer_tokens=100),
+            r"Profile.stream_buffer_tokens: expected >= 2 × sae.batch_size = 256, got 100",
+        ),
     ],
 )
 def test_validation(build, match: str) -> None:  # type: ignore[no-untyped-def]
