@@ -350,13 +350,19 @@ def _train_extra(result: TrainResult) -> dict[str, Any]:
 
 def _stream_jobs(
     profile: Profile,
+    folder: Path,
     loaded: LoadedModel,
     evals: ActivationCache,
     jobs: list[tuple[int, _Job]],
     finish: Callable[[int, SAE, float | None, dict[str, Any]], None],
     progress: bool,
 ) -> dict[str, float]:
-    """Train ``(index, job)`` pairs from one stream over the training chunks; ``finish`` saves each."""
+    """Train ``(index, job)`` pairs from one stream over the training chunks; ``finish`` saves each.
+
+    The stream checkpoints itself every few minutes next to the SAEs, so a killed prepare resumes
+    it where it was (with the same bits) when it is asked for the same SAEs; one killed while the
+    finished SAEs were being saved retrains those not yet saved from the start.
+    """
     tokenizer = loaded.tokenizer
     by_corpus = corpus_chunks(profile.data, tokenizer.encode, "train", bos_id=tokenizer.bos_id)
     chunks = [c for name in profile.data.corpora for c in by_corpus[name]]
@@ -380,6 +386,7 @@ def _stream_jobs(
         buffer_tokens=profile.stream_buffer_tokens,
         progress=progress,
         on_done=done,
+        checkpoint=folder / "saes" / "stream-checkpoint",
     )
     logger.info(
         "streamed %d tokens (%.2f passes): forward %.0f s, SAE steps %.0f s",
@@ -555,7 +562,8 @@ def prepare(
         streamed = [] if on_disk else [i for i in pending if jobs[i].config is not None]
         if streamed:
             pairs = [(i, jobs[i]) for i in streamed]
-            timings.update(_stream_jobs(profile, loaded, evals, pairs, finish, progress))
+            (folder / "saes").mkdir(parents=True, exist_ok=True)
+            timings.update(_stream_jobs(profile, folder, loaded, evals, pairs, finish, progress))
         # Layer by layer, so that all SAEs of one layer read its training rows once.
         order = sorted(set(pending) - set(streamed), key=lambda i: jobs[i].layer)
         rows = _LayerRows(caches.get("train"))

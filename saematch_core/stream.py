@@ -26,14 +26,23 @@ stream restarts with the SAEs not yet saved.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from saematch_core.cache import atomic_path, atomic_write_text, content_key
 from saematch_core.data import Chunk
 from saematch_core.models import LoadedModel, capture_residuals, forward_precision
 from saematch_core.profiles import SAETrainConfig
@@ -45,6 +54,8 @@ STREAM_VERSION = 1
 """Version of the streaming scheme above; part of the key of every streamed SAE."""
 
 _INIT_SAMPLE = 4096
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,14 +113,163 @@ class _Buffer:
         return served
 
 
-def _batches(
-    chunks: Sequence[Chunk], batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[list[Chunk], bool]]:
-    """(batch of chunks, last of its pass), pass after pass, each pass in a new random order."""
-    while True:
-        order = torch.randperm(len(chunks), generator=generator).tolist()
-        for lo in range(0, len(order), batch_size):
-            yield [chunks[i] for i in order[lo : lo + batch_size]], lo + batch_size >= len(order)
+class _Source:
+    """The model over the chunks, pass after pass (each in a new random order), filling the buffers.
+
+    Its whole state (chunk order, position, buffers, counters, generators) goes into a checkpoint.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        chunks: Sequence[Chunk],
+        layers: list[int],
+        limits: Tensor,
+        *,
+        precision: str,
+        batch_size: int,
+        buffer_tokens: int,
+        seed: int,
+    ) -> None:
+        self.loaded, self.chunks, self.layers, self.limits = loaded, chunks, layers, limits
+        self.precision, self.batch_size = precision, batch_size
+        self.device = next(loaded.model.parameters()).device
+        room = buffer_tokens + batch_size * max(len(c.ids) for c in chunks)
+        self.buffers = {layer: _Buffer(loaded.d_model, room) for layer in layers}
+        self.chunk_gen = torch.Generator().manual_seed(seed)
+        self.shuffle_gen = torch.Generator().manual_seed(seed + 1)
+        self.pass_start = self.chunk_gen.get_state()  # the order of a pass is drawn from this state
+        self.order = torch.randperm(len(chunks), generator=self.chunk_gen).tolist()
+        self.position = 0  # chunks of the current pass already forwarded
+        self.added = dict.fromkeys(layers, 0)  # rows added in the current pass
+        self.forwarded = 0
+        self.seconds = 0.0
+
+    def fill(self) -> None:
+        """Forward the next batch of chunks and append its usable rows to every layer's buffer."""
+        t0 = time.perf_counter()
+        if self.position >= len(self.order):
+            empty = [layer for layer in self.layers if not self.added[layer]]
+            if empty:
+                raise ValueError(
+                    f"norm_limits: no usable rows at layers {empty} in a whole pass (every token is at "
+                    "position 0 or above its layer's limit)"
+                )
+            self.pass_start = self.chunk_gen.get_state()
+            self.order = torch.randperm(len(self.chunks), generator=self.chunk_gen).tolist()
+            self.position = 0
+            self.added = dict.fromkeys(self.layers, 0)
+        batch = [self.chunks[i] for i in self.order[self.position : self.position + self.batch_size]]
+        self.position += len(batch)
+        width = max(len(c.ids) for c in batch)
+        # Right padding needs no attention mask in a causal model: real tokens never see the pads.
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        real = torch.zeros((len(batch), width), dtype=torch.bool)
+        for row, c in enumerate(batch):
+            ids[row, : len(c.ids)] = torch.from_numpy(c.ids)
+            real[row, 1 : len(c.ids)] = True  # position 0 (BOS / attention sink) is never trained on
+        with forward_precision(self.precision, self.device):
+            resid = capture_residuals(self.loaded.model, ids.to(self.device), layers=self.layers)
+        resid = resid.float().cpu()
+        keep = real[None] & (torch.linalg.vector_norm(resid, dim=-1) <= self.limits[:, None, None])
+        for i, layer in enumerate(self.layers):
+            self.buffers[layer].append(resid[i][keep[i]])
+            self.added[layer] += int(keep[i].sum())
+        self.forwarded += sum(len(c.ids) for c in batch)
+        self.seconds += time.perf_counter() - t0
+
+    def full(self, rows: int) -> bool:
+        return all(b.count >= rows for b in self.buffers.values())
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"buffer.{layer}": b.rows[: b.count].clone() for layer, b in self.buffers.items()}
+        tensors["gen.pass_start"] = self.pass_start
+        tensors["gen.shuffle"] = self.shuffle_gen.get_state()
+        scalars = {
+            "position": self.position,
+            "added": {str(k): v for k, v in self.added.items()},
+            "forwarded": self.forwarded,
+            "seconds": self.seconds,
+        }
+        return tensors, scalars
+
+    def load_state(self, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
+        for layer, b in self.buffers.items():
+            b.count = 0
+            b.append(tensors[f"buffer.{layer}"])
+        self.pass_start = tensors["gen.pass_start"]
+        self.chunk_gen.set_state(self.pass_start)
+        self.order = torch.randperm(len(self.chunks), generator=self.chunk_gen).tolist()
+        self.shuffle_gen.set_state(tensors["gen.shuffle"])
+        self.position = int(scalars["position"])
+        self.added = {int(k): int(v) for k, v in scalars["added"].items()}
+        self.forwarded = int(scalars["forwarded"])
+        self.seconds = float(scalars["seconds"])
+
+
+def _stream_key(
+    chunks: Sequence[Chunk], jobs: Sequence[StreamJob], limits: Tensor, settings: dict[str, Any]
+) -> str:
+    digest = hashlib.sha256()
+    for c in chunks:
+        digest.update(np.ascontiguousarray(c.ids, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    spec = {
+        "version": STREAM_VERSION,
+        "chunks": digest.hexdigest(),
+        "jobs": [[j.layer, dataclasses.asdict(j.config)] for j in jobs],
+        "limits": [float(v) for v in limits],
+        **settings,
+    }
+    return content_key(spec)
+
+
+def _save_checkpoint(
+    path: Path,
+    key: str,
+    source: _Source,
+    trainers: Sequence[SAETrainer],
+    generators: Sequence[torch.Generator],
+) -> None:
+    tensors, scalars = source.state()
+    jobs = []
+    for i, (trainer, gen) in enumerate(zip(trainers, generators, strict=True)):
+        t, sc = trainer.state()
+        tensors.update({f"job.{i}.{name}": v for name, v in t.items()})
+        tensors[f"job.{i}.gen"] = gen.get_state()
+        jobs.append(sc)
+    with atomic_path(path.with_suffix(".safetensors")) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    # the JSON last: a checkpoint without it (or with another key) is ignored
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"key": key, "source": scalars, "jobs": jobs}))
+
+
+def _load_checkpoint(
+    path: Path,
+    key: str,
+    source: _Source,
+    trainers: Sequence[SAETrainer],
+    generators: Sequence[torch.Generator],
+) -> bool:
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        if meta.get("key") != key:
+            return False
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+    except (OSError, ValueError):
+        return False
+    source.load_state(tensors, meta["source"])
+    for i, (trainer, gen) in enumerate(zip(trainers, generators, strict=True)):
+        prefix = f"job.{i}."
+        mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        trainer.load_state(mine, meta["jobs"][i])
+        gen.set_state(mine["gen"])
+    return True
+
+
+def _remove_checkpoint(path: Path) -> None:
+    for suffix in (".json", ".safetensors"):
+        path.with_suffix(suffix).unlink(missing_ok=True)
 
 
 def train_streamed(
@@ -124,6 +284,8 @@ def train_streamed(
     seed: int = 0,
     progress: bool = True,
     on_done: Callable[[int, TrainResult], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_seconds: float = 300.0,
 ) -> tuple[list[TrainResult], StreamStats]:
     """Train ``jobs`` from residuals computed on the fly over ``chunks``.
 
@@ -139,6 +301,11 @@ def train_streamed(
     seed : seed of the chunk order and of the buffer shuffles.
     progress : tqdm bar over forwarded tokens.
     on_done : called with (job index, result) as soon as each SAE has taken all its steps.
+    checkpoint : path stem of a checkpoint (``.json`` + ``.safetensors``), written at most every
+        ``checkpoint_seconds`` between rounds and removed at the end. A stream of the same jobs
+        over the same chunks with the same settings resumes from it and ends with the same bits as
+        an uninterrupted run; any other stream ignores it.
+    checkpoint_seconds : time between checkpoints.
 
     Returns
     -------
@@ -163,61 +330,33 @@ def train_streamed(
         )
     layers = sorted({j.layer for j in jobs})
     limits = torch.tensor([float(norm_limits[layer]) for layer in layers])
-    room = buffer_tokens + batch_size * max(len(c.ids) for c in chunks)
-    buffers = {layer: _Buffer(d_model, room) for layer in layers}
-    chunk_gen = torch.Generator().manual_seed(seed)
-    shuffle_gen = torch.Generator().manual_seed(seed + 1)
-    source = _batches(chunks, batch_size, chunk_gen)
-    device = next(loaded.model.parameters()).device
+    source = _Source(
+        loaded,
+        chunks,
+        layers,
+        limits,
+        precision=precision,
+        batch_size=batch_size,
+        buffer_tokens=buffer_tokens,
+        seed=seed,
+    )
     total_tokens = sum(len(c.ids) for c in chunks)
-    forwarded = 0
-    t_forward = 0.0
-
     bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc="stream")
 
-    added = dict.fromkeys(layers, 0)  # rows added in the current pass
-
     def fill() -> None:
-        nonlocal forwarded, t_forward
-        t0 = time.perf_counter()
-        batch, last = next(source)
-        width = max(len(c.ids) for c in batch)
-        # Right padding needs no attention mask in a causal model: real tokens never see the pads.
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        real = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, c in enumerate(batch):
-            ids[row, : len(c.ids)] = torch.from_numpy(c.ids)
-            real[row, 1 : len(c.ids)] = True  # position 0 (BOS / attention sink) is never trained on
-        with forward_precision(precision, device):
-            resid = capture_residuals(loaded.model, ids.to(device), layers=layers).float().cpu()
-        keep = real[None] & (torch.linalg.vector_norm(resid, dim=-1) <= limits[:, None, None])
-        for i, layer in enumerate(layers):
-            buffers[layer].append(resid[i][keep[i]])
-            added[layer] += int(keep[i].sum())
-        if last:
-            empty = [layer for layer in layers if not added[layer]]
-            if empty:
-                raise ValueError(
-                    f"norm_limits: no usable rows at layers {empty} in a whole pass (every token is at "
-                    "position 0 or above its layer's limit)"
-                )
-            added.update(dict.fromkeys(layers, 0))
-        n = sum(len(c.ids) for c in batch)
-        forwarded += n
-        bar.update(n)
-        t_forward += time.perf_counter() - t0
+        before = source.forwarded
+        source.fill()
+        bar.update(source.forwarded - before)
 
-    def full() -> bool:
-        return all(buffers[layer].count >= buffer_tokens for layer in layers)
-
-    while not full():
+    # The first full buffers set each layer's input scale and each SAE's initial b_dec and θ.
+    while not source.full(buffer_tokens):
         fill()
     shared: dict[tuple[int, int, int, torch.dtype], StepBuffers] = {}
     trainers: list[SAETrainer] = []
     generators: list[torch.Generator] = []
     scales: dict[int, float] = {}
     for job in jobs:
-        buffer = buffers[job.layer]
+        buffer = source.buffers[job.layer]
         held = buffer.rows[: buffer.count].float()
         scale = scales.setdefault(job.layer, input_scale(held))
         gen = torch.Generator().manual_seed(job.config.seed)
@@ -235,16 +374,31 @@ def train_streamed(
             )
         )
         generators.append(gen)
+    settings = {
+        "precision": precision,
+        "batch_size": batch_size,
+        "buffer_tokens": buffer_tokens,
+        "seed": seed,
+    }
+    path = None if checkpoint is None else Path(checkpoint)
+    ckpt_key = "" if path is None else _stream_key(chunks, jobs, limits, settings)
+    if path is not None and _load_checkpoint(path, ckpt_key, source, trainers, generators):
+        logger.info("stream resumed from %s at %d tokens", path, source.forwarded)
+        bar.update(source.forwarded)
     results: list[TrainResult | None] = [None] * len(jobs)
     half = buffer_tokens // 2
     t_train = 0.0
-    while any(r is None for r in results):
-        while not full():
+    last_checkpoint = time.perf_counter()
+    while not all(t.done for t in trainers):
+        if path is not None and time.perf_counter() - last_checkpoint >= checkpoint_seconds:
+            _save_checkpoint(path, ckpt_key, source, trainers, generators)
+            last_checkpoint = time.perf_counter()
+        while not source.full(buffer_tokens):
             fill()
         t0 = time.perf_counter()
         for layer in layers:
-            served = buffers[layer].take_half(half, shuffle_gen)
-            todo = [i for i, j in enumerate(jobs) if j.layer == layer and results[i] is None]
+            served = source.buffers[layer].take_half(half, source.shuffle_gen)
+            todo = [i for i, j in enumerate(jobs) if j.layer == layer and not trainers[i].done]
             xs = served * scales[layer] if todo else served
             for i in todo:
                 trainer, size = trainers[i], jobs[i].config.batch_size
@@ -255,18 +409,21 @@ def train_streamed(
                         if trainer.done:
                             break
                         trainer.step(xs[order[lo : lo + size]])
-                if trainer.done:
-                    result = results[i] = trainer.result(meta=dict(jobs[i].meta))
-                    if on_done is not None:
-                        on_done(i, result)
         t_train += time.perf_counter() - t0
+        for i, trainer in enumerate(trainers):
+            if trainer.done and results[i] is None:
+                result = results[i] = trainer.result(meta=dict(jobs[i].meta))
+                if on_done is not None:
+                    on_done(i, result)
         bar.set_postfix_str(f"{sum(r is not None for r in results)}/{len(jobs)} SAEs done")
     bar.close()
+    if path is not None:
+        _remove_checkpoint(path)
     stats = StreamStats(
-        tokens_forwarded=forwarded,
-        passes=forwarded / total_tokens,
-        forward_seconds=t_forward,
+        tokens_forwarded=source.forwarded,
+        passes=source.forwarded / total_tokens,
+        forward_seconds=source.seconds,
         train_seconds=t_train,
-        peak_buffer_bytes=sum(b.rows.numel() * 2 for b in buffers.values()),
+        peak_buffer_bytes=sum(b.rows.numel() * 2 for b in source.buffers.values()),
     )
     return [r for r in results if r is not None], stats

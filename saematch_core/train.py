@@ -477,6 +477,48 @@ class SAETrainer:
         self.opt.step()
         return mask.sum(), err
 
+    _NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Everything a resumed trainer needs: tensors (weights, θ, Adam moments) and JSON-ready
+        scalars (step, tail statistics, optimiser settings); :meth:`load_state` restores them."""
+        tensors = {name: p.detach().clone() for name, p in zip(self._NAMES, self.params, strict=True)}
+        if self.theta is not None:
+            tensors["threshold"] = self.theta.detach().clone()
+        opt = self.opt.state_dict()
+        for index, moments in opt["state"].items():
+            for name, value in moments.items():
+                tensors[f"adam.{index}.{name}"] = torch.as_tensor(value).clone()
+        scalars = {
+            "step_index": self.step_index,
+            "tail": list(self._tail),
+            "seconds": self.seconds,
+            "scale": self.scale,
+            "param_groups": opt["param_groups"],
+        }
+        return tensors, scalars
+
+    def load_state(self, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
+        """Continue from a :meth:`state` of a trainer with the same config and input scale."""
+        if scalars["scale"] != self.scale:
+            raise ValueError(
+                f"scalars['scale']: expected this trainer's {self.scale}, got {scalars['scale']!r}"
+            )
+        with torch.no_grad():
+            for name, p in zip(self._NAMES, self.params, strict=True):
+                p.copy_(tensors[name])
+            if self.theta is not None:
+                self.theta.copy_(tensors["threshold"])
+        moments: dict[int, dict[str, Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith("adam."):
+                _, index, key = name.split(".", 2)
+                moments.setdefault(int(index), {})[key] = value.clone()
+        self.opt.load_state_dict({"state": moments, "param_groups": scalars["param_groups"]})
+        self.step_index = int(scalars["step_index"])
+        self._tail = [float(v) for v in scalars["tail"]]
+        self.seconds = float(scalars["seconds"])
+
     def result(self, *, seconds: float | None = None, meta: dict[str, Any] | None = None) -> TrainResult:
         """The trained SAE with the input scaling folded back (``seconds`` defaults to the time spent
         in :meth:`step`)."""

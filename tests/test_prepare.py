@@ -205,6 +205,7 @@ def test_stream_mode_prepares_without_a_training_cache(
     assert streamed == [len(result.records)] == [4 + 2 * 2 + 2 * 2 + 1]  # one stream for every SAE
     assert set(result.activation_folders) == {"eval"}
     assert not (result.folder / "activations" / "train").exists()
+    assert not list((result.folder / "saes").glob("stream-checkpoint*"))  # removed once done
     evals = json.loads((result.folder / "activations" / "eval" / "manifest.json").read_text())
     assert evals["spec"]["forward_precision"] == "bfloat16"
     for record in result.records:

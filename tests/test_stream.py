@@ -14,7 +14,7 @@ from saematch_core.data import Chunk, Document, chunk_documents
 from saematch_core.models import LoadedModel, load_model
 from saematch_core.profiles import SAETrainConfig, get_profile
 from saematch_core.stream import StreamJob, _Buffer, train_streamed
-from saematch_core.train import sae_quality, train_sae
+from saematch_core.train import SAETrainer, sae_quality, train_sae
 
 
 @pytest.fixture(autouse=True)
@@ -135,3 +135,50 @@ def test_bad_arguments(tiny: LoadedModel, chunks: list[Chunk]) -> None:
         ValueError, match=r"buffer_tokens: expected >= 2 × the largest SAE batch \(128\), got 100"
     ):
         train_streamed(tiny, chunks, [job], norm_limits=[1e9] * 4, buffer_tokens=100)
+
+
+def test_killed_stream_resumes_from_its_checkpoint(
+    tiny: LoadedModel, chunks: list[Chunk], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [StreamJob(1, _config(seed=5, n_tokens=4096)), StreamJob(3, _config(seed=6, precision="bfloat16"))]
+    kwargs = {"norm_limits": [1e9] * 4, "buffer_tokens": 512, "progress": False}
+    whole, _ = train_streamed(tiny, chunks, jobs, **kwargs)  # type: ignore[arg-type]
+    ckpt = tmp_path / "stream"
+    real_step = SAETrainer.step
+    calls = {"n": 0}
+
+    def dying_step(self: SAETrainer, xb: torch.Tensor) -> None:
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise KeyboardInterrupt  # a kill in the middle of the second round or later
+        real_step(self, xb)
+
+    monkeypatch.setattr(SAETrainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_streamed(tiny, chunks, jobs, checkpoint=ckpt, checkpoint_seconds=0.0, **kwargs)  # type: ignore[arg-type]
+    assert ckpt.with_suffix(".json").is_file()
+    monkeypatch.setattr(SAETrainer, "step", real_step)
+    resumed_steps = {"n": 0}
+
+    def counting_step(self: SAETrainer, xb: torch.Tensor) -> None:
+        resumed_steps["n"] += 1
+        real_step(self, xb)
+
+    monkeypatch.setattr(SAETrainer, "step", counting_step)
+    resumed, _ = train_streamed(tiny, chunks, jobs, checkpoint=ckpt, **kwargs)  # type: ignore[arg-type]
+    # It went on from the checkpoint (fewer steps than a whole run) and ended with the same bits.
+    assert resumed_steps["n"] < sum(j.config.n_steps for j in jobs)
+    for a, b in zip(whole, resumed, strict=True):
+        for name, t in a.sae.tensors().items():
+            assert torch.equal(t, b.sae.tensors()[name]), name
+    assert not ckpt.with_suffix(".json").exists() and not ckpt.with_suffix(".safetensors").exists()
+    # Another stream (other jobs) ignores a checkpoint that is not its own.
+    monkeypatch.setattr(SAETrainer, "step", dying_step)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        train_streamed(tiny, chunks, jobs, checkpoint=ckpt, checkpoint_seconds=0.0, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(SAETrainer, "step", counting_step)
+    resumed_steps["n"] = 0
+    other = [StreamJob(1, _config(seed=7))]
+    train_streamed(tiny, chunks, other, checkpoint=ckpt, **kwargs)  # type: ignore[arg-type]
+    assert resumed_steps["n"] == other[0].config.n_steps
