@@ -17,24 +17,19 @@ from saematch_core.stream import StreamJob, _Buffer, train_streamed
 from saematch_core.train import SAETrainer, sae_quality, train_sae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
+@pytest.fixture(scope="module", autouse=True)
+def tiny() -> Iterator[LoadedModel]:
+    # The smoke model on one thread: its tiny matmuls only spin a second OpenMP thread.
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    yield load_model(get_profile("smoke").model)
     torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def tiny() -> LoadedModel:
-    return load_model(get_profile("smoke").model)
-
-
-@pytest.fixture(scope="module")
 def chunks(tiny: LoadedModel) -> list[Chunk]:
-    docs = [
-        Document("a" if i % 2 else "b", f"d{i}", f"Line {i}: the quick brown fox. " * 12) for i in range(40)
-    ]
+    text = [(f"d{i}", f"Line {i}: the quick brown fox. " * 12) for i in range(40)]
+    docs = [Document("ab"[i % 2], doc_id, body) for i, (doc_id, body) in enumerate(text)]
     return chunk_documents(docs, tiny.tokenizer.encode, chunk_len=64, n_tokens=10**6)
 
 
