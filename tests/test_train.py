@@ -16,6 +16,7 @@ from saematch_core.train import (
     SAETrainer,
     _JumpReLU,
     _Step,
+    column_quantile,
     delta_loss,
     input_scale,
     sae_quality,
@@ -303,3 +304,15 @@ def test_trainer_misuse() -> None:
     trainer.step(x[:128])
     with pytest.raises(RuntimeError, match="step: all 1 steps are already taken"):
         trainer.step(x[:128])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_column_quantile_is_torch_quantile(n: int) -> None:
+    x = torch.randn(n, 9, generator=torch.Generator().manual_seed(n))
+    x[:, 0] = 1.0  # ties
+    for q in (0.0, 0.3, 1 - 64 / 2048, 1 - 3 / 7, 1.0):
+        assert torch.equal(column_quantile(x, q), torch.quantile(x, q, dim=0)), q
+    with pytest.raises(ValueError, match=r"q: expected in \[0, 1\], got 1.5"):
+        column_quantile(x, 1.5)
+    with pytest.raises(ValueError, match=r"x: expected shape \(n >= 1, m\), got \(3,\)"):
+        column_quantile(x[0, :3], 0.5)
