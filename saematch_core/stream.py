@@ -182,7 +182,7 @@ class _Source:
         return all(b.count >= rows for b in self.buffers.values())
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors = {f"buffer.{layer}": b.rows[: b.count].clone() for layer, b in self.buffers.items()}
+        tensors = {f"buffer.{layer}": b.rows[: b.count] for layer, b in self.buffers.items()}
         tensors["gen.pass_start"] = self.pass_start
         tensors["gen.shuffle"] = self.shuffle_gen.get_state()
         scalars = {

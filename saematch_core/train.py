@@ -503,14 +503,17 @@ class SAETrainer:
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Everything a resumed trainer needs: tensors (weights, θ, Adam moments) and JSON-ready
-        scalars (step, tail statistics, optimiser settings); :meth:`load_state` restores them."""
-        tensors = {name: p.detach().clone() for name, p in zip(self._NAMES, self.params, strict=True)}
+        scalars (step, tail statistics, optimiser settings); :meth:`load_state` restores them.
+
+        The tensors are the live ones, not copies (a stream's checkpoint would otherwise double its
+        memory): write them out before the next step."""
+        tensors = {name: p.detach() for name, p in zip(self._NAMES, self.params, strict=True)}
         if self.theta is not None:
-            tensors["threshold"] = self.theta.detach().clone()
+            tensors["threshold"] = self.theta.detach()
         opt = self.opt.state_dict()
         for index, moments in opt["state"].items():
             for name, value in moments.items():
-                tensors[f"adam.{index}.{name}"] = torch.as_tensor(value).clone()
+                tensors[f"adam.{index}.{name}"] = torch.as_tensor(value)
         scalars = {
             "step_index": self.step_index,
             "tail": list(self._tail),
