@@ -97,7 +97,9 @@ def measure(profile_name: str, *, reps: int = 3, steps: int = 20) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Substrate speed: float32 vs bfloat16 forward passes and SAE steps"
+    )
     parser.add_argument("--profile", default="default", help="profile whose model and SAE recipe to time")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians reported)")
     parser.add_argument("--steps", type=int, default=20, help="SAE steps timed per repetition")
