@@ -9,6 +9,7 @@ interleaved repetitions (so a busy machine slows both alike) times
 - one SAE optimiser step of the profile's main recipe (width, batch), the float32 reference
   (autograd) and the bfloat16 fast step, in ms, on residuals of the middle layer.
 
+Both also in CPU seconds of the process (``time.process_time``), the cost on dedicated cores.
 Results: printed, and written to ``benchmarks/results/substrate.json`` (gitignored).
 """
 
@@ -44,13 +45,15 @@ def measure(profile_name: str, *, reps: int = 3, steps: int = 20) -> dict[str, A
     width = min(len(c.ids) for c in chunks)
     ids = torch.stack([torch.from_numpy(c.ids[:width]) for c in chunks])
     forward: dict[str, list[float]] = {p: [] for p in _PRECISIONS}
+    forward_cpu: dict[str, list[float]] = {p: [] for p in _PRECISIONS}
     resid: dict[str, torch.Tensor] = {}
     for _ in range(reps):
         for precision in _PRECISIONS:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with forward_precision(precision):
                 resid[precision] = capture_residuals(loaded.model, ids).float()
             forward[precision].append(ids.numel() / (time.perf_counter() - t0))
+            forward_cpu[precision].append((time.process_time() - c0) / ids.numel() * 1e3)
     exact, low = resid["float32"][:, :, 1:], resid["bfloat16"][:, :, 1:]
     rel = ((low - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)).mean(dim=(1, 2))
 
@@ -58,6 +61,7 @@ def measure(profile_name: str, *, reps: int = 3, steps: int = 20) -> dict[str, A
     x = exact[layer].reshape(-1, exact.shape[-1])
     scale = input_scale(x)
     step_ms: dict[str, list[float]] = {p: [] for p in _PRECISIONS}
+    step_cpu: dict[str, list[float]] = {p: [] for p in _PRECISIONS}
     g = torch.Generator().manual_seed(0)
     for _ in range(reps):
         for precision in _PRECISIONS:
@@ -75,10 +79,11 @@ def measure(profile_name: str, *, reps: int = 3, steps: int = 20) -> dict[str, A
             ]
             for xb in batches[:3]:  # warm-up: first allocations, lazy initialisation
                 trainer.step(xb)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for xb in batches[3:]:
                 trainer.step(xb)
             step_ms[precision].append((time.perf_counter() - t0) / steps * 1e3)
+            step_cpu[precision].append((time.process_time() - c0) / steps * 1e3)
     fwd = {p: statistics.median(v) for p, v in forward.items()}
     sae = {p: statistics.median(v) for p, v in step_ms.items()}
     return {
@@ -92,7 +97,16 @@ def measure(profile_name: str, *, reps: int = 3, steps: int = 20) -> dict[str, A
         "sae_shape": {"batch": profile.sae.batch_size, "d_in": x.shape[1], "width": profile.sae.width},
         "sae_step_ms": sae,
         "sae_speedup": sae["float32"] / sae["bfloat16"],
-        "raw": {"forward_tok_per_s": forward, "sae_step_ms": step_ms},
+        # CPU time (all threads of this process): what the work costs on dedicated cores, far less
+        # sensitive to a shared machine than wall time
+        "forward_cpu_ms_per_tok": {p: statistics.median(v) for p, v in forward_cpu.items()},
+        "sae_step_cpu_ms": {p: statistics.median(v) for p, v in step_cpu.items()},
+        "raw": {
+            "forward_tok_per_s": forward,
+            "sae_step_ms": step_ms,
+            "forward_cpu_ms_per_tok": forward_cpu,
+            "sae_step_cpu_ms": step_cpu,
+        },
     }
 
 
@@ -117,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         f"forward  float32 {fwd['float32']:8.0f} tok/s   bfloat16 {fwd['bfloat16']:8.0f} tok/s   "
         f"× {result['forward_speedup']:.2f}"
     )
+    fcpu, scpu = result["forward_cpu_ms_per_tok"], result["sae_step_cpu_ms"]
+    print(f"forward  CPU ms/token: float32 {fcpu['float32']:.3f}, bfloat16 {fcpu['bfloat16']:.3f}")
+    print(f"SAE step CPU ms: float32 {scpu['float32']:.1f}, bfloat16 {scpu['bfloat16']:.1f}")
     print(f"         bfloat16 residuals, mean relative error: first layer {rel[0]:.4f}, last {rel[-1]:.4f}")
     print(
         f"SAE step float32 {sae['float32']:8.1f} ms      bfloat16 {sae['bfloat16']:8.1f} ms      "

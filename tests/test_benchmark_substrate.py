@@ -22,6 +22,8 @@ def test_substrate_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[
     result = json.loads(out.read_text())
     assert set(result["forward_tok_per_s"]) == set(result["sae_step_ms"]) == {"float32", "bfloat16"}
     assert all(v > 0 for v in (*result["forward_tok_per_s"].values(), *result["sae_step_ms"].values()))
+    cpu = (*result["forward_cpu_ms_per_tok"].values(), *result["sae_step_cpu_ms"].values())
+    assert len(cpu) == 4 and all(v > 0 for v in cpu)
     errors = result["forward_rel_err_per_layer"]
     assert len(errors) == 4 and all(0 < e < 0.05 for e in errors)  # bfloat16 differs, but little
     assert "SAE step float32" in capsys.readouterr().out
