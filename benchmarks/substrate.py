@@ -30,7 +30,7 @@ from saematch_core.models import capture_residuals, forward_precision, load_mode
 from saematch_core.profiles import get_profile
 from saematch_core.train import SAETrainer, input_scale
 
-__all__ = ["main", "measure"]
+__all__ = ["main", "measure", "save_result"]
 
 _PRECISIONS = ("float32", "bfloat16")
 
@@ -110,6 +110,12 @@ def measure(profile_name: str, *, reps: int = 3, steps: int = 20) -> dict[str, A
     }
 
 
+def save_result(path: Path, result: dict[str, Any]) -> None:
+    """Write a benchmark's JSON result, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Substrate speed: float32 vs bfloat16 forward passes and SAE steps"
@@ -139,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         f"SAE step float32 {sae['float32']:8.1f} ms      bfloat16 {sae['bfloat16']:8.1f} ms      "
         f"× {result['sae_speedup']:.2f}"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    save_result(args.out, result)
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from benchmarks.substrate import save_result
 from saematch_core.activations import ActivationCache, open_activation_cache
 from saematch_core.models import LoadedModel, capture_residuals, forward_precision, load_model
 from saematch_core.prepare import _delta_batch, _rows, _seeded, prepare
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {name:16s} L0 {row['l0']:6.1f}  FVU {row['fvu']:.4f}  dead {row['dead']:.3f}  "
                 f"ΔL {row['delta_loss']:.4f}  best cos vs float32 {row['best_cos_vs_float32']:.3f}"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    save_result(args.out, result)
     return 0
 
 
