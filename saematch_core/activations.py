@@ -50,7 +50,7 @@ from saematch_core.cache import (
     write_manifest,
 )
 from saematch_core.data import Chunk
-from saematch_core.models import LoadedModel, capture_residuals
+from saematch_core.models import LoadedModel, capture_residuals, forward_precision
 
 __all__ = ["FORMAT_VERSION", "ActivationCache", "build_activation_cache", "open_activation_cache"]
 
@@ -180,6 +180,7 @@ def build_activation_cache(
     force: bool = False,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    precision: str = "float32",
 ) -> ActivationCache:
     """Run the model over ``chunks`` and cache the residual after every block (resumable).
 
@@ -195,6 +196,9 @@ def build_activation_cache(
     force : rebuild even if a matching cache exists.
     on_batch : called with the number of chunks done after each flushed batch (progress hooks,
         tests that simulate a kill).
+    precision : arithmetic of the forward passes (:func:`saematch_core.models.forward_precision`);
+        the residuals are stored as float16 either way. When not ``float32`` it is part of the
+        stored spec (``forward_precision``), so open the cache with a spec that says it.
 
     Returns
     -------
@@ -208,6 +212,13 @@ def build_activation_cache(
     from saematch_core import __version__
 
     spec = dict(spec)
+    if precision != "float32" or "forward_precision" in spec:
+        # float32 caches built before precision was a choice have no such entry: keep them valid
+        said = spec.setdefault("forward_precision", precision)
+        if said != precision:
+            raise ValueError(
+                f"spec['forward_precision']: expected {precision!r} like precision, got {said!r}"
+            )
     key = content_key({**spec, "format": FORMAT_VERSION, "outlier_factor": outlier_factor})
     if not force:
         found = open_activation_cache(folder, spec)
@@ -245,7 +256,8 @@ def build_activation_cache(
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         for row, c in enumerate(batch):
             ids[row, : len(c.ids)] = torch.from_numpy(c.ids)
-        resid = capture_residuals(model, ids.to(device)).float().cpu()  # (L, B, S, d)
+        with forward_precision(precision, device):
+            resid = capture_residuals(model, ids.to(device)).float().cpu()  # (L, B, S, d)
         for row, c in enumerate(batch):
             a, b = int(offsets[lo + row]), int(offsets[lo + row + 1])
             h = resid[:, row, : len(c.ids)]

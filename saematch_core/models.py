@@ -40,6 +40,7 @@ __all__ = [
     "capture_forward",
     "capture_residuals",
     "decoder_layers",
+    "forward_precision",
     "load_model",
     "locate_gguf",
     "next_token_losses",
@@ -142,6 +143,30 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def _hidden(output: Any) -> Tensor:
     # Older transformers return (hidden, ...) tuples from decoder blocks, 5.x returns the tensor.
     return output[0] if isinstance(output, tuple) else output
+
+
+def forward_precision(
+    precision: str, device: torch.device | str = "cpu"
+) -> contextlib.AbstractContextManager[Any]:
+    """Within the block, model forward passes run at ``precision``.
+
+    ``float32``: unchanged. ``bfloat16``: ``torch.autocast``, so matrix products and attention take
+    bfloat16 operands (native on CPUs with AMX / AVX512-BF16) while the weights, the residual stream,
+    the norms and the softmax stay float32. On SmolLM2-135M (one core with AMX) this is about 4×
+    faster than float32, and each residual differs from its float32 value by 0.4 % (first layer) to
+    0.8 % (last layer) of its norm on average: 20–40× the float16 rounding of the activation cache,
+    small against an SAE's reconstruction error.
+
+    Parameters
+    ----------
+    precision : ``float32`` or ``bfloat16``.
+    device : the model's device (its type picks the autocast backend).
+    """
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if precision != "bfloat16":
+        raise ValueError(f"precision: expected 'float32' or 'bfloat16', got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 class _StopForward(Exception):

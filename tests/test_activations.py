@@ -147,6 +147,25 @@ def test_corrupt_manifest_is_rebuilt(tiny: LoadedModel, chunks: list[Chunk], tmp
     assert _files(rebuilt.folder) == before
 
 
+def test_bfloat16_cache_says_so(tiny: LoadedModel, chunks: list[Chunk], tmp_path: Path) -> None:
+    exact = build_activation_cache(tiny, chunks, tmp_path / "fp32", spec=SPEC, progress=False)
+    low = build_activation_cache(
+        tiny, chunks, tmp_path / "bf16", spec=SPEC, precision="bfloat16", progress=False
+    )
+    assert "forward_precision" not in exact.manifest["spec"]
+    assert low.manifest["spec"]["forward_precision"] == "bfloat16"
+    # A float32 request never gets the bfloat16 cache, and a bfloat16 request finds its own.
+    assert open_activation_cache(tmp_path / "bf16", SPEC) is None
+    assert open_activation_cache(tmp_path / "bf16", {**SPEC, "forward_precision": "bfloat16"}) is not None
+    a, b = exact.layer(3).astype(np.float32), low.layer(3).astype(np.float32)
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert 1e-4 < rel.max() < 0.05
+    with pytest.raises(ValueError, match=r"spec\['forward_precision'\]: expected 'float32' like precision"):
+        build_activation_cache(
+            tiny, chunks, tmp_path / "x", spec={**SPEC, "forward_precision": "bfloat16"}, progress=False
+        )
+
+
 def test_bad_arguments(tiny: LoadedModel, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="chunks: expected at least one chunk"):
         build_activation_cache(tiny, [], tmp_path / "x", spec=SPEC)

@@ -14,6 +14,7 @@ from saematch_core.models import (
     LoadedModel,
     capture_residuals,
     decoder_layers,
+    forward_precision,
     load_model,
     locate_gguf,
     replace_residual,
@@ -72,6 +73,23 @@ def test_capture_matches_hidden_states(which: str, request: pytest.FixtureReques
     torch.testing.assert_close(got, _reference_residuals(model, ids))
     # Early stop after the last requested block gives the same values.
     torch.testing.assert_close(capture_residuals(model, ids, layers=[1, 0]), got[[1, 0]])
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_gemma"])
+def test_bfloat16_forward_stays_near_float32(which: str, request: pytest.FixtureRequest) -> None:
+    model = request.getfixturevalue(which)
+    ids = _ids(model.config.vocab_size)
+    ref = capture_residuals(model, ids)
+    with forward_precision("float32"):
+        torch.testing.assert_close(capture_residuals(model, ids), ref, rtol=0, atol=0)
+    with forward_precision("bfloat16"):
+        low = capture_residuals(model, ids)
+    # Autocast: products in bfloat16 (8 significant bits), the residual stream itself float32.
+    assert low.dtype == torch.float32
+    rel = (low - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)  # tiny Gemma: some zero states
+    assert 1e-4 < float(rel.max()) < 0.05
+    with pytest.raises(ValueError, match="precision: expected 'float32' or 'bfloat16', got 'float16'"):
+        forward_precision("float16")
 
 
 def test_decoder_layers(tiny_llama: Any) -> None:

@@ -177,6 +177,68 @@ def test_cached_only_never_builds(toy_corpora: None, tmp_path: Path) -> None:
     assert prepare(profile, cache_dir=tmp_path, cached_only=True).records == built.records
 
 
+def _fast(profile: Profile) -> Profile:
+    """The profile streamed, with bfloat16 forward passes and SAE steps."""
+    return dataclasses.replace(
+        profile,
+        train_mode="stream",
+        stream_buffer_tokens=256,
+        forward_precision="bfloat16",
+        sae=dataclasses.replace(profile.sae, precision="bfloat16"),
+    )
+
+
+def test_stream_mode_prepares_without_a_training_cache(
+    toy_corpora: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profile = _fast(_tiny())
+    streamed: list[int] = []
+    real_stream = prepare_module.train_streamed
+
+    def counting_stream(*args: object, **kwargs: object) -> object:
+        streamed.append(len(args[2]))  # type: ignore[arg-type]
+        return real_stream(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prepare_module, "train_streamed", counting_stream)
+    monkeypatch.setattr(prepare_module, "train_sae", None)  # nothing is trained from disk
+    result = prepare(profile, cache_dir=tmp_path, progress=False)
+    assert streamed == [len(result.records)] == [4 + 2 * 2 + 2 * 2 + 1]  # one stream for every SAE
+    assert set(result.activation_folders) == {"eval"}
+    assert not (result.folder / "activations" / "train").exists()
+    assert not list((result.folder / "saes").glob("stream-checkpoint*"))  # removed once done
+    evals = json.loads((result.folder / "activations" / "eval" / "manifest.json").read_text())
+    assert evals["spec"]["forward_precision"] == "bfloat16"
+    for record in result.records:
+        q = record.quality
+        assert np.isfinite(q.fvu) and q.delta_loss is not None and np.isfinite(q.delta_loss)
+        assert record.train_seconds is not None and load_sae(record.path).meta["family"] == record.family
+    assert prepare(profile, cache_dir=tmp_path, progress=False).cached
+    # A lost SAE is retrained alone: the stream runs for the missing one only.
+    sae_file(result.folder, "relu", 2).unlink()
+    (result.folder / "manifest.json").unlink()
+    streamed.clear()
+    prepare(profile, cache_dir=tmp_path, progress=False)
+    assert streamed == [1]
+
+
+def test_precision_and_mode_are_in_the_keys_only_when_chosen() -> None:
+    # float32 disk training is what every cache held before these choices existed: its keys must not
+    # change, or every cached activation and SAE would be rebuilt for nothing.
+    plain = _tiny()
+    job = _jobs(plain)[0]
+    assert job.config is not None
+    assert "forward_precision" not in prepare_module._data_spec(plain, "train")
+    assert "precision" not in prepare_module._config_spec(job.config)
+    fast = _fast(plain)
+    assert prepare_module._data_spec(fast, "eval")["forward_precision"] == "bfloat16"
+    keys = {
+        prepare_module._job_key(p, j)
+        for p in (plain, fast, dataclasses.replace(plain, train_mode="stream"))
+        for j in (job, dataclasses.replace(job, config=dataclasses.replace(job.config, precision="bfloat16")))
+    }
+    assert len(keys) == 6
+
+
 def test_prepare_rejects_bad_profile(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="name: expected one of"):
         prepare("nope", cache_dir=tmp_path)

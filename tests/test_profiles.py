@@ -18,11 +18,11 @@ from saematch_core.profiles import (
 
 
 def test_names_and_lookup() -> None:
-    assert PROFILE_NAMES == ("smoke", "default", "paper")
+    assert PROFILE_NAMES == ("smoke", "default", "strong", "paper")
     for name in PROFILE_NAMES:
         assert get_profile(name).name == name
     with pytest.raises(
-        ValueError, match=r"name: expected one of \['smoke', 'default', 'paper'\], got 'papr'"
+        ValueError, match=r"name: expected one of \['smoke', 'default', 'strong', 'paper'\], got 'papr'"
     ):
         get_profile("papr")
     with pytest.raises(TypeError, match="name: expected a str"):
@@ -60,6 +60,27 @@ def test_default_and_paper_profiles_have_the_sizes_the_book_needs() -> None:
     assert len(paper.gemma_scope.canonical_l0) == paper.model.n_layers == 26
 
 
+def test_strong_is_the_default_on_a_larger_budget() -> None:
+    default, strong = get_profile("default"), get_profile("strong")
+    # the same layers, sweeps, families and recipe: only the budget and the arithmetic differ
+    assert (
+        dataclasses.replace(
+            strong,
+            name=default.name,
+            data=dataclasses.replace(strong.data, train_tokens=default.data.train_tokens),
+            sae=dataclasses.replace(
+                strong.sae, n_tokens=default.sae.n_tokens, precision=default.sae.precision
+            ),
+            forward_precision=default.forward_precision,
+            train_mode=default.train_mode,
+        )
+        == default
+    )
+    assert strong.sae.n_tokens >= 2 * default.sae.n_tokens
+    assert strong.train_mode == "stream"  # its budget needs no training cache on disk
+    assert len(strong.data.corpora) * strong.data.train_tokens >= strong.sae.n_tokens * 0.8  # mostly distinct
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
@@ -91,6 +112,22 @@ def test_default_and_paper_profiles_have_the_sizes_the_book_needs() -> None:
         (
             lambda: dataclasses.replace(get_profile("smoke"), sae_source="gemma_scope"),
             r"Profile.gemma_scope: required",
+        ),
+        (
+            lambda: SAETrainConfig(precision="float16"),  # type: ignore[arg-type]
+            r"SAETrainConfig.precision: expected one of \['float32', 'bfloat16'\], got 'float16'",
+        ),
+        (
+            lambda: dataclasses.replace(get_profile("smoke"), forward_precision="half"),
+            r"Profile.forward_precision: expected one of \['float32', 'bfloat16'\], got 'half'",
+        ),
+        (
+            lambda: dataclasses.replace(get_profile("smoke"), train_mode="ram"),
+            r"Profile.train_mode: expected one of \['disk', 'stream'\], got 'ram'",
+        ),
+        (
+            lambda: dataclasses.replace(get_profile("smoke"), stream_buffer_tokens=100),
+            r"Profile.stream_buffer_tokens: expected >= 2 × sae.batch_size = 256, got 100",
         ),
     ],
 )
