@@ -13,7 +13,7 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile, recorded in the environment table
-bench_results = None  # benchmark results file (None: benchmarks/results/results.json of this checkout)
+bench_results: str | None = None  # benchmark results (None: benchmarks/results/results.json here)
 
 # %% tags=["hide-input"]
 import warnings

@@ -25,12 +25,12 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile: smoke, default or paper
-alpha = 0.05  # false-discovery rate of the "matched" verdict
-n_null = 2  # random rotations of layer B in the null model (each gives one null sample per feature)
-link_level = 0.01  # chance that an unrelated feature gets a link, for splits / merges / births / deaths
-n_pairs = 10  # consecutive layer pairs analysed, evenly spread over the depth (None: all)
-tokens_per_corpus = 512  # evaluation tokens per corpus for ΔL (as in section 5, whose results are reused)
-batch_size = 8  # chunks per forward pass for ΔL
+alpha = 0.05  # false-discovery rate of the "matched" verdict [> 0, < 1]
+n_null = 2  # random rotations of layer B in the null model (one null sample per feature each) [>= 1]
+link_level = 0.01  # chance that an unrelated feature gets a link (splits, merges, ...) [> 0, < 1]
+n_pairs: int | None = 10  # consecutive layer pairs, evenly spread over the depth (None: all) [>= 1]
+tokens_per_corpus = 512  # evaluation tokens per corpus for ΔL (as in section 5, reused) [>= 1]
+batch_size = 8  # chunks per forward pass for ΔL [>= 1]
 out_dir = "results/09_beyond"  # where results are written (set by the build)
 
 # %%
