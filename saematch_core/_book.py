@@ -8,6 +8,7 @@ Layout under the build folder (``build/`` by default; nothing is written into th
     overrides/             executed/ and results/ of the notebooks run with ``-p`` overrides: such a
                            page is published in place of the default one by the run that made it,
                            and never replaces the default copy in executed/
+    bench/                 the quick benchmark run the appendix shows when ``make bench`` has not run
     site/                  the Sphinx source: _config.yml, _toc.yml, book/, notebooks/ (executed copies)
     _build/html/           the book (open index.html); jupyter-book.log holds the Sphinx output
 
@@ -96,7 +97,8 @@ class BookConfig:
     a name no selected notebook declares, a wrong type or an out-of-range value is an error. A
     notebook run with overrides goes to ``build_dir/overrides`` and never becomes its default copy."""
     cell_timeout_s: int | None = 3600
-    """Per-cell execution limit in seconds for papermill (None: no limit). The only timeout."""
+    """Per-cell execution limit in seconds for papermill (None: no limit), also the limit of the quick
+    benchmark run the appendix falls back on. The only timeout."""
     html: bool = True
     """Run Jupyter Book after the notebooks; False stops after papermill."""
 
@@ -149,7 +151,8 @@ class BookResult(NamedTuple):
     html_dir: Path | None
     """Folder holding ``index.html``; None when ``BookConfig.html`` is False."""
     timings: Mapping[str, float]
-    """Wall-clock seconds per step: one entry per executed notebook stem, plus ``html`` and ``total``."""
+    """Wall-clock seconds per step: one entry per executed notebook stem, plus ``html`` and ``total``
+    (and ``benchmark`` when the build ran the quick benchmark)."""
 
 
 def discover_notebooks(notebooks_dir: str | os.PathLike[str]) -> list[Path]:
@@ -416,6 +419,42 @@ def build_html(site_dir: str | os.PathLike[str], build_dir: str | os.PathLike[st
     return html
 
 
+def _benchmark_results(root: Path, build_dir: Path, timeout_s: int | None) -> tuple[Path, bool]:
+    """Measured solver benchmarks for the appendix, and whether this call ran them: ``make bench``'s
+    results when they exist, else a quick side-by-side run (``python -m benchmarks.run --quick``)
+    into ``build_dir/bench``, made once and reused by later builds (its ``meta`` records the machine
+    and date it ran on)."""
+    full = root / "benchmarks" / "results" / "results.json"
+    if full.is_file():
+        return full, False
+    quick = build_dir / "bench"
+    if (quick / "results.json").is_file():
+        return quick / "results.json", False
+    # Written beside and renamed when complete, so a failed or killed run is never reused.
+    partial = build_dir / "bench.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(partial)]
+    logger.info("no benchmark results at %s: running %s", full, " ".join(cmd[1:]))
+    log = build_dir / "bench.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    try:
+        proc = subprocess.run(
+            cmd, cwd=root, env=env, capture_output=True, text=True, check=False, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BookBuildError(f"benchmarks.run --quick: no result after {timeout_s} s") from exc
+    build_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(log, f"$ {' '.join(cmd)}\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+    if proc.returncode != 0 or not (partial / "results.json").is_file():
+        raise BookBuildError(f"benchmarks.run --quick: failed with exit code {proc.returncode} (log: {log})")
+    shutil.rmtree(quick, ignore_errors=True)
+    os.replace(partial, quick)
+    return quick / "results.json", True
+
+
 def _mark_overridden(path: Path, overrides: Mapping[str, Any]) -> None:
     """Record the overrides in the executed notebook and say so at the top of its page."""
     import nbformat
@@ -438,7 +477,7 @@ def build_book(config: BookConfig | None = None) -> BookResult:
     Steps: the overrides are checked against the parameters cells of the selected notebooks (all
     by default; see :mod:`saematch_core._book_params`), before anything runs. Every notebook to run
     is converted with jupytext into ``build_dir/notebooks`` and run with papermill, with
-    ``profile``, ``out_dir`` (when declared) and the overrides it declares:
+    ``profile``, ``out_dir`` and ``bench_results`` (when declared) and the overrides it declares:
 
     * a selected notebook that gets overrides runs into ``build_dir/overrides/executed`` (its
       ``out_dir`` under ``build_dir/overrides/results``), marked as such in its metadata and at the
@@ -446,6 +485,8 @@ def build_book(config: BookConfig | None = None) -> BookResult:
     * the other selected notebooks, and every notebook without a default copy yet, run *without*
       overrides into ``build_dir/executed``; summary notebooks (``99_*``) then rerun too.
 
+    A notebook that declares ``bench_results`` gets ``benchmarks/results/results.json`` when
+    ``make bench`` has written it, else the results of a quick benchmark run made by the build.
     Then :func:`stage_site` (this run's override pages in place of the default ones) and
     :func:`build_html`.
 
@@ -489,6 +530,7 @@ def build_book(config: BookConfig | None = None) -> BookResult:
     to_run = [p for p in sources if p in defaults or p in overridden]
 
     converted = {p: convert_notebook(p, build_dir / "notebooks" / f"{p.stem}.ipynb") for p in to_run}
+    bench: Path | None = None
     ran: list[Path] = []
     for p in to_run:
         base = build_dir / "overrides" if p in overridden else build_dir
@@ -497,6 +539,13 @@ def build_book(config: BookConfig | None = None) -> BookResult:
             out_dir = base / "results" / p.stem
             out_dir.mkdir(parents=True, exist_ok=True)
             params["out_dir"] = str(out_dir)
+        if "bench_results" in schemas[p] and "bench_results" not in overridden.get(p, {}):
+            if bench is None:
+                t0 = time.perf_counter()
+                bench, measured = _benchmark_results(root, build_dir, cfg.cell_timeout_s)
+                if measured:
+                    timings["benchmark"] = time.perf_counter() - t0
+            params["bench_results"] = str(bench)
         params.update(overridden.get(p, {}))
         logger.info("executing %s with %s", p.name, params)
         t0 = time.perf_counter()

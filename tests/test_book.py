@@ -311,6 +311,59 @@ def test_overrides_for_the_selection_leave_existing_default_copies_alone(tmp_pat
     assert (build / "results" / "02_b" / "layer.txt").read_text() == "None"
 
 
+def _fake_benchmarks(root: Path, cpu: str) -> None:
+    """A ``benchmarks.run`` that writes a results.json like the real one's, in a blink."""
+    (root / "benchmarks").mkdir()
+    (root / "benchmarks" / "__init__.py").write_text("")
+    (root / "benchmarks" / "run.py").write_text(
+        "import json, pathlib, sys\n"
+        "args = sys.argv[1:]\n"
+        "assert args[0] == '--quick', args\n"
+        "out = pathlib.Path(args[args.index('--out') + 1]); out.mkdir(parents=True)\n"
+        f"meta = {{'cpu': {cpu!r}, 'date': '2026-01-02'}}\n"
+        "rec = {'F': 8, 'noise': 'easy', 'ours_s': 0.5, 'gap_bound_rel': 0.0}\n"
+        "(out / 'results.json').write_text(json.dumps({'meta': meta, 'records': [rec]}))\n"
+    )
+
+
+_APPENDIX_CELL = 'profile = "smoke"\nbench_results: str | None = None  # results file\n'
+_READ_BENCH = (
+    "import json\ncpu = json.load(open(bench_results))['meta']['cpu']\nopen('cpu.txt', 'w').write(cpu)"
+)
+
+
+def test_the_book_runs_a_quick_benchmark_when_none_exists(tmp_path: Path) -> None:
+    root = _fake_repo(tmp_path / "repo", {"07_app": _READ_BENCH}, params={"07_app": _APPENDIX_CELL})
+    _fake_benchmarks(root, "quick-cpu")
+    build = tmp_path / "build"
+    first = build_book(BookConfig(root=root, build_dir=build, html=False))
+    assert "benchmark" in first.timings and (build / "cpu.txt").read_text() == "quick-cpu"
+    assert _parameters(build / "executed" / "07_app.ipynb")["bench_results"] == str(
+        build / "bench" / "results.json"
+    )
+    # made once: the next build reuses it
+    again = build_book(BookConfig(root=root, build_dir=build, html=False, only=("07",)))
+    assert "benchmark" not in again.timings
+    # `make bench`'s full results win when present
+    full = root / "benchmarks" / "results" / "results.json"
+    full.parent.mkdir()
+    full.write_text(json.dumps({"meta": {"cpu": "full-cpu"}, "records": []}))
+    build_book(BookConfig(root=root, build_dir=build, html=False, only=("07",)))
+    assert (build / "cpu.txt").read_text() == "full-cpu"
+
+
+def test_a_failed_quick_benchmark_stops_the_build_and_is_not_reused(tmp_path: Path) -> None:
+    root = _fake_repo(tmp_path / "repo", {"07_app": _READ_BENCH}, params={"07_app": _APPENDIX_CELL})
+    _fake_benchmarks(root, "quick-cpu")
+    run_py = root / "benchmarks" / "run.py"
+    run_py.write_text(run_py.read_text() + "sys.exit(1)\n")
+    build = tmp_path / "build"
+    with pytest.raises(BookBuildError, match=r"benchmarks\.run --quick: failed with exit code 1 \(log: "):
+        build_book(BookConfig(root=root, build_dir=build, html=False))
+    assert not (build / "bench").exists() and not (build / "executed" / "07_app.ipynb").exists()
+    assert "--quick" in (build / "bench.log").read_text()
+
+
 # ------------------------------------------------------------------------------------- the whole book
 def test_smoke_book_builds_end_to_end(request: pytest.FixtureRequest) -> None:
     build_dir, result = smoke_book(request)
@@ -326,6 +379,12 @@ def test_smoke_book_builds_end_to_end(request: pytest.FixtureRequest) -> None:
         assert nb["metadata"]["papermill"]["parameters"]["profile"] == "smoke"
         outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o["output_type"] == "error"], stem
+    # the appendix shows measured performance, from the quick run when `make bench` has not run
+    bench = json.loads((build_dir / "executed" / "07_appendix.ipynb").read_text())
+    bench_path = Path(str(bench["metadata"]["papermill"]["parameters"]["bench_results"]))
+    appendix = (html / "notebooks" / "07_appendix.html").read_text()
+    meta = json.loads(bench_path.read_text())["meta"]
+    assert "gap_bound_rel" in appendix and "measured on" in appendix and meta["date"] in appendix
     # the pipeline hands each notebook that declares `out_dir` a folder under the build directory
     assert (build_dir / "results" / "02_folding_vs_cosine" / "match_00_01.json").is_file()
     log = (build_dir / "jupyter-book.log").read_text()
