@@ -264,18 +264,21 @@ def parse_param_value(text: str) -> Any:
         return text
 
 
-class _UnknownParameterFilter(logging.Filter):
-    """Drop papermill's "Passed unknown parameter" warning: its parser skips annotated names such as
-    ``layer: int | None = None``, and :mod:`saematch_core._book_params` has checked every override."""
+class _ParameterParserFilter(logging.Filter):
+    """Drop papermill's warnings about the parameters cell ("Passed unknown parameter", "Unable to
+    parse line"): its parser skips annotated names such as ``layer: int | None = None`` and lines
+    whose range rule holds a second ``=``, and :mod:`saematch_core._book_params` reads the cell and
+    checks every override instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Passed unknown parameter")
+        return not record.getMessage().startswith(("Passed unknown parameter", "Unable to parse line"))
 
 
 def _quiet_papermill_parameter_check() -> None:
-    log = logging.getLogger("papermill")
-    if not any(isinstance(f, _UnknownParameterFilter) for f in log.filters):
-        log.addFilter(_UnknownParameterFilter())
+    for name in ("papermill", "papermill.translators"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _ParameterParserFilter) for f in log.filters):
+            log.addFilter(_ParameterParserFilter())
 
 
 def execute_notebook(
