@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from saematch_core._book_params import check_overrides, notebook_parameters
+from saematch_core._book_params import check_overrides, notebook_parameters, parameters_cell
 from saematch_core.cache import atomic_write_text
 from saematch_core.profiles import PROFILE_NAMES, get_profile
 
@@ -237,16 +237,8 @@ def convert_notebook(source: str | os.PathLike[str], target: str | os.PathLike[s
     import nbformat
 
     src, dst = Path(source), Path(target)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: notebook source does not exist")
+    parameters_cell(src)  # exactly one, or the error naming the file
     nb = jupytext.read(src, fmt="py:percent")
-    tagged = [
-        i for i, cell in enumerate(nb.cells) if "parameters" in cell.get("metadata", {}).get("tags", [])
-    ]
-    if len(tagged) != 1:
-        raise ValueError(
-            f"{src}: expected exactly one cell tagged 'parameters', got {len(tagged)} (cells {tagged})"
-        )
     dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dst, nbformat.writes(nb))
     return dst
