@@ -516,8 +516,9 @@ def _dense(args: argparse.Namespace, records: list[dict[str, Any]], failures: li
             _fail_unless_same(failures, f"dense {kind} n={n}", res, same)
 
 
-def _write(out: Path, records: list[dict[str, Any]]) -> None:
-    _atomic_write(out / "results.json", json.dumps({"meta": machine(), "records": records}, indent=2))
+def _write(out: Path, records: list[dict[str, Any]], command: str) -> None:
+    meta = {**machine(), "command": command}
+    _atomic_write(out / "results.json", json.dumps({"meta": meta, "records": records}, indent=2))
     keys = sorted({k for r in records for k in r})
     lines: list[str] = []
 
@@ -556,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         _substrate(args, records, failures)
     if args.dense is not None:
         _dense(args, records, failures)
-    _write(args.out, records)
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    _write(args.out, records, f"python -m benchmarks.run {argv_text}".strip())
     print(f"wrote {args.out / 'results.json'} and results.csv")
     for w_ in warnings:
         print("WARNING:", w_)

@@ -16,8 +16,8 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile: smoke, default or paper
-n_null = 5  # random matchings for the Matching Score's null
-seed = 0  # seed of the random null
+n_null = 5  # random matchings for the Matching Score's null [>= 1]
+seed = 0  # seed of the random null [>= 0]
 out_dir = "results/02_folding_vs_cosine"  # where results are written (set by the build)
 
 # %% tags=["hide-input"]

@@ -16,10 +16,10 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile: smoke, default or paper
-layer = None  # first layer of the pair (None: the paper's layer 19 at the same relative depth)
-n_bins = 10  # equal-count MSE bins
-top_k = 20  # top activations per feature for the overlap measures
-n_contexts = 5  # contexts shown per feature
+layer: int | None = None  # first layer of the pair (None: the paper's 19 at the same relative depth) [pair]
+n_bins = 10  # equal-count MSE bins [>= 1]
+top_k = 20  # top activations per feature for the overlap measures [>= 1]
+n_contexts = 5  # contexts shown per feature [>= 1]
 out_dir = "results/03_feature_matching"  # where the measured claims are written (set by the build)
 
 # %% tags=["hide-input"]

@@ -16,10 +16,10 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile: smoke, default or paper
-starts = None  # start layers (None: the paper's 10, 12, 20 at the same relative depth)
-max_distance = 8  # follow at most this many layers
-n_examples = 3  # example paths shown with contexts
-seed = 0  # seed of the random null and of the example features
+starts: list[int] | None = None  # start layers (None: the paper's 10, 12, 20 at that relative depth) [pair]
+max_distance = 8  # follow at most this many layers [>= 1]
+n_examples = 3  # example paths shown with contexts [>= 1]
+seed = 0  # seed of the random null and of the example features [>= 0]
 out_dir = "results/04_persistence"  # where the measured claims are written (set by the build)
 
 # %% tags=["hide-input"]

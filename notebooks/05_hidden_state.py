@@ -18,12 +18,12 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile: smoke, default or paper
-tokens_per_corpus = 512  # evaluation tokens per corpus (whole chunks); cost grows linearly with it
-fit_tokens = None  # held-out tokens for the least-squares baseline (None: 5 × d_model)
-batch_size = 8  # chunks per forward pass
-layers = None  # replaced layers t (None: every layer from 1 on), e.g. [10, 11, 12] for a quick look
-quantiles = [0.0, 0.25, 0.5, 0.75, 1.0]  # MSE quantiles q of the hybrid (appendix B)
-quantile_layers = None  # layers of the hybrid (None: the paper's 3, 10, 20 at the same relative depth)
+tokens_per_corpus = 512  # evaluation tokens per corpus (whole chunks); cost grows linearly with it [>= 1]
+fit_tokens: int | None = None  # held-out tokens for the least-squares baseline (None: 5 × d_model) [>= 1]
+batch_size = 8  # chunks per forward pass [>= 1]
+layers: list[int] | None = None  # replaced layers t (None: every layer from 1 on) [layer, >= 1]
+quantiles: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # MSE quantiles q of the hybrid [>= 0, <= 1]
+quantile_layers: list[int] | None = None  # hybrid's layers (None: the paper's 3, 10, 20) [layer, >= 1]
 out_dir = "results/05_hidden_state"  # where the measured claims are written (set by the build)
 
 # %% tags=["hide-input"]

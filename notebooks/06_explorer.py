@@ -17,11 +17,11 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile: smoke, default or paper
-layer = None  # layer the paths start from (None: the middle layer)
-feature = None  # a specific feature of `layer` to follow as well (None: only the random sample)
-n_paths = 6  # randomly sampled live features of `layer`
-n_contexts = 1  # top-activating contexts shown per step
-seed = 0  # seed of the feature sample
+layer: int | None = None  # layer the paths start from (None: the middle layer) [layer]
+feature: int | None = None  # a feature of `layer` to follow as well (None: only the sample) [>= 0]
+n_paths = 6  # randomly sampled live features of `layer` [>= 1]
+n_contexts = 1  # top-activating contexts shown per step [>= 1]
+seed = 0  # seed of the feature sample [>= 0]
 
 # %% tags=["hide-input"]
 import warnings

@@ -7,13 +7,14 @@
 # %% [markdown]
 # # 7. Appendix: SAE quality, performance and environment
 #
-# Inputs: the profile's prepared SAEs (their quality report), `benchmarks/results/results.json`
-# when `make bench` has been run, and the installed software. Outputs: three tables and two figures.
-# Runtime: seconds.
+# Inputs: the profile's prepared SAEs (their quality report), solver benchmark results (`make
+# bench`'s `benchmarks/results/results.json`, or the quick run the book build makes when that file
+# is absent), and the installed software. Outputs: four tables and two figures. Runtime: seconds
+# (the quick benchmark, run once by the build before this section: about a minute).
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile, recorded in the environment table
-bench_results = None  # benchmark results file (None: benchmarks/results/results.json of this checkout)
+bench_results: str | None = None  # benchmark results (None: benchmarks/results/results.json here)
 
 # %% tags=["hide-input"]
 import warnings
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import saematch_core
 from saematch_core.experiments.appendix import (
+    benchmark_meta,
     benchmark_series,
     benchmark_table,
     environment_table,
@@ -49,12 +51,17 @@ show_table(*quality_table(study.prepared.records))
 # %% [markdown]
 # ## Performance of the matching solvers
 #
-# From `make bench` (`python -m benchmarks.run`): dense score matrix (GEMM), scipy's exact solver on
-# it, and the certified sparse solver with its candidate search in float32 or bfloat16
-# (`candidates`), on planted instances; with `--chain` a synthetic 30-layer chain, and with
-# `--substrate default` every consecutive pair of the profile's trained SAEs, once per solver.
+# Measured side by side, each in its own process: the dense score matrix (GEMM), scipy's exact
+# solver on it, and the certified sparse solver with its candidate search in float32 or bfloat16
+# (`candidates`), on planted instances. The full run is `make bench` (`python -m benchmarks.run`;
+# with `--chain` a synthetic 30-layer chain, with `--substrate default` every consecutive pair of
+# the profile's trained SAEs). When it has not been run, the book build runs the quick version
+# (`python -m benchmarks.run --quick`: F = 4096, d = 576, easy and hard noise, the machine's default
+# candidate precision); the first table says which run this is, on which machine and when.
 # `lap_speedup_vs_scipy` compares the assignment step alone, `e2e_over_gemm` our whole solve with
-# one dense float32 GEMM of the same shapes; `same_optimum` checks the objective against scipy's.
+# one dense float32 GEMM of the same shapes; `same_optimum` checks the objective against scipy's,
+# and `gap_bound_rel` is the most our answer can fall short of the optimum by the solver's own
+# certificate, as a fraction of the objective (0: proven optimal).
 
 # %% tags=["hide-input"]
 bench_path = (
@@ -63,9 +70,13 @@ bench_path = (
     else Path(bench_results)
 )
 bench = benchmark_table(bench_path)
-if bench is None:
-    print(f"no benchmark results at {bench_path}: run `make bench` and rebuild this section")
+measured_on = benchmark_meta(bench_path)
+if bench is None or measured_on is None:
+    print(
+        f"no benchmark results at {bench_path}: run `make bench`, or build the book, which runs a quick one"
+    )
 else:
+    show_table(["measured on", ""], measured_on)
     show_table(*bench)
 
 # %% [markdown]
@@ -116,3 +127,4 @@ show_table(["component", "version"], env_rows)
 
 # %% tags=["hide-input"]
 assert any(name == "saematch" for name, _ in env_rows)
+assert bench is not None and measured_on is not None, "the appendix must show measured performance"

@@ -25,12 +25,12 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile: smoke, default or paper
-alpha = 0.05  # false-discovery rate of the "matched" verdict
-n_null = 2  # random rotations of layer B in the null model (each gives one null sample per feature)
-link_level = 0.01  # chance that an unrelated feature gets a link, for splits / merges / births / deaths
-n_pairs = 10  # consecutive layer pairs analysed, evenly spread over the depth (None: all)
-tokens_per_corpus = 512  # evaluation tokens per corpus for ΔL (as in section 5, whose results are reused)
-batch_size = 8  # chunks per forward pass for ΔL
+alpha = 0.05  # false-discovery rate of the "matched" verdict [> 0, < 1]
+n_null = 2  # random rotations of layer B in the null model (one null sample per feature each) [>= 1]
+link_level = 0.01  # chance that an unrelated feature gets a link (splits, merges, ...) [> 0, < 1]
+n_pairs: int | None = 10  # consecutive layer pairs, evenly spread over the depth (None: all) [>= 1]
+tokens_per_corpus = 512  # evaluation tokens per corpus for ΔL (as in section 5, reused) [>= 1]
+batch_size = 8  # chunks per forward pass for ΔL [>= 1]
 out_dir = "results/09_beyond"  # where results are written (set by the build)
 
 # %%
@@ -465,3 +465,62 @@ else:
 assert len(decisions.rows) == len(pairs) and all(0 <= r.fraction_matched <= 1 for r in decisions.rows)
 assert all(r.n_one_to_one + r.n_split + r.n_death <= r.n_a for r in links.rows)
 assert all(r.method != "databased" or r.recovered == 1.0 for r in reference.rows)
+
+# %% [markdown]
+# ## 7. Four matchers on the data: SAE Match, exact cosine, greedy cosine, Sinkhorn
+#
+# Other tools match SAE features differently: exact one-to-one assignment on decoder cosine
+# (seed-reproducibility studies), each feature's top-1 cosine partner (Feature Flow, Neuronpedia),
+# or entropic optimal transport on cosine cost (Sinkhorn, read out as each feature's heaviest
+# partner). Here all four match every consecutive layer pair of the substrate, and each matching is
+# scored on the data: the Matching Score, how often the partner fires when the feature fires, on the
+# evaluation tokens. Greedy top-1 and Sinkhorn's read-out may give one feature of layer t+1 to
+# several features of layer t; SAE Match and exact cosine never do. On `default`: 29 layer pairs
+# at width 2048, about 10 s of CPU per pair for the four matchings and their scores (cached).
+
+# %%
+from IPython.display import Markdown
+from myst_nb import glue
+
+from saematch_core.compare import matcher_scores_by_layer, matcher_scores_summary
+from saematch_core.plots import matcher_scores
+
+labels = {
+    "saematch": "SAE Match",
+    "cosine": "exact cosine",
+    "greedy": "greedy top-1 cosine",
+    "sinkhorn": "Sinkhorn",
+}
+all_pairs = study.inputs()
+by_matcher = matcher_scores_by_layer(all_pairs)
+for result in by_matcher:
+    result.to_json(out / f"matchers_{result.layer_a:02d}_{result.layer_b:02d}.json")
+compared = matcher_scores_summary(all_pairs, by_matcher)
+show(
+    matcher_scores(
+        compared.layers,
+        {labels[m]: compared.scores[m] for m in compared.matchers},
+        wins={labels[m]: n for m, n in compared.wins.items()},
+        null=compared.scores["random"],
+        title="Matching Score of four matchers per layer pair",
+        x_title="layer pair (t → t+1)",
+        y_title="mean P(partner active | feature active)",
+    )
+)
+summary_text = compared.describe(labels)
+print(summary_text)
+glue("matchers_summary", Markdown(summary_text), display=False)
+glue("matchers_best", Markdown(labels[compared.best]), display=False)
+glue("matchers_best_share", 100 * compared.partner_share[compared.best], display=False)
+
+# %% [markdown]
+# **Conclusion.** {glue:md}`matchers_summary` The highest mean belongs to
+# {glue:md}`matchers_best`, whose partners are {glue:text}`matchers_best_share:.0f` % distinct (100 %
+# for a one-to-one matching). A matcher that may reuse partners can hand every feature its most
+# co-active neighbour, which the Matching Score rewards and a one-to-one matching cannot do, so a
+# lead of such a matcher measures that freedom, not a better alignment; the fair comparison is
+# among the one-to-one matchers, stated in the last sentence above. The dashed line is random
+# partners: how far a matcher stays above it is what it finds beyond chance.
+
+# %%
+assert len(by_matcher) == len(study.pairs) and set(compared.wins) == set(compared.matchers)

@@ -5,6 +5,10 @@ Layout under the build folder (``build/`` by default; nothing is written into th
     notebooks/NN_x.ipynb   jupytext conversion of notebooks/NN_x.py (py:percent)
     executed/NN_x.ipynb    papermill output (NN_x.failed.ipynb when a cell raised)
     results/NN_x/          the ``out_dir`` parameter handed to each notebook that declares one
+    overrides/             executed/ and results/ of the notebooks run with ``-p`` overrides: such a
+                           page is published in place of the default one by the run that made it,
+                           and never replaces the default copy in executed/
+    bench/                 the quick benchmark run the appendix shows when ``make bench`` has not run
     site/                  the Sphinx source: _config.yml, _toc.yml, book/, notebooks/ (executed copies)
     _build/html/           the book (open index.html); jupyter-book.log holds the Sphinx output
 
@@ -35,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from saematch_core._book_params import check_overrides, notebook_parameters, parameters_cell
 from saematch_core.cache import atomic_write_text
-from saematch_core.profiles import PROFILE_NAMES
+from saematch_core.profiles import PROFILE_NAMES, get_profile
 
 __all__ = [
     "PLOTLY_JS",
@@ -84,12 +89,16 @@ class BookConfig:
     """Profile passed to every notebook as its ``profile`` parameter (one of ``PROFILE_NAMES``)."""
     only: tuple[str, ...] = ()
     """Notebooks to (re)execute, by number (``"06"``) or stem (``"06_explorer"``); empty means all.
-    Notebooks outside this selection are executed too when they have no executed output yet."""
+    Notebooks outside this selection are executed too, without overrides, when they have no
+    executed output yet."""
     params: Mapping[str, Any] = field(default_factory=dict)
-    """Parameter overrides (name → value) for every executed notebook that declares the name. A name
-    no executed notebook declares is an error, so typos do not pass silently."""
+    """Parameter overrides (name → value) for the selected notebooks that declare the name, checked
+    against their parameters cells before anything runs (see :mod:`saematch_core._book_params`):
+    a name no selected notebook declares, a wrong type or an out-of-range value is an error. A
+    notebook run with overrides goes to ``build_dir/overrides`` and never becomes its default copy."""
     cell_timeout_s: int | None = 3600
-    """Per-cell execution limit in seconds for papermill (None: no limit). The only timeout."""
+    """Per-cell execution limit in seconds for papermill (None: no limit), also the limit of the quick
+    benchmark run the appendix falls back on. The only timeout."""
     html: bool = True
     """Run Jupyter Book after the notebooks; False stops after papermill."""
 
@@ -137,11 +146,13 @@ class BookResult(NamedTuple):
     """What :func:`build_book` produced."""
 
     executed: tuple[Path, ...]
-    """Executed notebooks of this run, in build order (those reused from an earlier run are not listed)."""
+    """Executed notebooks of this run, in build order (those reused from an earlier run are not listed;
+    those run with overrides are under ``build_dir/overrides``)."""
     html_dir: Path | None
     """Folder holding ``index.html``; None when ``BookConfig.html`` is False."""
     timings: Mapping[str, float]
-    """Wall-clock seconds per step: one entry per executed notebook stem, plus ``html`` and ``total``."""
+    """Wall-clock seconds per step: one entry per executed notebook stem, plus ``html`` and ``total``
+    (and ``benchmark`` when the build ran the quick benchmark)."""
 
 
 def discover_notebooks(notebooks_dir: str | os.PathLike[str]) -> list[Path]:
@@ -226,16 +237,8 @@ def convert_notebook(source: str | os.PathLike[str], target: str | os.PathLike[s
     import nbformat
 
     src, dst = Path(source), Path(target)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: notebook source does not exist")
+    parameters_cell(src)  # exactly one, or the error naming the file
     nb = jupytext.read(src, fmt="py:percent")
-    tagged = [
-        i for i, cell in enumerate(nb.cells) if "parameters" in cell.get("metadata", {}).get("tags", [])
-    ]
-    if len(tagged) != 1:
-        raise ValueError(
-            f"{src}: expected exactly one cell tagged 'parameters', got {len(tagged)} (cells {tagged})"
-        )
     dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dst, nbformat.writes(nb))
     return dst
@@ -251,6 +254,23 @@ def parse_param_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+class _ParameterParserFilter(logging.Filter):
+    """Drop papermill's warnings about the parameters cell ("Passed unknown parameter", "Unable to
+    parse line"): its parser skips annotated names such as ``layer: int | None = None`` and lines
+    whose range rule holds a second ``=``, and :mod:`saematch_core._book_params` reads the cell and
+    checks every override instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Passed unknown parameter", "Unable to parse line"))
+
+
+def _quiet_papermill_parameter_check() -> None:
+    for name in ("papermill", "papermill.translators"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _ParameterParserFilter) for f in log.filters):
+            log.addFilter(_ParameterParserFilter())
 
 
 def execute_notebook(
@@ -272,6 +292,7 @@ def execute_notebook(
 
     src, dst = Path(notebook), Path(output)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _quiet_papermill_parameter_check()
     running = dst.with_name(f".{dst.stem}.running.ipynb")
     failed = dst.with_name(f"{dst.stem}.failed.ipynb")
     failed.unlink(missing_ok=True)
@@ -305,8 +326,11 @@ def stage_site(
     """Assemble the Sphinx source folder: config, TOC, ``book/``, executed notebooks and plotly.js.
 
     ``site_dir`` is recreated. Files are copied with their modification times so that Sphinx
-    rebuilds only the pages whose source changed. Every ``notebooks/...`` entry of ``_toc.yml`` must
-    be one of ``executed`` and every executed notebook must be in the TOC.
+    rebuilds only the pages whose source changed; a notebook whose content differs from the one
+    staged before (a default page back in place of an override page, possibly older) is stamped
+    with the current time, since Sphinx rereads only sources newer than its last read. Every
+    ``notebooks/...`` entry of ``_toc.yml`` must be one of ``executed`` and every executed notebook
+    must be in the TOC.
     """
     import plotly
 
@@ -322,6 +346,9 @@ def stage_site(
             f"missing from the TOC: {sorted(have - in_toc)}, "
             f"in the TOC without a notebook: {sorted(in_toc - have)}"
         )
+    before: dict[str, bytes] = {}
+    if (site / _SITE_NOTEBOOKS).is_dir():
+        before = {p.name: p.read_bytes() for p in (site / _SITE_NOTEBOOKS).glob("*.ipynb")}
     if site.exists():
         shutil.rmtree(site)
     site.mkdir(parents=True)
@@ -337,7 +364,10 @@ def stage_site(
     shutil.copy2(plotly_js, static / PLOTLY_JS)
     (site / _SITE_NOTEBOOKS).mkdir()
     for path in executed:
-        shutil.copy2(path, site / _SITE_NOTEBOOKS / path.name)
+        staged = site / _SITE_NOTEBOOKS / path.name
+        shutil.copy2(path, staged)
+        if path.name in before and before[path.name] != staged.read_bytes():
+            os.utime(staged)
     return site
 
 
@@ -384,27 +414,84 @@ def build_html(site_dir: str | os.PathLike[str], build_dir: str | os.PathLike[st
     return html
 
 
-def _declared_parameters(notebook: Path) -> set[str]:
-    import papermill
+def _benchmark_results(root: Path, build_dir: Path, timeout_s: int | None) -> tuple[Path, bool]:
+    """Measured solver benchmarks for the appendix, and whether this call ran them: ``make bench``'s
+    results when they exist, else a quick side-by-side run (``python -m benchmarks.run --quick``)
+    into ``build_dir/bench``, made once and reused by later builds (its ``meta`` records the machine
+    and date it ran on)."""
+    full = root / "benchmarks" / "results" / "results.json"
+    if full.is_file():
+        return full, False
+    quick = build_dir / "bench"
+    if (quick / "results.json").is_file():
+        return quick / "results.json", False
+    # Written beside and renamed when complete, so a failed or killed run is never reused.
+    partial = build_dir / "bench.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(partial)]
+    logger.info("no benchmark results at %s: running %s", full, " ".join(cmd[1:]))
+    log = build_dir / "bench.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    try:
+        proc = subprocess.run(
+            cmd, cwd=root, env=env, capture_output=True, text=True, check=False, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BookBuildError(f"benchmarks.run --quick: no result after {timeout_s} s") from exc
+    build_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(log, f"$ {' '.join(cmd)}\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+    if proc.returncode != 0 or not (partial / "results.json").is_file():
+        raise BookBuildError(f"benchmarks.run --quick: failed with exit code {proc.returncode} (log: {log})")
+    shutil.rmtree(quick, ignore_errors=True)
+    os.replace(partial, quick)
+    return quick / "results.json", True
 
-    return set(papermill.inspect_notebook(str(notebook)))
+
+def _mark_overridden(path: Path, overrides: Mapping[str, Any]) -> None:
+    """Record the overrides in the executed notebook and say so at the top of its page."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["saematch"] = {"overrides": dict(overrides)}
+    values = ", ".join(f"`{k} = {v!r}`" for k, v in overrides.items())
+    note = nbformat.v4.new_markdown_cell(
+        f"**Run with parameter overrides:** {values}. This page is not the book's default run of this "
+        "section, which uses the parameters cell as written."
+    )
+    title = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), -1)
+    nb.cells.insert(title + 1, note)
+    atomic_write_text(path, nbformat.writes(nb))
 
 
 def build_book(config: BookConfig | None = None) -> BookResult:
     """Convert, execute (stopping at the first failure) and publish the notebooks as a book.
 
-    Steps: every ``notebooks/NN_*.py`` is converted with jupytext into ``build_dir/notebooks``;
-    the selected ones (all by default) and any without an executed output are run with papermill
-    into ``build_dir/executed`` with ``profile``, ``out_dir`` (when declared) and the overrides;
-    then :func:`stage_site` and :func:`build_html`.
+    Steps: the overrides are checked against the parameters cells of the selected notebooks (all
+    by default; see :mod:`saematch_core._book_params`), before anything runs. Every notebook to run
+    is converted with jupytext into ``build_dir/notebooks`` and run with papermill, with
+    ``profile``, ``out_dir`` and ``bench_results`` (when declared) and the overrides it declares:
+
+    * a selected notebook that gets overrides runs into ``build_dir/overrides/executed`` (its
+      ``out_dir`` under ``build_dir/overrides/results``), marked as such in its metadata and at the
+      top of its page; the default copy in ``build_dir/executed`` is left as it is;
+    * the other selected notebooks, and every notebook without a default copy yet, run *without*
+      overrides into ``build_dir/executed``; summary notebooks (``99_*``) then rerun too.
+
+    A notebook that declares ``bench_results`` gets ``benchmarks/results/results.json`` when
+    ``make bench`` has written it, else the results of a quick benchmark run made by the build.
+    Then :func:`stage_site` (this run's override pages in place of the default ones) and
+    :func:`build_html`.
 
     Raises
     ------
     BookBuildError
         If a notebook fails (nothing after it runs and no HTML is built) or Jupyter Book fails.
     ValueError
-        If an override names a parameter that no notebook to execute declares, or the TOC and the
-        notebooks disagree.
+        If an override is not a parameter of any selected notebook, or has the wrong type or is out
+        of range for one that declares it; if the TOC and the notebooks disagree.
     """
     cfg = config or BookConfig()
     t_start = time.perf_counter()
@@ -416,48 +503,67 @@ def build_book(config: BookConfig | None = None) -> BookResult:
         raise FileNotFoundError(f"{root / 'notebooks'}: no notebook sources NN_topic.py")
     selected = _select(sources, cfg.only)
     executed_dir = build_dir / "executed"
-    to_run = [p for p in sources if p in selected or not (executed_dir / f"{p.stem}.ipynb").is_file()]
-    if to_run:
-        # Summary notebooks read the others' saved results, so they go stale whenever any notebook runs.
-        to_run += [p for p in sources if p.stem.startswith(SUMMARY_PREFIX) and p not in to_run]
+    schemas = {p: notebook_parameters(p) for p in sources}
+    for p, schema in schemas.items():
+        if "profile" not in schema:
+            raise ValueError(f"{p}: the parameters cell must declare 'profile' (got {sorted(schema)})")
+    applied = check_overrides(
+        cfg.params,
+        {p.stem: schemas[p] for p in selected},
+        get_profile(cfg.profile).layers,
+        fixed=_PIPELINE_PARAMS,
+    )
+    overridden = {p: applied[p.stem] for p in selected if applied[p.stem]}
+    defaults = [
+        p
+        for p in sources
+        if p not in overridden and (p in selected or not (executed_dir / f"{p.stem}.ipynb").is_file())
+    ]
+    if defaults:
+        # Summary notebooks read the others' saved results, so they go stale whenever one of them runs.
+        defaults += [p for p in sources if p.stem.startswith(SUMMARY_PREFIX) and p not in defaults]
+    to_run = [p for p in sources if p in defaults or p in overridden]
 
     converted = {p: convert_notebook(p, build_dir / "notebooks" / f"{p.stem}.ipynb") for p in to_run}
-    declared = {p: _declared_parameters(nb) for p, nb in converted.items()}
-    for p, names in declared.items():
-        if "profile" not in names:
-            raise ValueError(f"{p}: the parameters cell must declare 'profile' (got {sorted(names)})")
-    unused = set(cfg.params) - set().union(*declared.values())
-    if unused:
-        raise ValueError(
-            f"BookConfig.params: {sorted(unused)} not declared by any notebook to execute "
-            f"({[p.stem for p in to_run]})"
-        )
-
+    bench: Path | None = None
     ran: list[Path] = []
     for p in to_run:
+        base = build_dir / "overrides" if p in overridden else build_dir
         params: dict[str, Any] = {"profile": cfg.profile}
-        if "out_dir" in declared[p]:
-            out_dir = build_dir / "results" / p.stem
+        if "out_dir" in schemas[p]:
+            out_dir = base / "results" / p.stem
             out_dir.mkdir(parents=True, exist_ok=True)
             params["out_dir"] = str(out_dir)
-        params.update({k: v for k, v in cfg.params.items() if k in declared[p]})
+        if "bench_results" in schemas[p] and "bench_results" not in overridden.get(p, {}):
+            if bench is None:
+                t0 = time.perf_counter()
+                bench, measured = _benchmark_results(root, build_dir, cfg.cell_timeout_s)
+                if measured:
+                    timings["benchmark"] = time.perf_counter() - t0
+            params["bench_results"] = str(bench)
+        params.update(overridden.get(p, {}))
         logger.info("executing %s with %s", p.name, params)
         t0 = time.perf_counter()
-        ran.append(
-            execute_notebook(
-                converted[p],
-                executed_dir / f"{p.stem}.ipynb",
-                params,
-                cwd=build_dir,
-                cell_timeout_s=cfg.cell_timeout_s,
-            )
+        output = execute_notebook(
+            converted[p],
+            base / "executed" / f"{p.stem}.ipynb",
+            params,
+            cwd=build_dir,
+            cell_timeout_s=cfg.cell_timeout_s,
         )
+        if p in overridden:
+            _mark_overridden(output, overridden[p])
+        ran.append(output)
         timings[p.stem] = time.perf_counter() - t0
 
     html_dir = None
     if cfg.html:
         t0 = time.perf_counter()
-        site = stage_site(root, cfg.site_dir.resolve(), [executed_dir / f"{p.stem}.ipynb" for p in sources])
+        pages = [
+            (build_dir / "overrides" / "executed" if p in overridden else executed_dir) / f"{p.stem}.ipynb"
+            for p in sources
+        ]
+        site = stage_site(root, cfg.site_dir.resolve(), pages)
         html_dir = build_html(site, build_dir)
         timings["html"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
@@ -494,8 +600,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NN",
-        help="re-execute only this notebook (number or stem), repeatable; "
-        "the others are reused when already executed",
+        help="re-execute only this notebook (number or stem), repeatable; the others are reused "
+        "when already executed, else executed without the -p overrides",
     )
     parser.add_argument(
         "-p",
@@ -504,7 +610,9 @@ def _parser() -> argparse.ArgumentParser:
         nargs=2,
         default=[],
         metavar=("NAME", "VALUE"),
-        help="override a notebook parameter (VALUE parsed as a Python literal when possible); repeatable",
+        help="override a parameter of the --only notebooks (VALUE parsed as a Python literal when "
+        "possible), checked against their parameters cells; the page is published marked as such and "
+        "never replaces the section's default copy; repeatable",
     )
     parser.add_argument("--cell-timeout", type=int, default=3600, help="per-cell limit in seconds")
     parser.add_argument("--no-html", action="store_true", help="stop after executing the notebooks")

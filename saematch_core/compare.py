@@ -76,6 +76,7 @@ __all__ = [
     "CompareSummary",
     "Family",
     "MatcherRow",
+    "MatcherScores",
     "PairRecord",
     "PairScan",
     "SaeInfo",
@@ -84,6 +85,7 @@ __all__ = [
     "judged_matching",
     "load_activations",
     "matcher_scores_by_layer",
+    "matcher_scores_summary",
     "matching_path",
     "sae_info",
     "scan_pairs",
@@ -904,3 +906,117 @@ def matcher_scores_by_layer(
         }
         out.append(matching_scores(inputs, (la, lb), methods, n_null=n_null))
     return tuple(out)
+
+
+class MatcherScores(NamedTuple):
+    """Several matchers' data-based score over layer pairs, side by side (see
+    :func:`matcher_scores_summary`)."""
+
+    layers: tuple[int, ...]
+    """First layer ``t`` of each pair ``t → t'``, in the order of the results."""
+    matchers: tuple[str, ...]
+    """Matcher names, in the order given."""
+    scores: Mapping[str, np.ndarray]
+    """Matcher → Matching Score per pair, shape (n_pairs,); ``"random"`` holds the random null."""
+    partner_share: Mapping[str, float]
+    """Matcher → distinct B partners over A features with a partner, averaged over the pairs (1.0 for
+    a one-to-one matching; below 1 when partners repeat)."""
+    one_to_one: Mapping[str, bool]
+    """Matcher → whether it never gives one B feature to two A features (:attr:`Matcher.one_to_one`)."""
+
+    @property
+    def means(self) -> dict[str, float]:
+        """Matcher (and ``"random"``) → mean Matching Score over the pairs."""
+        return {name: float(np.mean(values)) for name, values in self.scores.items()}
+
+    @property
+    def wins(self) -> dict[str, int]:
+        """Matcher → pairs at which its score is the highest of the matchers (a tie counts for each)."""
+        table = np.stack([self.scores[m] for m in self.matchers])
+        best = table.max(axis=0)
+        return {m: int((table[i] == best).sum()) for i, m in enumerate(self.matchers)}
+
+    @property
+    def best(self) -> str:
+        """The matcher with the highest mean Matching Score (the first one given on a tie)."""
+        means = self.means
+        return max(self.matchers, key=lambda m: means[m])
+
+    @property
+    def best_one_to_one(self) -> str | None:
+        """The one-to-one matcher with the highest mean Matching Score (None when there is none)."""
+        means = self.means
+        exact = [m for m in self.matchers if self.one_to_one[m]]
+        return max(exact, key=lambda m: means[m]) if exact else None
+
+    def describe(self, labels: Mapping[str, str] | None = None) -> str:
+        """The ranking in plain words: mean score, pairs won and partner reuse per matcher, best first.
+
+        ``labels`` maps matcher names to display names (default the names).
+        """
+        names = {m: m for m in self.matchers} | dict(labels or {})
+        means, wins, n = self.means, self.wins, len(self.layers)
+        parts = []
+        for m in sorted(self.matchers, key=lambda m: -means[m]):
+            reuse = self.partner_share[m]
+            how = "one-to-one" if reuse >= 1.0 else f"{reuse:.0%} distinct partners"
+            parts.append(f"{names[m]} {means[m]:.3f} (highest at {wins[m]} of {n} pairs; {how})")
+        text = (
+            f"Mean Matching Score over {n} layer pairs: " + ", ".join(parts) + f"; random partners "
+            f"{means['random']:.3f}."
+        )
+        exact = self.best_one_to_one
+        others = [m for m in self.matchers if self.one_to_one[m] and m != exact]
+        if exact is not None and others:
+            table = np.stack([self.scores[m] for m in (exact, *others)])
+            ahead = int((table[0] >= table[1:].max(axis=0)).sum())
+            text += (
+                f" Among the one-to-one matchers, {names[exact]} scores highest "
+                f"({means[exact]:.3f}, at least as high at {ahead} of {n} pairs)."
+            )
+        return text
+
+
+def matcher_scores_summary(
+    inputs: Inputs,
+    results: Sequence[MatchingScoreResult],
+    matchers: Sequence[str | Matcher] = ("saematch", "cosine", "greedy", "sinkhorn"),
+) -> MatcherScores:
+    """Side by side, the matchers' rows of :func:`matcher_scores_by_layer`'s results.
+
+    Parameters
+    ----------
+    inputs : the inputs the results were computed on (their SAEs give each matching's partners,
+        read from the result cache).
+    results : :func:`matcher_scores_by_layer` ``(inputs, matchers)``, one result per pair.
+    matchers : the matchers to compare; each must have a row in every result.
+
+    Raises
+    ------
+    ValueError
+        If ``results`` is empty.
+    KeyError
+        If a result has no row for one of ``matchers``.
+    """
+    if not results:
+        raise ValueError("results: expected the results of at least one layer pair, got none")
+    ms = [get_matcher(m) for m in matchers]
+    scores = {
+        name: np.array([r.row(name).matching_score for r in results], dtype=np.float64)
+        for name in [m.name for m in ms] + ["random"]
+    }
+    share: dict[str, float] = {}
+    for m in ms:
+        fractions = []
+        for r in results:
+            perm = cached_matching(inputs.saes[r.layer_a], inputs.saes[r.layer_b], m, inputs.cache_dir).perm
+            matched = perm[perm >= 0]
+            fractions.append(len(torch.unique(matched)) / max(1, len(matched)))
+        share[m.name] = float(np.mean(fractions))
+    return MatcherScores(
+        layers=tuple(r.layer_a for r in results),
+        matchers=tuple(m.name for m in ms),
+        scores=scores,
+        partner_share=share,
+        one_to_one={m.name: m.one_to_one for m in ms},
+    )

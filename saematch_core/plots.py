@@ -27,6 +27,7 @@ __all__ = [
     "histogram",
     "line_per_layer",
     "lines_by_group",
+    "matcher_scores",
     "path_explorer",
     "scatter",
     "show",
@@ -106,6 +107,57 @@ def line_per_layer(
     if log_y:
         fig.update_yaxes(type="log")
     return _layout(fig, title=title, x_title=x_title, y_title=y_title)
+
+
+def matcher_scores(
+    x: ArrayLike,
+    scores: Mapping[str, ArrayLike],
+    *,
+    wins: Mapping[str, int],
+    null: ArrayLike | None = None,
+    title: str,
+    x_title: str,
+    y_title: str,
+) -> go.Figure:
+    """Several matchers' score per layer pair, each named with its mean and the pairs it wins.
+
+    Parameters
+    ----------
+    x : array, shape (n,)
+        First layer of each pair.
+    scores : mapping matcher label → array of shape (n,)
+        One line per matcher, in mapping order.
+    wins : mapping matcher label → int
+        Pairs at which the matcher scores highest, shown in its legend entry; one per matcher.
+    null : array of shape (n,), optional
+        A reference every matcher should beat (e.g. random partners), drawn dashed and grey.
+    title, x_title, y_title : str
+        Figure and axis titles; axis titles must be non-empty and should carry units.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    if set(wins) != set(scores):
+        raise ValueError(f"wins: expected one count per matcher {sorted(scores)}, got {sorted(wins)}")
+    n = len(_as_1d("x", x))
+    named = {
+        f"{name} (mean {np.nanmean(_as_1d(f'scores[{name!r}]', v, n)):.3f}, best at {wins[name]}/{n})": v
+        for name, v in scores.items()
+    }
+    traces = _line_traces("scores", x, named, None)
+    if null is not None:
+        ys = _as_1d("null", null, n)
+        traces.append(
+            go.Scatter(
+                x=_as_1d("x", x),
+                y=ys,
+                mode="lines",
+                name=f"random partners (mean {np.nanmean(ys):.3f})",
+                line={"dash": "dash", "color": "grey"},
+            )
+        )
+    return _layout(go.Figure(traces), title=title, x_title=x_title, y_title=y_title)
 
 
 def _line_traces(

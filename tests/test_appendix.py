@@ -7,7 +7,14 @@ import math
 import re
 from pathlib import Path
 
-from saematch_core.experiments.appendix import benchmark_series, benchmark_table, environment_table
+import pytest
+
+from saematch_core.experiments.appendix import (
+    benchmark_meta,
+    benchmark_series,
+    benchmark_table,
+    environment_table,
+)
 
 
 def test_benchmark_table(tmp_path: Path) -> None:
@@ -45,3 +52,30 @@ def test_environment_table_lists_python_and_packages() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", rows["python"])
     assert rows["surely-not-a-package"] == "not installed"
     assert rows["saematch"] != "not installed"
+
+
+def test_benchmark_meta_says_where_and_when(tmp_path: Path) -> None:
+    assert benchmark_meta(tmp_path / "none.json") is None
+    path = tmp_path / "results.json"
+    meta = {"cpu": "Some CPU", "cpu_count": 2, "torch": "2.1", "numba": None, "date": "2026-01-02", "x": 1}
+    path.write_text(
+        json.dumps({"meta": {**meta, "command": "python -m benchmarks.run --quick"}, "records": []})
+    )
+    rows = benchmark_meta(path)
+    assert rows == [
+        ("date", "2026-01-02"),
+        ("CPU", "Some CPU"),
+        ("cores", "2"),
+        ("torch", "2.1"),
+        ("command", "python -m benchmarks.run --quick"),
+    ]
+    path.write_text(json.dumps({"records": [{"F": 1}]}))
+    with pytest.raises(ValueError, match=r"results\.json: expected a 'meta' object"):
+        benchmark_meta(path)
+
+
+def test_benchmark_table_shows_the_certificates_gap_bound(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"date": "d"}, "records": [{"F": 8, "gap_bound_rel": 0.0}]}))
+    table = benchmark_table(path)
+    assert table is not None and table[0] == ["F", "gap_bound_rel"] and table[1] == [["8", "0"]]

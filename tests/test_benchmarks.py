@@ -60,7 +60,8 @@ def test_quick_mode_is_the_small_side_by_side_run(tmp_path: Path, monkeypatch: p
     assert run.main(["--quick", "--out", str(tmp_path)]) == 0
     assert seen["F"] == [4096] and seen["d"] == [576] and seen["noise"] == ["easy", "hard"]
     assert seen["candidates"] in (["float32"], ["bfloat16"])  # the machine's default, resolved
-    assert json.loads((tmp_path / "results.json").read_text())["meta"]["date"]
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["date"] and meta["command"] == f"python -m benchmarks.run --quick --out {tmp_path}"
 
 
 def test_dense_task_compares_every_solver_on_explicit_matrices() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -39,18 +41,20 @@ def _write_notebook(path: Path, body: str, *, params: str = 'profile = "smoke"\n
     return path
 
 
-def _fake_repo(root: Path, notebooks: dict[str, str]) -> Path:
-    """A minimal repository: the real _config.yml, a one-page book/, a TOC listing ``notebooks``."""
+def _fake_repo(root: Path, notebooks: dict[str, str], params: Mapping[str, str] | None = None) -> Path:
+    """A minimal repository: the real _config.yml, a one-page book/, a TOC listing ``notebooks``
+    (``params``: a parameters cell per stem, default ``profile`` only)."""
     root.mkdir(parents=True)
     shutil.copy2(REPO / "_config.yml", root / "_config.yml")
-    (root / "book").mkdir()
+    shutil.copytree(REPO / "book" / "_extra", root / "book" / "_extra")  # the config names its favicon
     (root / "book" / "intro.md").write_text("# Intro\n\nA page.\n")
     chapters = "".join(f"      - file: notebooks/{stem}\n" for stem in notebooks)
     (root / "_toc.yml").write_text(
         f"format: jb-book\nroot: book/intro\nparts:\n  - caption: S\n    chapters:\n{chapters}"
     )
     for stem, body in notebooks.items():
-        _write_notebook(root / "notebooks" / f"{stem}.py", body)
+        cell = (params or {}).get(stem, 'profile = "smoke"\n')
+        _write_notebook(root / "notebooks" / f"{stem}.py", body, params=cell)
     return root
 
 
@@ -170,7 +174,7 @@ def test_stage_site_copies_plotly_js_and_the_static_files(tmp_path: Path) -> Non
 
 def test_unknown_override_is_an_error_before_anything_runs(tmp_path: Path) -> None:
     root = _fake_repo(tmp_path / "repo", {"01_a": "x = 1"})
-    with pytest.raises(ValueError, match=r"\['layr'\] not declared by any notebook"):
+    with pytest.raises(ValueError, match=r"-p layr: not a parameter of 01_a"):
         build_book(BookConfig(root=root, build_dir=tmp_path / "build", params={"layr": 20}))
     assert not (tmp_path / "build" / "executed").exists()
 
@@ -237,6 +241,129 @@ def test_partial_rebuild_reruns_the_summary_notebooks(tmp_path: Path) -> None:
     assert [p.stem for p in again.executed] == ["02_b", "99_summary"]
 
 
+def test_stage_site_stamps_a_page_whose_content_changed(tmp_path: Path) -> None:
+    # Sphinx rereads only sources newer than its last read: a default page put back in place of an
+    # override page is older than it, and would leave the override page in the HTML.
+    root = _fake_repo(tmp_path / "repo", {"01_a": "x = 1"})
+    default, override = tmp_path / "d" / "01_a.ipynb", tmp_path / "o" / "01_a.ipynb"
+    for path, text in ((default, '{"a": 1}'), (override, '{"a": 2}')):
+        path.parent.mkdir()
+        path.write_text(text)
+    os.utime(default, (1_000_000, 1_000_000))
+    stage_site(root, tmp_path / "site", [override])
+    staged = tmp_path / "site" / "notebooks" / "01_a.ipynb"
+    stage_site(root, tmp_path / "site", [default])
+    assert staged.read_text() == '{"a": 1}' and staged.stat().st_mtime > 1_000_000 + 3600
+    os.utime(staged, (1_000_000, 1_000_000))
+    stage_site(root, tmp_path / "site", [default])  # unchanged: keeps its own time
+    assert staged.stat().st_mtime == 1_000_000
+
+
+_LAYER_CELL = 'profile = "smoke"\nlayer: int | None = None  # a layer [layer]\nout_dir = "x"\n'
+_RECORD_LAYER = "from pathlib import Path\nPath(out_dir, 'layer.txt').write_text(repr(layer))"
+
+
+def _parameters(path: Path) -> dict[str, object]:
+    return json.loads(path.read_text())["metadata"]["papermill"]["parameters"]
+
+
+def test_only_with_overrides_runs_no_other_section_with_them(tmp_path: Path) -> None:
+    root = _fake_repo(
+        tmp_path / "repo",
+        {"01_a": _RECORD_LAYER, "02_b": _RECORD_LAYER, "99_summary": "z = 3"},
+        params={"01_a": _LAYER_CELL, "02_b": _LAYER_CELL},
+    )
+    build = tmp_path / "build"
+    first = build_book(BookConfig(root=root, build_dir=build, only=("01",), params={"layer": 2}))
+    override = build / "overrides" / "executed" / "01_a.ipynb"
+    assert [p.stem for p in first.executed] == ["01_a", "02_b", "99_summary"]
+    assert first.executed[0] == override
+    # the section without an executed copy ran without the override, as its default copy
+    assert "layer" not in _parameters(build / "executed" / "02_b.ipynb")
+    assert (build / "results" / "02_b" / "layer.txt").read_text() == "None"
+    # the override run is not the default copy, writes its results apart and is marked on its page
+    assert not (build / "executed" / "01_a.ipynb").exists() and not (build / "results" / "01_a").exists()
+    assert (build / "overrides" / "results" / "01_a" / "layer.txt").read_text() == "2"
+    nb = json.loads(override.read_text())
+    assert nb["metadata"]["saematch"] == {"overrides": {"layer": 2}}
+    assert "Run with parameter overrides:** `layer = 2`" in "".join(nb["cells"][1]["source"])
+    page = (first.html_dir or tmp_path) / "notebooks" / "01_a.html"
+    assert "Run with parameter overrides" in page.read_text()
+    # the next build without overrides runs the section's default copy and publishes it instead
+    again = build_book(BookConfig(root=root, build_dir=build, only=("02",)))
+    assert [p.stem for p in again.executed] == ["01_a", "02_b", "99_summary"]
+    assert (build / "results" / "01_a" / "layer.txt").read_text() == "None"
+    assert "Run with parameter overrides" not in page.read_text()
+
+
+def test_overrides_for_the_selection_leave_existing_default_copies_alone(tmp_path: Path) -> None:
+    root = _fake_repo(
+        tmp_path / "repo",
+        {"01_a": _RECORD_LAYER, "02_b": _RECORD_LAYER},
+        params={"01_a": _LAYER_CELL, "02_b": _LAYER_CELL},
+    )
+    build = tmp_path / "build"
+    build_book(BookConfig(root=root, build_dir=build, html=False))
+    before = {p.name: p.read_bytes() for p in (build / "executed").glob("*.ipynb")}
+    result = build_book(BookConfig(root=root, build_dir=build, html=False, only=("02",), params={"layer": 0}))
+    assert [p.parent.parent.name for p in result.executed] == ["overrides"]
+    assert {p.name: p.read_bytes() for p in (build / "executed").glob("*.ipynb")} == before
+    assert (build / "results" / "02_b" / "layer.txt").read_text() == "None"
+
+
+def _fake_benchmarks(root: Path, cpu: str) -> None:
+    """A ``benchmarks.run`` that writes a results.json like the real one's, in a blink."""
+    (root / "benchmarks").mkdir()
+    (root / "benchmarks" / "__init__.py").write_text("")
+    (root / "benchmarks" / "run.py").write_text(
+        "import json, pathlib, sys\n"
+        "args = sys.argv[1:]\n"
+        "assert args[0] == '--quick', args\n"
+        "out = pathlib.Path(args[args.index('--out') + 1]); out.mkdir(parents=True)\n"
+        f"meta = {{'cpu': {cpu!r}, 'date': '2026-01-02'}}\n"
+        "rec = {'F': 8, 'noise': 'easy', 'ours_s': 0.5, 'gap_bound_rel': 0.0}\n"
+        "(out / 'results.json').write_text(json.dumps({'meta': meta, 'records': [rec]}))\n"
+    )
+
+
+_APPENDIX_CELL = 'profile = "smoke"\nbench_results: str | None = None  # results file\n'
+_READ_BENCH = (
+    "import json\ncpu = json.load(open(bench_results))['meta']['cpu']\nopen('cpu.txt', 'w').write(cpu)"
+)
+
+
+def test_the_book_runs_a_quick_benchmark_when_none_exists(tmp_path: Path) -> None:
+    root = _fake_repo(tmp_path / "repo", {"07_app": _READ_BENCH}, params={"07_app": _APPENDIX_CELL})
+    _fake_benchmarks(root, "quick-cpu")
+    build = tmp_path / "build"
+    first = build_book(BookConfig(root=root, build_dir=build, html=False))
+    assert "benchmark" in first.timings and (build / "cpu.txt").read_text() == "quick-cpu"
+    assert _parameters(build / "executed" / "07_app.ipynb")["bench_results"] == str(
+        build / "bench" / "results.json"
+    )
+    # made once: the next build reuses it
+    again = build_book(BookConfig(root=root, build_dir=build, html=False, only=("07",)))
+    assert "benchmark" not in again.timings
+    # `make bench`'s full results win when present
+    full = root / "benchmarks" / "results" / "results.json"
+    full.parent.mkdir()
+    full.write_text(json.dumps({"meta": {"cpu": "full-cpu"}, "records": []}))
+    build_book(BookConfig(root=root, build_dir=build, html=False, only=("07",)))
+    assert (build / "cpu.txt").read_text() == "full-cpu"
+
+
+def test_a_failed_quick_benchmark_stops_the_build_and_is_not_reused(tmp_path: Path) -> None:
+    root = _fake_repo(tmp_path / "repo", {"07_app": _READ_BENCH}, params={"07_app": _APPENDIX_CELL})
+    _fake_benchmarks(root, "quick-cpu")
+    run_py = root / "benchmarks" / "run.py"
+    run_py.write_text(run_py.read_text() + "sys.exit(1)\n")
+    build = tmp_path / "build"
+    with pytest.raises(BookBuildError, match=r"benchmarks\.run --quick: failed with exit code 1 \(log: "):
+        build_book(BookConfig(root=root, build_dir=build, html=False))
+    assert not (build / "bench").exists() and not (build / "executed" / "07_app.ipynb").exists()
+    assert "--quick" in (build / "bench.log").read_text()
+
+
 # ------------------------------------------------------------------------------------- the whole book
 def test_smoke_book_builds_end_to_end(request: pytest.FixtureRequest) -> None:
     build_dir, result = smoke_book(request)
@@ -252,6 +379,12 @@ def test_smoke_book_builds_end_to_end(request: pytest.FixtureRequest) -> None:
         assert nb["metadata"]["papermill"]["parameters"]["profile"] == "smoke"
         outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o["output_type"] == "error"], stem
+    # the appendix shows measured performance, from the quick run when `make bench` has not run
+    bench = json.loads((build_dir / "executed" / "07_appendix.ipynb").read_text())
+    bench_path = Path(str(bench["metadata"]["papermill"]["parameters"]["bench_results"]))
+    appendix = (html / "notebooks" / "07_appendix.html").read_text()
+    meta = json.loads(bench_path.read_text())["meta"]
+    assert "gap_bound_rel" in appendix and "measured on" in appendix and meta["date"] in appendix
     # the pipeline hands each notebook that declares `out_dir` a folder under the build directory
     assert (build_dir / "results" / "02_folding_vs_cosine" / "match_00_01.json").is_file()
     log = (build_dir / "jupyter-book.log").read_text()

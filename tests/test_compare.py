@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -14,15 +15,18 @@ from conftest import make_sae
 from saematch_core.compare import (
     CompareConfig,
     CompareReport,
+    cached_matching,
     compare,
     load_activations,
     matcher_scores_by_layer,
+    matcher_scores_summary,
     scan_pairs,
 )
 from saematch_core.cost import feature_vectors
 from saematch_core.errors import SAEValidationError
 from saematch_core.experiments.inputs import Inputs
 from saematch_core.experiments.measures.links import link_vectors
+from saematch_core.experiments.measures.scores import MatchingScoreResult
 from saematch_core.experiments.measures.verdict import smallest_relative_costs
 
 
@@ -143,6 +147,67 @@ def test_matcher_scores_by_layer_scores_every_matcher_per_pair() -> None:
         for name in ("saematch", "cosine", "greedy", "sinkhorn"):
             assert r.row(name).matching_score == pytest.approx(1.0)
         assert r.row("random").matching_score < 0.9
+
+
+def _with_rows(result: MatchingScoreResult, scores: dict[str, float]) -> MatchingScoreResult:
+    rows = tuple(
+        dataclasses.replace(r, matching_score=scores.get(r.method, r.matching_score)) for r in result.rows
+    )
+    return dataclasses.replace(result, rows=rows)
+
+
+def test_matcher_scores_summary_ranks_matchers_and_counts_partner_reuse() -> None:
+    base = make_sae(16, 32, seed=7)
+    g = torch.Generator().manual_seed(8)
+    # A's features 0 and 1 are one direction: greedy top-1 sends both to one B feature
+    W_enc, W_dec, b_enc = base.W_enc.clone(), base.W_dec.clone(), base.b_enc.clone()
+    W_enc[:, 1], W_dec[1], b_enc[1] = W_enc[:, 0], W_dec[0], b_enc[0]
+    a = dataclasses.replace(base, W_enc=W_enc, W_dec=W_dec, b_enc=b_enc)
+    saes = {0: a, 1: base.permute(torch.randperm(32, generator=g)), 2: base}
+    acts = torch.randn(800, 16, generator=g) * 2
+    inputs = Inputs(saes=saes, activations={k: acts for k in saes}, progress=False)
+    results = matcher_scores_by_layer(inputs)
+    # planted scores: greedy best at pair 0, a tie of saematch and cosine at pair 1
+    planted = [
+        _with_rows(
+            results[0], {"saematch": 0.5, "cosine": 0.6, "greedy": 0.9, "sinkhorn": 0.7, "random": 0.1}
+        ),
+        _with_rows(
+            results[1], {"saematch": 0.8, "cosine": 0.8, "greedy": 0.3, "sinkhorn": 0.4, "random": 0.2}
+        ),
+    ]
+    s = matcher_scores_summary(inputs, planted)
+    assert s.layers == (0, 1) and s.matchers == ("saematch", "cosine", "greedy", "sinkhorn")
+    assert s.means == pytest.approx(
+        {"saematch": 0.65, "cosine": 0.7, "greedy": 0.6, "sinkhorn": 0.55, "random": 0.15}
+    )
+    assert s.wins == {"saematch": 1, "cosine": 1, "greedy": 1, "sinkhorn": 0} and s.best == "cosine"
+    # reference: distinct partners per matching, counted by hand
+    for name in s.matchers:
+        shares = []
+        for la, lb in ((0, 1), (1, 2)):
+            perm = cached_matching(saes[la], saes[lb], name).perm.tolist()
+            kept = [j for j in perm if j >= 0]
+            shares.append(len(set(kept)) / len(kept))
+        assert s.partner_share[name] == pytest.approx(sum(shares) / 2)
+    assert s.partner_share["saematch"] == 1.0 and s.partner_share["cosine"] == 1.0
+    assert s.partner_share["greedy"] == pytest.approx((31 / 32 + 1) / 2)
+    text = s.describe({"cosine": "exact cosine"})
+    assert text.startswith(
+        "Mean Matching Score over 2 layer pairs: exact cosine 0.700 (highest at 1 of 2 pairs;"
+    )
+    assert (
+        "greedy 0.600 (highest at 1 of 2 pairs; 98% distinct partners)" in text
+        and "random partners 0.150" in text
+    )
+    assert s.best_one_to_one == "cosine"
+    assert s.one_to_one == {"saematch": True, "cosine": True, "greedy": False, "sinkhorn": False}
+    assert text.endswith(
+        "Among the one-to-one matchers, exact cosine scores highest "
+        "(0.700, at least as high at 2 of 2 pairs)."
+    )
+    with pytest.raises(ValueError, match="results: expected the results of at least one layer pair"):
+        matcher_scores_summary(inputs, [])
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from saematch_core.plots import (
     histogram,
     line_per_layer,
     lines_by_group,
+    matcher_scores,
     path_explorer,
     scatter,
     table_html,
@@ -167,3 +168,26 @@ def test_grouped_bars_one_trace_per_series_with_a_reference_line() -> None:
         grouped_bars(["a", "b"], {"x": [1.0]}, title="t", x_title="i", y_title="r")
     with pytest.raises(ValueError, match="at least one named series"):
         grouped_bars(["a"], {}, title="t", x_title="i", y_title="r")
+
+
+def test_matcher_scores_names_each_line_with_its_mean_and_wins() -> None:
+    fig = matcher_scores(
+        [0, 1],
+        {"SAE Match": [0.2, 0.4], "greedy": [0.5, 0.3]},
+        wins={"SAE Match": 1, "greedy": 1},
+        null=[0.05, 0.05],
+        title="t",
+        x_title="layer pair (t → t+1)",
+        y_title="Matching Score",
+    )
+    assert [t.name for t in fig.data] == [
+        "SAE Match (mean 0.300, best at 1/2)",
+        "greedy (mean 0.400, best at 1/2)",
+        "random partners (mean 0.050)",
+    ]
+    assert fig.data[2].line.dash == "dash"
+    np.testing.assert_array_equal(np.asarray(fig.data[0].y), [0.2, 0.4])
+    with pytest.raises(ValueError, match=r"wins: expected one count per matcher"):
+        matcher_scores([0], {"a": [1.0]}, wins={}, title="t", x_title="x", y_title="y")
+    with pytest.raises(ValueError, match=r"scores\['a'\]: expected length 2"):
+        matcher_scores([0, 1], {"a": [1.0]}, wins={"a": 0}, title="t", x_title="x", y_title="y")

@@ -2,8 +2,9 @@
 
 :func:`quality_table` lists the prepared SAEs' quality; :func:`benchmark_table` and
 :func:`benchmark_series` read the records ``make bench`` writes to
-``benchmarks/results/results.json``; :func:`environment_table` lists the versions the book was built
-with.
+``benchmarks/results/results.json`` (or the quick run the book build makes when that file is
+absent), and :func:`benchmark_meta` says on which machine and when they ran;
+:func:`environment_table` lists the versions the book was built with.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from saematch_core.prepare import SAERecord
 
 __all__ = [
     "BENCHMARK_COLUMNS",
+    "BENCHMARK_META",
     "VERSIONED_PACKAGES",
+    "benchmark_meta",
     "benchmark_series",
     "benchmark_table",
     "environment_table",
@@ -74,6 +77,41 @@ def _benchmark_records(path: str | os.PathLike[str]) -> list[dict[str, Any]] | N
     doc = json.loads(p.read_text(encoding="utf-8"))
     records = doc.get("records", []) if isinstance(doc, dict) else []
     return [r for r in records if isinstance(r, dict)]
+
+
+BENCHMARK_META: tuple[tuple[str, str], ...] = (
+    ("date", "date"),
+    ("cpu", "CPU"),
+    ("cpu_count", "cores"),
+    ("torch_threads", "torch threads"),
+    ("platform", "platform"),
+    ("python", "python"),
+    ("torch", "torch"),
+    ("numba", "numba"),
+    ("numpy", "numpy"),
+    ("scipy", "scipy"),
+    ("command", "command"),
+)
+"""Keys of ``results.json``'s ``meta`` that :func:`benchmark_meta` lists, with their labels."""
+
+
+def benchmark_meta(path: str | os.PathLike[str]) -> list[tuple[str, str]] | None:
+    """Where and when the benchmarks in ``path`` ran: ``(label, value)`` rows from its ``meta``
+    (:data:`BENCHMARK_META`, those present), or ``None`` when the file is absent.
+
+    Raises
+    ------
+    ValueError
+        If the file has no ``meta`` object (results of unknown origin are not shown as measured).
+    """
+    p = Path(path)
+    if not p.is_file():
+        return None
+    doc = json.loads(p.read_text(encoding="utf-8"))
+    meta = doc.get("meta") if isinstance(doc, dict) else None
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError(f"{p}: expected a 'meta' object saying where and when the benchmarks ran")
+    return [(label, str(meta[key])) for key, label in BENCHMARK_META if meta.get(key) is not None]
 
 
 def benchmark_series(
