@@ -12,10 +12,13 @@
 * :func:`exact_dots` — float64 dot products of selected (row, column) pairs.
 * :func:`exact_gains` — the sign-exact value of ``(s_ij - V_j) - (s_ic - V_c)`` (error-free
   transformations), so the certificate's last check involves no rounding.
-* :func:`topk2` / :func:`topk2_bf16` / :func:`reduced_scan` — per-row top-``k`` scans of score
-  blocks. One vectorised pass takes the maximum of every chunk of :data:`_CHUNK` columns; the
-  ``k``-th largest chunk maximum bounds the row's ``k``-th largest entry from below, so only the few
-  chunks that reach it are offered to the heap (2× faster than offering every entry).
+* :func:`topk2` / :func:`topk2_bf16` / :func:`reduced_scan` / :func:`reduced_scan_bf16` — per-row
+  top-``k`` scans of score blocks. One vectorised pass takes the maximum of every chunk of
+  :data:`_CHUNK` columns; the ``k``-th largest chunk maximum bounds the row's ``k``-th largest entry
+  from below, so only the few chunks that reach it are offered to the heap (2× faster than offering
+  every entry). The reduced scans rank entries by an upper bound on their exact reduced score that
+  carries the block's rounding error, entry by entry.
+* :func:`stored_near` — the stored candidates (reserve, recomputed rows) that may gain at new prices.
 * :func:`line_envelope` / :func:`capped_envelope` — upper envelopes behind the certificate's bounds.
 * :func:`row_abs_max` — each row's largest finite magnitude, in one pass.
 
@@ -35,8 +38,10 @@ __all__ = [
     "exact_gains",
     "line_envelope",
     "reduced_scan",
+    "reduced_scan_bf16",
     "row_abs_max",
     "sparse_sap",
+    "stored_near",
     "topk2",
     "topk2_bf16",
 ]
@@ -418,6 +423,36 @@ def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_rel, st
     return n_fail
 
 
+@nb.njit(cache=True, inline="always")
+def _hull_push(hs, hb, h, a, b):  # pragma: no cover - compiled
+    """Add the line ``a·x + b`` to the upper hull ``(hs, hb)[:h]`` of lines pushed in non-decreasing
+    slope order; returns the new hull size."""
+    if h > 0 and hs[h - 1] == a:
+        if hb[h - 1] >= b:
+            return h
+        h -= 1
+    # drop the last line while it is never the maximum between its neighbours
+    while h >= 2 and (hb[h - 2] - b) * (hs[h - 1] - hs[h - 2]) <= (hb[h - 2] - hb[h - 1]) * (a - hs[h - 2]):
+        h -= 1
+    hs[h] = a
+    hb[h] = b
+    return h + 1
+
+
+@nb.njit(cache=True, inline="always")
+def _hull_query(hs, hb, h, x):  # pragma: no cover - compiled
+    """``max_t (hs[t]·x + hb[t])`` over a non-empty upper hull (unimodal along it: binary search)."""
+    lo = 0
+    hi = h - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hs[mid] * x + hb[mid] <= hs[mid + 1] * x + hb[mid + 1]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return hs[lo] * x + hb[lo]
+
+
 @nb.njit(cache=True, nogil=True)
 def line_envelope(slopes, intercepts, xs):  # pragma: no cover - compiled
     """``out[q] = max_j (slopes[j] · xs[q] + intercepts[j])`` for every query, in O((m + Q) log m)."""
@@ -430,27 +465,9 @@ def line_envelope(slopes, intercepts, xs):  # pragma: no cover - compiled
     hb = np.empty(m, np.float64)
     h = 0
     for t in range(m):
-        a = slopes[order[t]]
-        b = intercepts[order[t]]
-        if h > 0 and hs[h - 1] == a:
-            if hb[h - 1] >= b:
-                continue
-            h -= 1
-        # drop the last line while it is never the maximum between its neighbours
-        while h >= 2 and (hb[h - 2] - b) * (hs[h - 1] - hs[h - 2]) <= (hb[h - 2] - hb[h - 1]) * (
-            a - hs[h - 2]
-        ):
-            h -= 1
-        hs[h] = a
-        hb[h] = b
-        h += 1
-    qorder = np.argsort(xs, kind="mergesort")
-    p = 0
-    for t in range(xs.shape[0]):
-        x = xs[qorder[t]]
-        while p + 1 < h and hs[p + 1] * x + hb[p + 1] >= hs[p] * x + hb[p]:
-            p += 1
-        out[qorder[t]] = hs[p] * x + hb[p]
+        h = _hull_push(hs, hb, h, slopes[order[t]], intercepts[order[t]])
+    for q in range(xs.shape[0]):
+        out[q] = _hull_query(hs, hb, h, xs[q])
     return out
 
 
@@ -576,64 +593,136 @@ def topk2_bf16(S16, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma
 
 
 @nb.njit(cache=True, inline="always", fastmath=True)
-def _span_reduced(row, v, low, s, e):  # pragma: no cover - compiled
-    """The maximum of ``row[s:e] - v[s:e]`` (float64) and how many of them exceed ``low``."""
+def _upper(x, vj, rel, cn):  # pragma: no cover - compiled
+    """An upper bound on the exact reduced score of a block entry ``x``: ``x - vj + rel·|x| + cn``."""
+    return x - vj + rel * abs(x) + cn
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _span_upper(row, v, rel, ci, colsc, low, s, e):  # pragma: no cover - compiled
+    """The maximum of :func:`_upper` over ``row[s:e]`` and how many of its values exceed ``low``."""
     mx = _LOWEST
     cnt = 0
     for t in range(s, e):
-        x = np.float64(row[t]) - v[t]
+        x = _upper(np.float64(row[t]), v[t], rel, ci * colsc[t])
         mx = max(mx, x)
         cnt += x > low
     return mx, cnt
 
 
-@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def reduced_scan(S, v, lo, top_j, top_v, n_near):  # pragma: no cover - compiled
-    """Per row of ``S`` (r, m): the ``k = top_j.shape[1]`` largest reduced scores ``S_ij - v_j`` and
-    how many exceed ``lo[i]``, in float64.
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _reduced_row(row, v, rel, ci, colsc, low, hv, hi, cmx):  # pragma: no cover - compiled
+    """:func:`reduced_scan` of one row: fills the heap ``(hv, hi)`` with the row's ``len(hv)`` largest
+    upper bounds and returns how many exceed ``low``."""
+    m = row.shape[0]
+    k = hv.shape[0]
+    nc = cmx.shape[0]
+    full = m // _CHUNK
+    cnt = 0
+    for c in range(full):  # a fixed trip count once inlined: vectorised
+        cmx[c], above = _span_upper(row, v, rel, ci, colsc, low, c * _CHUNK, c * _CHUNK + _CHUNK)
+        cnt += above
+    if full < nc:
+        cmx[full], above = _span_upper(row, v, rel, ci, colsc, low, full * _CHUNK, m)
+        cnt += above
+    tx = _kth_largest(cmx, k, hv, hi)
+    for t in range(k):
+        hv[t] = _LOWEST
+        hi[t] = -1
+    for c in range(nc):
+        if cmx[c] >= tx:
+            for j in range(c * _CHUNK, min(c * _CHUNK + _CHUNK, m)):
+                x = _upper(np.float64(row[j]), v[j], rel, ci * colsc[j])
+                if x >= tx and x > hv[0]:
+                    _sift_down(hv, hi, k, 0, x, j)
+    return cnt
 
-    ``top_j`` (r, k) int64 and ``top_v`` (r, k) float64 are filled in place (unsorted; ``top_v`` is
-    the reduced score). When ``n_near[i] <= k`` every entry above ``lo[i]`` is among the row's top
-    ``k``. One vectorised pass computes the count and the chunk maxima, then only the chunks that can
-    hold a top-``k`` entry are visited (as in :func:`topk2`).
+
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def reduced_scan(S, v, rel, crow, colsc, lo, top_j, top_s, thr, n_near):  # pragma: no cover - compiled
+    """Per row of a score block ``S`` (r, m): the ``k = top_j.shape[1]`` largest upper bounds on the
+    exact reduced scores, ``U_ij = S_ij - v_j + rel·|S_ij| + crow_i·colsc_j`` (the block's error model),
+    and how many exceed ``lo[i]``, in float64.
+
+    ``top_j`` (r, k) int64 gets their columns (unsorted), ``top_s`` (r, k) float64 their block scores
+    ``S_ij``, ``thr[i]`` the smallest of the ``k`` (every other entry has ``U_ij <= thr[i]``) and
+    ``n_near[i]`` the count; when ``n_near[i] <= k`` every entry above ``lo[i]`` is among the ``k``.
+    One vectorised pass computes the count and the chunk maxima, then only the chunks that can hold
+    a top-``k`` entry are visited (as in :func:`topk2`).
     """
     r, m = S.shape
     k = top_j.shape[1]
     nc = (m + _CHUNK - 1) // _CHUNK
-    full = m // _CHUNK
     for i in nb.prange(r):
-        row = S[i]
         cmx = np.empty(nc)
-        cnt = 0
-        for c in range(full):
-            cmx[c], above = _span_reduced(row, v, lo[i], c * _CHUNK, c * _CHUNK + _CHUNK)
-            cnt += above
-        if full < nc:
-            cmx[full], above = _span_reduced(row, v, lo[i], full * _CHUNK, m)
-            cnt += above
-        n_near[i] = cnt
-        hv = top_v[i]
-        hi = top_j[i]
-        tx = _kth_largest(cmx, k, hv, hi)
+        n_near[i] = _reduced_row(S[i], v, rel, crow[i], colsc, lo[i], top_s[i], top_j[i], cmx)
+        thr[i] = top_s[i, 0]  # the heap's minimum
         for t in range(k):
-            hv[t] = _LOWEST
-            hi[t] = -1
-        for c in range(nc):
-            if cmx[c] >= tx:
-                for j in range(c * _CHUNK, min(c * _CHUNK + _CHUNK, m)):
-                    x = np.float64(row[j]) - v[j]
-                    if x >= tx and x > hv[0]:
-                        _sift_down(hv, hi, k, 0, x, j)
+            top_s[i, t] = np.float64(S[i, top_j[i, t]]) if top_j[i, t] >= 0 else _LOWEST
+
+
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def reduced_scan_bf16(S16, v, rel, crow, colsc, lo, top_j, top_s, thr, n_near):  # pragma: no cover
+    """:func:`reduced_scan` of a bfloat16 block given as its raw ``uint16`` bits (r, m)."""
+    r, m = S16.shape
+    k = top_j.shape[1]
+    nc = (m + _CHUNK - 1) // _CHUNK
+    for i in nb.prange(r):
+        bits = np.empty(m, np.uint32)
+        for j in range(m):
+            bits[j] = np.uint32(S16[i, j]) << 16
+        row = bits.view(np.float32)
+        cmx = np.empty(nc)
+        n_near[i] = _reduced_row(row, v, rel, crow[i], colsc, lo[i], top_s[i], top_j[i], cmx)
+        thr[i] = top_s[i, 0]
+        for t in range(k):
+            top_s[i, t] = np.float64(row[top_j[i, t]]) if top_j[i, t] >= 0 else _LOWEST
+
+
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def stored_near(sj, ss, exact, v, rel, crow, colsc, lo):  # pragma: no cover - compiled
+    """Entries of a stored candidate table that may gain: ``sj`` (r, w) columns (-1 = empty slot),
+    ``ss`` (r, w) block scores (the exact score where ``exact`` is set); returns the (row, slot)
+    pairs whose upper bound ``ss - v_j (+ rel·|ss| + crow_i·colsc_j unless exact)`` exceeds ``lo[i]``.
+    """
+    r, w = sj.shape
+    offs = np.zeros(r + 1, np.int64)
+    for i in nb.prange(r):
+        cnt = 0
+        for p in range(w):
+            j = sj[i, p]
+            if j >= 0:
+                x = ss[i, p]
+                ub = x - v[j] if exact[i, p] else _upper(x, v[j], rel, crow[i] * colsc[j])
+                cnt += ub > lo[i]
+        offs[i + 1] = cnt
+    for i in range(r):
+        offs[i + 1] += offs[i]
+    out_r = np.empty(offs[r], np.int64)
+    out_p = np.empty(offs[r], np.int64)
+    for i in nb.prange(r):
+        q = offs[i]
+        for p in range(w):
+            j = sj[i, p]
+            if j >= 0:
+                x = ss[i, p]
+                ub = x - v[j] if exact[i, p] else _upper(x, v[j], rel, crow[i] * colsc[j])
+                if ub > lo[i]:
+                    out_r[q] = i
+                    out_p[q] = p
+                    q += 1
+    return out_r, out_p
 
 
 @nb.njit(cache=True, nogil=True)
-def capped_envelope(ny, negv, kth, alpha):  # pragma: no cover - compiled
-    """``out[i] = max_j (min(kth[i], alpha[i] · ny[j]) + negv[j])`` for rows with ``alpha[i] > 0``.
+def capped_envelope(ny, negv, kth, c, alpha):  # pragma: no cover - compiled
+    """``out[i] = max_j (min(kth[i] + c[i] · ny[j], alpha[i] · ny[j]) + negv[j])`` for rows with
+    ``alpha[i] > c[i]`` (``ny >= 0``), ``+inf`` (no bound) for the others and non-finite inputs.
 
-    Columns with ``ny_j >= kth_i / alpha_i`` contribute ``kth_i + negv_j`` (a suffix maximum over
-    columns sorted by ``ny``); the others ``alpha_i · ny_j + negv_j`` (an upper envelope of the
-    prefix, built incrementally while rows are visited in increasing ``kth_i / alpha_i``). Rows with
-    ``alpha[i] <= 0`` or a non-finite input get ``+inf`` (no bound).
+    The two lines in ``ny`` cross once, at ``tau_i = kth_i / (alpha_i - c_i)``: columns below it
+    contribute ``alpha_i · ny_j + negv_j`` (the upper envelope of the columns sorted by ``ny``, built
+    incrementally while rows are visited in increasing ``tau``), the others ``kth_i + c_i · ny_j +
+    negv_j`` (the same envelope of the suffix, built while rows are visited in decreasing ``tau``).
     """
     m = ny.shape[0]
     n = kth.shape[0]
@@ -643,49 +732,37 @@ def capped_envelope(ny, negv, kth, alpha):  # pragma: no cover - compiled
     corder = np.argsort(ny, kind="mergesort")
     sny = ny[corder]
     snv = negv[corder]
-    sufmax = np.empty(m + 1)
-    sufmax[m] = -np.inf
-    for t in range(m - 1, -1, -1):
-        sufmax[t] = max(sufmax[t + 1], snv[t])
     tau = np.full(n, np.inf)
+    valid = np.zeros(n, np.bool_)
     for i in range(n):
-        if alpha[i] > 0 and np.isfinite(alpha[i]) and np.isfinite(kth[i]):
-            tau[i] = kth[i] / alpha[i]
+        if np.isfinite(alpha[i]) and np.isfinite(kth[i]) and np.isfinite(c[i]) and alpha[i] > c[i]:
+            valid[i] = True
+            tau[i] = kth[i] / (alpha[i] - c[i])
     rorder = np.argsort(tau, kind="mergesort")
+    best = np.full(n, -np.inf)
     hs = np.empty(m)
     hb = np.empty(m)
     h = 0
     p = 0
-    for q in range(n):
+    for q in range(n):  # prefix: ny_j < tau_i
         i = rorder[q]
-        if not np.isfinite(tau[i]):
-            break
+        if not valid[i]:
+            continue
         while p < m and sny[p] < tau[i]:
-            a = sny[p]
-            b = snv[p]
+            h = _hull_push(hs, hb, h, sny[p], snv[p])
             p += 1
-            if h > 0 and hs[h - 1] == a:
-                if hb[h - 1] >= b:
-                    continue
-                h -= 1
-            while h >= 2 and (hb[h - 2] - b) * (hs[h - 1] - hs[h - 2]) <= (hb[h - 2] - hb[h - 1]) * (
-                a - hs[h - 2]
-            ):
-                h -= 1
-            hs[h] = a
-            hb[h] = b
-            h += 1
-        best = kth[i] + sufmax[p]
         if h > 0:
-            x = alpha[i]
-            lo = 0
-            hi = h - 1
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if hs[mid] * x + hb[mid] <= hs[mid + 1] * x + hb[mid + 1]:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            best = max(best, hs[lo] * x + hb[lo])
-        out[i] = best
+            best[i] = _hull_query(hs, hb, h, alpha[i])
+    h = 0
+    p = m - 1
+    for q in range(n - 1, -1, -1):  # suffix: ny_j >= tau_i, lines of slope -ny_j queried at -c_i
+        i = rorder[q]
+        if not valid[i]:
+            continue
+        while p >= 0 and sny[p] >= tau[i]:
+            h = _hull_push(hs, hb, h, -sny[p], snv[p])
+            p -= 1
+        if h > 0:
+            best[i] = max(best[i], kth[i] + _hull_query(hs, hb, h, -c[i]))
+        out[i] = best[i]
     return out
