@@ -424,11 +424,10 @@ def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size
             # one fused pass of a compiled scan beats two torch.topk calls on the CPU
             ir, vr = np.empty((len(blk), depth), np.int64), np.empty((len(blk), depth))
             isc, vsc = np.empty((len(blk), depth), np.int64), np.empty((len(blk), depth))
-            if S.dtype == torch.bfloat16:
-                bits = S.view(torch.int16).numpy().view(np.uint16)
-                topk2_bf16(bits, oracle.inv_norm, depth, ir, vr, isc, vsc)
-            else:
-                topk2(S.numpy(), oracle.inv_norm, depth, ir, vr, isc, vsc)
+            # the cosine order in the block's precision (float32 products; see _off_graph_bound)
+            Sn = S.view(torch.int16).numpy().view(np.uint16) if S.dtype == torch.bfloat16 else S.numpy()
+            inv = oracle.inv_norm.astype(np.float32 if Sn.dtype != np.float64 else np.float64)
+            (topk2_bf16 if S.dtype == torch.bfloat16 else topk2)(Sn, inv, depth, ir, vr, isc, vsc)
         else:
             Sf = S.float()
             vals, idx = torch.topk(Sf, depth, dim=1, sorted=False)
@@ -786,8 +785,8 @@ class _CertifiedSolve:
         kth = _up(self.kth, err.rel)
         bound = kth + c * (float(n_col.max()) if n_col.size else 0.0) - float(V.min())
         if oracle.col_norm is not None:
-            # the scaled order: Ŝ_ij · (1/‖Y_j‖) rounded twice in float64
-            alpha = _up(self.alpha, err.rel + 5.0 * _U64) + c
+            # the scaled order: Ŝ_ij · (1/‖Y_j‖), with 1/‖Y_j‖ and the product rounded to float32
+            alpha = _up(self.alpha, err.rel + 4.0 * _U32) + c
             finite, fin_k = np.isfinite(alpha), np.isfinite(kth)
             env = np.full(n, np.inf)
             env[finite] = line_envelope(n_col, -V, alpha[finite])

@@ -397,13 +397,13 @@ def test_chunked_topk2_on_long_rows_vs_torch(ties: bool) -> None:
     rng = np.random.default_rng(3)
     S = rng.integers(-20, 20, (9, 1003)).astype(np.float32) if ties else rng.standard_normal((9, 1003))
     S = np.ascontiguousarray(S, np.float32)
-    inv = rng.random(1003) + 0.25
-    for k in (1, 8, 32, 200):
+    inv = (rng.random(1003) + 0.25).astype(np.float32)
+    for k in (1, 8, 32, 60, 200, 1003):  # heap and quickselect thresholds, up to the whole row
         out = [np.empty((9, k), np.int64), np.empty((9, k)), np.empty((9, k), np.int64), np.empty((9, k))]
         topk2(S, inv, k, *out)
         t = torch.from_numpy(S).double()
         np.testing.assert_array_equal(np.sort(out[1], 1), np.sort(torch.topk(t, k).values.numpy(), 1))
-        scaled = t * torch.from_numpy(inv)
+        scaled = (torch.from_numpy(S) * torch.from_numpy(inv)).double()  # products in float32
         np.testing.assert_array_equal(np.sort(out[3], 1), np.sort(torch.topk(scaled, k).values.numpy(), 1))
         # the indices point at the values reported
         np.testing.assert_array_equal(np.take_along_axis(S, out[0], 1).astype(np.float64), out[1])
@@ -471,7 +471,7 @@ def test_stored_near_vs_numpy() -> None:
 def test_topk2_and_exact_dots_vs_torch() -> None:
     g = torch.Generator().manual_seed(8)
     S = torch.randn(13, 50, generator=g)
-    inv = np.random.default_rng(8).random(50) + 0.5
+    inv = (np.random.default_rng(8).random(50) + 0.5).astype(np.float32)
     k = 4
     ir, vr, isc, vsc = (
         np.empty((13, k), np.int64),
@@ -481,8 +481,8 @@ def test_topk2_and_exact_dots_vs_torch() -> None:
     )
     topk2(S.numpy(), inv, k, ir, vr, isc, vsc)
     np.testing.assert_allclose(np.sort(vr, 1), np.sort(torch.topk(S, k).values.double().numpy(), 1))
-    scaled = S.double() * torch.from_numpy(inv)
-    np.testing.assert_allclose(np.sort(vsc, 1), np.sort(torch.topk(scaled, k).values.numpy(), 1))
+    scaled = (S * torch.from_numpy(inv)).double()
+    np.testing.assert_array_equal(np.sort(vsc, 1), np.sort(torch.topk(scaled, k).values.numpy(), 1))
     np.testing.assert_array_equal(np.sort(ir, 1), np.sort(torch.topk(S, k).indices.numpy(), 1))
     # bfloat16 blocks, read from their raw bits: the same as topk2 on the widened values (k up to m)
     Sb = (S * 7).to(torch.bfloat16)
