@@ -21,6 +21,7 @@
 * :func:`stored_near` — the stored candidates (reserve, recomputed rows) that may gain at new prices.
 * :func:`line_envelope` / :func:`capped_envelope` — upper envelopes behind the certificate's bounds.
 * :func:`row_abs_max` — each row's largest finite magnitude, in one pass.
+* :func:`split_norms` — the norms of a float32 matrix's bfloat16 rounding and of its rounding error.
 
 The public kernels release the GIL (``nogil``), so solves in several Python threads overlap; see
 :func:`saematch_core.lap_sparse.threadsafe` for when that is allowed.
@@ -41,6 +42,7 @@ __all__ = [
     "reduced_scan_bf16",
     "row_abs_max",
     "sparse_sap",
+    "split_norms",
     "stored_near",
     "topk2",
     "topk2_bf16",
@@ -58,6 +60,30 @@ def exact_dots(X, Y, ii, jj, out):  # pragma: no cover - compiled
         for t in range(d):
             acc += np.float64(X[a, t]) * np.float64(Y[b, t])
         out[e] = acc
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def split_norms(full, bits, hi, lo):  # pragma: no cover - compiled
+    """Per row of a float32 matrix ``full`` (r, D) and of its bfloat16 rounding, given as raw ``uint16``
+    ``bits`` (r, D): ``hi[i]`` the norm of the rounded row, ``lo[i]`` the norm of what the rounding took
+    away (``full - rounded``, exact in float32), both summed in float64 (each within ``(D + 2) · 2^-53``
+    relative: float32 squares are exact in float64, and nothing under- or overflows)."""
+    r, D = full.shape
+    for task in nb.prange((r + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        wide = np.empty(D, np.uint32)
+        rounded = wide.view(np.float32)
+        for i in range(task * _ROWS_PER_TASK, min(r, (task + 1) * _ROWS_PER_TASK)):
+            for t in range(D):
+                wide[t] = np.uint32(bits[i, t]) << 16  # a bfloat16 is the top half of a float32
+            h2 = 0.0
+            e2 = 0.0
+            for t in range(D):
+                h = np.float64(rounded[t])
+                e = np.float64(full[i, t] - rounded[t])
+                h2 += h * h
+                e2 += e * e
+            hi[i] = np.sqrt(h2)
+            lo[i] = np.sqrt(e2)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)

@@ -26,6 +26,7 @@ from saematch_core._jv_numba import (
     reduced_scan_bf16,
     row_abs_max,
     sparse_sap,
+    split_norms,
     stored_near,
     topk2,
     topk2_bf16,
@@ -449,6 +450,22 @@ def test_reduced_scan_matches_the_torch_reference(dtype: torch.dtype, rel: float
     else:
         reduced_scan(S.numpy(), V, rel, err.row, col_scale, lo, tj, ts, thr, cnt)
     np.testing.assert_array_equal(cnt, (U > lo[:, None]).sum(axis=1))
+
+
+def test_split_norms_vs_float64_numpy() -> None:
+    # the norms of a bfloat16 rounding and of its error, against float64 numpy on widened copies;
+    # rows of every scale, subnormal float32 entries and zero rows included
+    rng = np.random.default_rng(11)
+    full = (rng.standard_normal((37, 53)) * np.exp(rng.uniform(-30, 30, (37, 1)))).astype(np.float32)
+    full[3] = 0.0
+    full[5, :4] = np.float32(1e-44)
+    coarse = torch.from_numpy(full).to(torch.bfloat16)
+    hi, lo = np.empty(37), np.empty(37)
+    split_norms(full, coarse.view(torch.int16).numpy().view(np.uint16), hi, lo)
+    wide = coarse.double().numpy()
+    np.testing.assert_allclose(hi, np.linalg.norm(wide, axis=1), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(lo, np.linalg.norm(full.astype(np.float64) - wide, axis=1), rtol=1e-14, atol=0)
+    assert hi[3] == lo[3] == 0.0 and lo.max() > 0
 
 
 def test_stored_near_vs_numpy() -> None:
