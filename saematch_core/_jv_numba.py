@@ -13,11 +13,11 @@
 * :func:`exact_gains` — the sign-exact value of ``(s_ij - V_j) - (s_ic - V_c)`` (error-free
   transformations), so the certificate's last check involves no rounding.
 * :func:`topk2` / :func:`topk2_bf16` / :func:`reduced_scan` / :func:`reduced_scan_bf16` — per-row
-  top-``k`` scans of score blocks. One vectorised pass takes the maximum of every chunk of
+  top-``k`` scans of score blocks. One vectorised pass takes the maximum of every (strided) chunk of
   :data:`_CHUNK` columns; the ``k``-th largest chunk maximum bounds the row's ``k``-th largest entry
-  from below, so only the few chunks that reach it are offered to the heap (2× faster than offering
-  every entry). The reduced scans rank entries by an upper bound on their exact reduced score that
-  carries the block's rounding error, entry by entry.
+  from below, so only the entries of the few chunks that reach it are collected, and a heap (small
+  ``k``) or quickselect picks the ``k`` among them. The reduced scans rank entries by an upper bound
+  on their exact reduced score that carries the block's rounding error, entry by entry.
 * :func:`stored_near` — the stored candidates (reserve, recomputed rows) that may gain at new prices.
 * :func:`line_envelope` / :func:`capped_envelope` — upper envelopes behind the certificate's bounds.
 * :func:`row_abs_max` — each row's largest finite magnitude, in one pass.
