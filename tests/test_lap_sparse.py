@@ -606,7 +606,7 @@ def test_big_penalties_do_not_blur_the_prices() -> None:
         sparse = random_array(
             (60, 60), density=0.08, rng=rng, data_sampler=lambda size: rng.integers(1, 100, size)
         )
-        C = np.full(sparse.shape, 1e12)
+        C = np.full((60, 60), 1e12)
         C[sparse.row, sparse.col] = sparse.data
         res = solve_scores(C, maximize=False, k=2)
         ref_r, ref_c = linear_sum_assignment(C)
@@ -702,7 +702,9 @@ def test_phase_certify_finds_exactly_the_gains_a_dense_check_finds() -> None:
 def test_phase_dense_solve_is_certified() -> None:
     S = np.random.default_rng(22).standard_normal((40, 50))
     ph = _phases(S, k=2)
-    res = ph.solve_dense(ph.oracle.dense_exact())
+    dense = ph.oracle.dense_exact()
+    assert dense is not None
+    res = ph.solve_dense(dense)
     _check(res, S, exact=True)
     assert res.n_candidates == S.size
 
