@@ -12,12 +12,16 @@
 * :func:`exact_dots` — float64 dot products of selected (row, column) pairs.
 * :func:`exact_gains` — the sign-exact value of ``(s_ij - V_j) - (s_ic - V_c)`` (error-free
   transformations), so the certificate's last check involves no rounding.
-* :func:`topk2` / :func:`topk2_bf16` / :func:`reduced_scan` — per-row top-``k`` scans of score
-  blocks. One vectorised pass takes the maximum of every chunk of :data:`_CHUNK` columns; the
-  ``k``-th largest chunk maximum bounds the row's ``k``-th largest entry from below, so only the few
-  chunks that reach it are offered to the heap (2× faster than offering every entry).
+* :func:`topk2` / :func:`topk2_bf16` / :func:`reduced_scan` / :func:`reduced_scan_bf16` — per-row
+  top-``k`` scans of score blocks. One vectorised pass takes the maximum of every (strided) chunk of
+  :data:`_CHUNK` columns; the ``k``-th largest chunk maximum bounds the row's ``k``-th largest entry
+  from below, so only the entries of the few chunks that reach it are collected, and a heap (small
+  ``k``) or quickselect picks the ``k`` among them. The reduced scans rank entries by an upper bound
+  on their exact reduced score that carries the block's rounding error, entry by entry.
+* :func:`stored_near` — the stored candidates (reserve, recomputed rows) that may gain at new prices.
 * :func:`line_envelope` / :func:`capped_envelope` — upper envelopes behind the certificate's bounds.
 * :func:`row_abs_max` — each row's largest finite magnitude, in one pass.
+* :func:`split_norms` — the norms of a float32 matrix's bfloat16 rounding and of its rounding error.
 
 The public kernels release the GIL (``nogil``), so solves in several Python threads overlap; see
 :func:`saematch_core.lap_sparse.threadsafe` for when that is allowed.
@@ -35,8 +39,11 @@ __all__ = [
     "exact_gains",
     "line_envelope",
     "reduced_scan",
+    "reduced_scan_bf16",
     "row_abs_max",
     "sparse_sap",
+    "split_norms",
+    "stored_near",
     "topk2",
     "topk2_bf16",
 ]
@@ -53,6 +60,30 @@ def exact_dots(X, Y, ii, jj, out):  # pragma: no cover - compiled
         for t in range(d):
             acc += np.float64(X[a, t]) * np.float64(Y[b, t])
         out[e] = acc
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def split_norms(full, bits, hi, lo):  # pragma: no cover - compiled
+    """Per row of a float32 matrix ``full`` (r, D) and of its bfloat16 rounding, given as raw ``uint16``
+    ``bits`` (r, D): ``hi[i]`` the norm of the rounded row, ``lo[i]`` the norm of what the rounding took
+    away (``full - rounded``, exact in float32), both summed in float64 (each within ``(D + 2) · 2^-53``
+    relative: float32 squares are exact in float64, and nothing under- or overflows)."""
+    r, D = full.shape
+    for task in nb.prange((r + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        wide = np.empty(D, np.uint32)
+        rounded = wide.view(np.float32)
+        for i in range(task * _ROWS_PER_TASK, min(r, (task + 1) * _ROWS_PER_TASK)):
+            for t in range(D):
+                wide[t] = np.uint32(bits[i, t]) << 16  # a bfloat16 is the top half of a float32
+            h2 = 0.0
+            e2 = 0.0
+            for t in range(D):
+                h = np.float64(rounded[t])
+                e = np.float64(full[i, t] - rounded[t])
+                h2 += h * h
+                e2 += e * e
+            hi[i] = np.sqrt(h2)
+            lo[i] = np.sqrt(e2)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
@@ -418,6 +449,36 @@ def sparse_sap(indptr, indices, cost, u, v, col4row, row4col, rect, feas_rel, st
     return n_fail
 
 
+@nb.njit(cache=True, inline="always")
+def _hull_push(hs, hb, h, a, b):  # pragma: no cover - compiled
+    """Add the line ``a·x + b`` to the upper hull ``(hs, hb)[:h]`` of lines pushed in non-decreasing
+    slope order; returns the new hull size."""
+    if h > 0 and hs[h - 1] == a:
+        if hb[h - 1] >= b:
+            return h
+        h -= 1
+    # drop the last line while it is never the maximum between its neighbours
+    while h >= 2 and (hb[h - 2] - b) * (hs[h - 1] - hs[h - 2]) <= (hb[h - 2] - hb[h - 1]) * (a - hs[h - 2]):
+        h -= 1
+    hs[h] = a
+    hb[h] = b
+    return h + 1
+
+
+@nb.njit(cache=True, inline="always")
+def _hull_query(hs, hb, h, x):  # pragma: no cover - compiled
+    """``max_t (hs[t]·x + hb[t])`` over a non-empty upper hull (unimodal along it: binary search)."""
+    lo = 0
+    hi = h - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hs[mid] * x + hb[mid] <= hs[mid + 1] * x + hb[mid + 1]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return hs[lo] * x + hb[lo]
+
+
 @nb.njit(cache=True, nogil=True)
 def line_envelope(slopes, intercepts, xs):  # pragma: no cover - compiled
     """``out[q] = max_j (slopes[j] · xs[q] + intercepts[j])`` for every query, in O((m + Q) log m)."""
@@ -430,124 +491,257 @@ def line_envelope(slopes, intercepts, xs):  # pragma: no cover - compiled
     hb = np.empty(m, np.float64)
     h = 0
     for t in range(m):
-        a = slopes[order[t]]
-        b = intercepts[order[t]]
-        if h > 0 and hs[h - 1] == a:
-            if hb[h - 1] >= b:
-                continue
-            h -= 1
-        # drop the last line while it is never the maximum between its neighbours
-        while h >= 2 and (hb[h - 2] - b) * (hs[h - 1] - hs[h - 2]) <= (hb[h - 2] - hb[h - 1]) * (
-            a - hs[h - 2]
-        ):
-            h -= 1
-        hs[h] = a
-        hb[h] = b
-        h += 1
-    qorder = np.argsort(xs, kind="mergesort")
-    p = 0
-    for t in range(xs.shape[0]):
-        x = xs[qorder[t]]
-        while p + 1 < h and hs[p + 1] * x + hb[p + 1] >= hs[p] * x + hb[p]:
-            p += 1
-        out[qorder[t]] = hs[p] * x + hb[p]
+        h = _hull_push(hs, hb, h, slopes[order[t]], intercepts[order[t]])
+    for q in range(xs.shape[0]):
+        out[q] = _hull_query(hs, hb, h, xs[q])
     return out
 
 
-# Columns per chunk of the top-k scans: a chunk is visited only if its maximum can enter a heap.
-_CHUNK = 8
-# Below every finite float64 (heap sentinel; ``fastmath`` assumes no infinities).
+# Columns per chunk of the top-k scans. Chunk c holds the columns c, c + nc, c + 2·nc, ... (nc chunks),
+# so that one pass over contiguous memory takes every chunk's maximum in SIMD lanes; a chunk is
+# visited only if its maximum can be among the row's top k.
+_CHUNK = 16
+# Below every finite float64 (sentinel; ``fastmath`` assumes no infinities).
 _LOWEST = -1.7976931348623157e308
-
-
-@nb.njit(cache=True, inline="always", fastmath=True)
-def _span_max(row, inv, scaled, s, e):  # pragma: no cover - compiled
-    """The maxima of ``row[s:e]`` and of ``row[s:e] · inv[s:e]`` (in float64)."""
-    mx = _LOWEST
-    my = _LOWEST
-    for t in range(s, e):
-        x = np.float64(row[t])
-        mx = max(mx, x)
-        if scaled:
-            my = max(my, x * inv[t])
-    return mx, my
+# Up to this many of the top values, a heap finds the k-th largest chunk maximum faster than a
+# quickselect (most maxima fall below the heap's minimum at once).
+_HEAP_K = 48
+# Rows per task of the parallel scans: their scratch is allocated once per task.
+_ROWS_PER_TASK = 16
 
 
 @nb.njit(cache=True, inline="always", fastmath=True)
 def _chunk_max(row, inv, scaled, cmx, cmy):  # pragma: no cover - compiled
-    """``cmx[c]`` / ``cmy[c]``: the maximum of ``row`` / ``row · inv`` over columns ``c·_CHUNK …``."""
+    """``cmx[c]`` / ``cmy[c]``: the maximum of ``row`` / ``row · inv`` (in the row's precision) over
+    chunk ``c`` (strided: columns ``c + t · nc``)."""
     m = row.shape[0]
-    full = m // _CHUNK
-    for c in range(full):  # a fixed trip count once inlined: vectorised
-        cmx[c], cmy[c] = _span_max(row, inv, scaled, c * _CHUNK, c * _CHUNK + _CHUNK)
-    if full * _CHUNK < m:
-        cmx[full], cmy[full] = _span_max(row, inv, scaled, full * _CHUNK, m)
+    nc = cmx.shape[0]
+    for c in range(nc):
+        cmx[c] = row[c]
+    for t in range(1, _CHUNK):
+        base = t * nc
+        for c in range(min(nc, m - base)):
+            cmx[c] = max(cmx[c], row[base + c])
+    if scaled:
+        for c in range(nc):
+            cmy[c] = row[c] * inv[c]
+        for t in range(1, _CHUNK):
+            base = t * nc
+            for c in range(min(nc, m - base)):
+                cmy[c] = max(cmy[c], row[base + c] * inv[base + c])
 
 
 @nb.njit(cache=True, inline="always", fastmath=True)
-def _kth_largest(vals, k, hv, hi):  # pragma: no cover - compiled
-    """The ``k``-th largest of ``vals`` (``_LOWEST`` if fewer), with ``(hv, hi)`` as scratch heap."""
+def _upper(x, vj, rel, cn):  # pragma: no cover - compiled
+    """An upper bound on the exact reduced score of a block entry ``x``: ``x - vj + rel·|x| + cn``."""
+    return x - vj + rel * abs(x) + cn
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _chunk_upper(row, v, rel, ci, colsc, low, cm):  # pragma: no cover - compiled
+    """``cm[c]``: the maximum of :func:`_upper` over chunk ``c``, in float64; returns how many of the
+    row's upper bounds exceed ``low``."""
+    m = row.shape[0]
+    nc = cm.shape[0]
+    cnt = 0
+    for c in range(nc):
+        x = _upper(np.float64(row[c]), v[c], rel, ci * colsc[c])
+        cm[c] = x
+        cnt += x > low
+    for t in range(1, _CHUNK):
+        base = t * nc
+        for c in range(min(nc, m - base)):
+            j = base + c
+            x = _upper(np.float64(row[j]), v[j], rel, ci * colsc[j])
+            cm[c] = max(cm[c], x)
+            cnt += x > low
+    return cnt
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _value(row, j, mode, inv, v, rel, ci, colsc):  # pragma: no cover - compiled
+    """Entry ``j`` of a row in the order ``mode`` ranks by: 0 the score, 1 the score times ``inv[j]``
+    (both in the row's precision, as :func:`_chunk_max` computes them), 2 the upper bound
+    :func:`_upper` on its exact reduced score (float64, as :func:`_chunk_upper`)."""
+    if mode == 1:
+        return np.float64(row[j] * inv[j])
+    if mode == 2:
+        return _upper(np.float64(row[j]), v[j], rel, ci * colsc[j])
+    return np.float64(row[j])
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _kth_heap(vals, n, k, hv):  # pragma: no cover - compiled
+    """The ``k``-th largest of ``vals[:n]`` (``_LOWEST`` if fewer), with ``hv`` (>= k) as scratch."""
     for t in range(k):
         hv[t] = _LOWEST
-        hi[t] = -1
-    for c in range(vals.shape[0]):
-        if vals[c] > hv[0]:
-            _sift_down(hv, hi, k, 0, vals[c], c)
+    for c in range(n):
+        x = vals[c]
+        if x > hv[0]:
+            pos = 0  # sift the new value down the min-heap from the root
+            while True:
+                ch = 2 * pos + 1
+                if ch >= k:
+                    break
+                if ch + 1 < k and hv[ch + 1] < hv[ch]:
+                    ch += 1
+                if hv[ch] >= x:
+                    break
+                hv[pos] = hv[ch]
+                pos = ch
+            hv[pos] = x
     return hv[0]
 
 
 @nb.njit(cache=True, inline="always", fastmath=True)
-def _topk2_row(row, inv, k, scaled, bv, bi, cv, ci, cmx, cmy):  # pragma: no cover - compiled
-    """Best ``k`` of ``row`` into the min-heap ``(bv, bi)`` and of ``row · inv`` into ``(cv, ci)``.
+def _kth_select(vals, n, k):  # pragma: no cover - compiled
+    """The ``k``-th largest of ``vals[:n]`` (1 <= k <= n), reordering them (quickselect)."""
+    lo = 0
+    hi = n - 1
+    target = k - 1  # its position in decreasing order
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        a = vals[lo]
+        b = vals[mid]
+        c = vals[hi]
+        pivot = max(min(a, b), min(max(a, b), c))  # median of three
+        i = lo
+        j = hi
+        while i <= j:
+            while vals[i] > pivot:
+                i += 1
+            while vals[j] < pivot:
+                j -= 1
+            if i <= j:
+                t = vals[i]
+                vals[i] = vals[j]
+                vals[j] = t
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            return vals[target]  # between the two parts: equal to the pivot
+    return vals[target]
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _kth_largest(vals, n, k, scratch):  # pragma: no cover - compiled
+    """The ``k``-th largest of ``vals[:n]`` (``_LOWEST`` if ``n < k``); ``vals`` is left as it was,
+    ``scratch`` (at least ``n + k``, not overlapping ``vals``) is overwritten.
+
+    The maxima of groups of :data:`_CHUNK` values come first (one vectorised pass): their ``k``-th
+    largest is a lower bound (``k`` distinct values reach it), so only the values that reach it take
+    part in the heap or quickselect that follows (tens instead of thousands)."""
+    if n < k:
+        return _LOWEST
+    floor = _LOWEST
+    ng = n // _CHUNK
+    if ng >= 4 * k:
+        for g in range(ng):
+            mx = vals[g * _CHUNK]
+            for t in range(1, _CHUNK):
+                mx = max(mx, vals[g * _CHUNK + t])
+            scratch[g] = mx
+        floor = _kth_heap(scratch, ng, k, scratch[ng:]) if k <= _HEAP_K else _kth_select(scratch, ng, k)
+    cnt = 0
+    for c in range(n):
+        if vals[c] >= floor:
+            scratch[cnt] = vals[c]
+            cnt += 1
+    if k <= _HEAP_K:
+        return _kth_heap(scratch, cnt, k, scratch[cnt:])
+    return _kth_select(scratch, cnt, k)
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _top_select(row, mode, inv, v, rel, ci, colsc, cm, k, buf_v, buf_i, out_v, out_i):  # pragma: no cover
+    """The ``k`` largest :func:`_value` of ``row`` into ``out_v`` / ``out_i`` (unsorted), given the
+    chunk maxima ``cm`` of that order (``k`` <= the row's length).
 
     The ``k`` largest chunk maxima are ``k`` distinct entries, so the ``k``-th of them bounds the
-    row's ``k``-th largest entry from below: only chunks whose maximum reaches it can hold a top-``k``
-    entry, and only their entries that reach it are offered to the heap (a few hundred of ``m``).
+    row's ``k``-th largest entry from below: only the entries of chunks that reach it can be among the
+    ``k``, and only those that reach it are collected (a few ``k`` of ``m``); a second selection among
+    them finds the ``k``-th value, ties at it taken in column order. ``buf_v`` (at least ``3 m``) and
+    ``buf_i`` (``m``) are scratch.
     """
     m = row.shape[0]
-    nc = (m + _CHUNK - 1) // _CHUNK
-    _chunk_max(row, inv, scaled, cmx, cmy)
-    tx = _kth_largest(cmx[:nc], k, bv, bi)
-    ty = _kth_largest(cmy[:nc], k, cv, ci) if scaled else 0.0
-    for t in range(k):
-        bv[t] = _LOWEST
-        bi[t] = -1
-        if scaled:
-            cv[t] = _LOWEST
-            ci[t] = -1
+    nc = cm.shape[0]
+    t0 = _kth_largest(cm, nc, k, buf_v)
+    cnt = 0
     for c in range(nc):
-        if cmx[c] >= tx or (scaled and cmy[c] >= ty):
-            for j in range(c * _CHUNK, min(c * _CHUNK + _CHUNK, m)):
-                x = np.float64(row[j])
-                if x >= tx and x > bv[0]:
-                    _sift_down(bv, bi, k, 0, x, j)
-                if scaled:
-                    y = x * inv[j]
-                    if y >= ty and y > cv[0]:
-                        _sift_down(cv, ci, k, 0, y, j)
+        if cm[c] >= t0:
+            for j in range(c, m, nc):
+                x = _value(row, j, mode, inv, v, rel, ci, colsc)
+                if x >= t0:
+                    buf_v[cnt] = x
+                    buf_i[cnt] = j
+                    cnt += 1
+    t1 = _kth_largest(buf_v, cnt, k, buf_v[cnt:])
+    q = 0
+    for e in range(cnt):
+        if buf_v[e] > t1:
+            out_v[q] = buf_v[e]
+            out_i[q] = buf_i[e]
+            q += 1
+    for e in range(cnt):
+        if q < k and buf_v[e] == t1:
+            out_v[q] = buf_v[e]
+            out_i[q] = buf_i[e]
+            q += 1
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _topk2_row(row, inv, k, scaled, bv, bi, cv, ci, cmx, cmy, buf_v, buf_i):  # pragma: no cover
+    """Best ``k`` of ``row`` into ``(bv, bi)`` and of ``row · inv`` into ``(cv, ci)`` (unsorted),
+    by :func:`_top_select` on the chunk maxima of one vectorised pass."""
+    _chunk_max(row, inv, scaled, cmx, cmy)
+    _top_select(row, 0, inv, inv, 0.0, 0.0, inv, cmx, k, buf_v, buf_i, bv, bi)
+    if scaled:
+        _top_select(row, 1, inv, inv, 0.0, 0.0, inv, cmy, k, buf_v, buf_i, cv, ci)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def topk2(S, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma: no cover - compiled
-    """Per row of ``S`` (r, m): the top-``k`` columns of ``S`` and of ``S · inv`` (column scaling).
+    """Per row of ``S`` (r, m): the top-``k`` columns of ``S`` and of ``S · inv`` (column scaling, in
+    the precision of ``S`` and ``inv``, which must agree: float32 or float64).
 
-    Each order's best ``k`` are kept in a min-heap, fed only from the chunks that can hold one (see
-    :func:`_topk2_row`); ``idx_*`` (r, k) int64 and ``val_*`` (r, k) float64 are filled in place
-    (unsorted; among tied values, which indices are kept is unspecified). With ``inv`` of length 0 the
-    scaled outputs are left untouched.
+    Each order's best ``k`` are selected from the chunks that can hold one (see :func:`_top_select`);
+    ``idx_*`` (r, k) int64 and ``val_*`` (r, k) float64 are filled in place (unsorted; among tied
+    values, which indices are kept is unspecified). With ``inv`` of length 0 the scaled outputs are
+    left untouched.
     """
     r, m = S.shape
     scaled = inv.shape[0] == m
     nc = (m + _CHUNK - 1) // _CHUNK
-    for i in nb.prange(r):
-        cmx = np.empty(nc)
-        cmy = np.empty(nc)
-        _topk2_row(S[i], inv, k, scaled, val_raw[i], idx_raw[i], val_scaled[i], idx_scaled[i], cmx, cmy)
+    for task in nb.prange((r + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        cmx = np.empty(nc, S.dtype)
+        cmy = np.empty(nc, S.dtype)
+        buf_v = np.empty(3 * m)
+        buf_i = np.empty(m, np.int64)
+        for i in range(task * _ROWS_PER_TASK, min(r, (task + 1) * _ROWS_PER_TASK)):
+            _topk2_row(
+                S[i],
+                inv,
+                k,
+                scaled,
+                val_raw[i],
+                idx_raw[i],
+                val_scaled[i],
+                idx_scaled[i],
+                cmx,
+                cmy,
+                buf_v,
+                buf_i,
+            )
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def topk2_bf16(S16, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma: no cover - compiled
-    """:func:`topk2` of a bfloat16 block given as its raw ``uint16`` bits (r, m).
+    """:func:`topk2` of a bfloat16 block given as its raw ``uint16`` bits (r, m), in float32 (``inv``
+    float32).
 
     Each row is widened to float32 in a small scratch buffer (a bfloat16 is the top half of a
     float32), which saves converting and storing the whole block first.
@@ -555,85 +749,134 @@ def topk2_bf16(S16, inv, k, idx_raw, val_raw, idx_scaled, val_scaled):  # pragma
     r, m = S16.shape
     scaled = inv.shape[0] == m
     nc = (m + _CHUNK - 1) // _CHUNK
-    for i in nb.prange(r):
+    for task in nb.prange((r + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         bits = np.empty(m, np.uint32)
-        for j in range(m):
-            bits[j] = np.uint32(S16[i, j]) << 16
-        cmx = np.empty(nc)
-        cmy = np.empty(nc)
-        _topk2_row(
-            bits.view(np.float32),
-            inv,
-            k,
-            scaled,
-            val_raw[i],
-            idx_raw[i],
-            val_scaled[i],
-            idx_scaled[i],
-            cmx,
-            cmy,
-        )
+        row = bits.view(np.float32)
+        cmx = np.empty(nc, np.float32)
+        cmy = np.empty(nc, np.float32)
+        buf_v = np.empty(3 * m)
+        buf_i = np.empty(m, np.int64)
+        for i in range(task * _ROWS_PER_TASK, min(r, (task + 1) * _ROWS_PER_TASK)):
+            for j in range(m):
+                bits[j] = np.uint32(S16[i, j]) << 16
+            _topk2_row(
+                row,
+                inv,
+                k,
+                scaled,
+                val_raw[i],
+                idx_raw[i],
+                val_scaled[i],
+                idx_scaled[i],
+                cmx,
+                cmy,
+                buf_v,
+                buf_i,
+            )
 
 
 @nb.njit(cache=True, inline="always", fastmath=True)
-def _span_reduced(row, v, low, s, e):  # pragma: no cover - compiled
-    """The maximum of ``row[s:e] - v[s:e]`` (float64) and how many of them exceed ``low``."""
-    mx = _LOWEST
-    cnt = 0
-    for t in range(s, e):
-        x = np.float64(row[t]) - v[t]
-        mx = max(mx, x)
-        cnt += x > low
-    return mx, cnt
+def _reduced_row(row, v, rel, ci, colsc, low, out_v, out_i, cm, buf_v, buf_i):  # pragma: no cover
+    """:func:`reduced_scan` of one row: its ``len(out_v)`` largest upper bounds into ``out_v`` /
+    ``out_i``, then their block scores into ``out_v`` in place of the bounds; returns how many bounds
+    exceed ``low`` and the smallest of those kept."""
+    cnt = _chunk_upper(row, v, rel, ci, colsc, low, cm)
+    _top_select(row, 2, v, v, rel, ci, colsc, cm, out_v.shape[0], buf_v, buf_i, out_v, out_i)
+    lowest = out_v[0]
+    for t in range(out_v.shape[0]):
+        lowest = min(lowest, out_v[t])
+        out_v[t] = np.float64(row[out_i[t]])
+    return cnt, lowest
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def reduced_scan(S, v, lo, top_j, top_v, n_near):  # pragma: no cover - compiled
-    """Per row of ``S`` (r, m): the ``k = top_j.shape[1]`` largest reduced scores ``S_ij - v_j`` and
-    how many exceed ``lo[i]``, in float64.
+def reduced_scan(S, v, rel, crow, colsc, lo, top_j, top_s, thr, n_near):  # pragma: no cover - compiled
+    """Per row of a score block ``S`` (r, m): the ``k = top_j.shape[1]`` (<= m) largest upper bounds on
+    the exact reduced scores, ``U_ij = S_ij - v_j + rel·|S_ij| + crow_i·colsc_j`` (the block's error
+    model), and how many exceed ``lo[i]``, in float64.
 
-    ``top_j`` (r, k) int64 and ``top_v`` (r, k) float64 are filled in place (unsorted; ``top_v`` is
-    the reduced score). When ``n_near[i] <= k`` every entry above ``lo[i]`` is among the row's top
-    ``k``. One vectorised pass computes the count and the chunk maxima, then only the chunks that can
-    hold a top-``k`` entry are visited (as in :func:`topk2`).
+    ``top_j`` (r, k) int64 gets their columns (unsorted), ``top_s`` (r, k) float64 their block scores
+    ``S_ij``, ``thr[i]`` the smallest of the ``k`` (every other entry has ``U_ij <= thr[i]``) and
+    ``n_near[i]`` the count; when ``n_near[i] <= k`` every entry above ``lo[i]`` is among the ``k``.
+    One vectorised pass computes the count and the chunk maxima, then only the chunks that can hold
+    a top-``k`` entry are visited (as in :func:`topk2`).
     """
     r, m = S.shape
-    k = top_j.shape[1]
     nc = (m + _CHUNK - 1) // _CHUNK
-    full = m // _CHUNK
-    for i in nb.prange(r):
-        row = S[i]
-        cmx = np.empty(nc)
-        cnt = 0
-        for c in range(full):
-            cmx[c], above = _span_reduced(row, v, lo[i], c * _CHUNK, c * _CHUNK + _CHUNK)
-            cnt += above
-        if full < nc:
-            cmx[full], above = _span_reduced(row, v, lo[i], full * _CHUNK, m)
-            cnt += above
-        n_near[i] = cnt
-        hv = top_v[i]
-        hi = top_j[i]
-        tx = _kth_largest(cmx, k, hv, hi)
-        for t in range(k):
-            hv[t] = _LOWEST
-            hi[t] = -1
-        for c in range(nc):
-            if cmx[c] >= tx:
-                for j in range(c * _CHUNK, min(c * _CHUNK + _CHUNK, m)):
-                    x = np.float64(row[j]) - v[j]
-                    if x >= tx and x > hv[0]:
-                        _sift_down(hv, hi, k, 0, x, j)
+    for task in nb.prange((r + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        cm = np.empty(nc)
+        buf_v = np.empty(3 * m)
+        buf_i = np.empty(m, np.int64)
+        for i in range(task * _ROWS_PER_TASK, min(r, (task + 1) * _ROWS_PER_TASK)):
+            n_near[i], thr[i] = _reduced_row(
+                S[i], v, rel, crow[i], colsc, lo[i], top_s[i], top_j[i], cm, buf_v, buf_i
+            )
+
+
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def reduced_scan_bf16(S16, v, rel, crow, colsc, lo, top_j, top_s, thr, n_near):  # pragma: no cover
+    """:func:`reduced_scan` of a bfloat16 block given as its raw ``uint16`` bits (r, m)."""
+    r, m = S16.shape
+    nc = (m + _CHUNK - 1) // _CHUNK
+    for task in nb.prange((r + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        bits = np.empty(m, np.uint32)
+        row = bits.view(np.float32)
+        cm = np.empty(nc)
+        buf_v = np.empty(3 * m)
+        buf_i = np.empty(m, np.int64)
+        for i in range(task * _ROWS_PER_TASK, min(r, (task + 1) * _ROWS_PER_TASK)):
+            for j in range(m):
+                bits[j] = np.uint32(S16[i, j]) << 16
+            n_near[i], thr[i] = _reduced_row(
+                row, v, rel, crow[i], colsc, lo[i], top_s[i], top_j[i], cm, buf_v, buf_i
+            )
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _stored_upper(sj, ss, exact, v, rel, crow, colsc, i, p):  # pragma: no cover - compiled
+    """The upper bound of :func:`stored_near` for slot ``(i, p)`` (``_LOWEST`` for an empty slot)."""
+    j = sj[i, p]
+    if j < 0:
+        return _LOWEST
+    x = ss[i, p]
+    return x - v[j] if exact[i, p] else x - v[j] + rel * abs(x) + crow[i] * colsc[j]
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def stored_near(sj, ss, exact, v, rel, crow, colsc, lo):  # pragma: no cover - compiled
+    """Entries of a stored candidate table that may gain: ``sj`` (r, w) columns (-1 = empty slot),
+    ``ss`` (r, w) block scores (the exact score where ``exact`` is set); returns the (row, slot)
+    pairs whose upper bound ``ss - v_j (+ rel·|ss| + crow_i·colsc_j unless exact)`` exceeds ``lo[i]``.
+
+    Serial, two passes (count, then fill): a few milliseconds for a million entries, where two
+    threads on a busy machine wait on each other for ten times that.
+    """
+    r, w = sj.shape
+    q = 0
+    for i in range(r):
+        for p in range(w):
+            q += _stored_upper(sj, ss, exact, v, rel, crow, colsc, i, p) > lo[i]
+    out_r = np.empty(q, np.int64)
+    out_p = np.empty(q, np.int64)
+    q = 0
+    for i in range(r):
+        for p in range(w):
+            if _stored_upper(sj, ss, exact, v, rel, crow, colsc, i, p) > lo[i]:
+                out_r[q] = i
+                out_p[q] = p
+                q += 1
+    return out_r, out_p
 
 
 @nb.njit(cache=True, nogil=True)
-def capped_envelope(ny, negv, kth, alpha):  # pragma: no cover - compiled
-    """``out[i] = max_j (min(kth[i], alpha[i] · ny[j]) + negv[j])`` for rows with ``alpha[i] > 0``.
+def capped_envelope(ny, negv, kth, c, alpha):  # pragma: no cover - compiled
+    """``out[i] = max_j (min(kth[i] + c[i] · ny[j], alpha[i] · ny[j]) + negv[j])`` for rows with
+    ``alpha[i] > c[i]`` (``ny >= 0``), ``+inf`` (no bound) for the others and non-finite inputs.
 
-    Columns with ``ny_j >= kth_i / alpha_i`` contribute ``kth_i + negv_j`` (a suffix maximum over
-    columns sorted by ``ny``); the others ``alpha_i · ny_j + negv_j`` (an upper envelope of the
-    prefix, built incrementally while rows are visited in increasing ``kth_i / alpha_i``). Rows with
-    ``alpha[i] <= 0`` or a non-finite input get ``+inf`` (no bound).
+    The two lines in ``ny`` cross once, at ``tau_i = kth_i / (alpha_i - c_i)``: columns below it
+    contribute ``alpha_i · ny_j + negv_j`` (the upper envelope of the columns sorted by ``ny``, built
+    incrementally while rows are visited in increasing ``tau``), the others ``kth_i + c_i · ny_j +
+    negv_j`` (the same envelope of the suffix, built while rows are visited in decreasing ``tau``).
     """
     m = ny.shape[0]
     n = kth.shape[0]
@@ -643,49 +886,37 @@ def capped_envelope(ny, negv, kth, alpha):  # pragma: no cover - compiled
     corder = np.argsort(ny, kind="mergesort")
     sny = ny[corder]
     snv = negv[corder]
-    sufmax = np.empty(m + 1)
-    sufmax[m] = -np.inf
-    for t in range(m - 1, -1, -1):
-        sufmax[t] = max(sufmax[t + 1], snv[t])
     tau = np.full(n, np.inf)
+    valid = np.zeros(n, np.bool_)
     for i in range(n):
-        if alpha[i] > 0 and np.isfinite(alpha[i]) and np.isfinite(kth[i]):
-            tau[i] = kth[i] / alpha[i]
+        if np.isfinite(alpha[i]) and np.isfinite(kth[i]) and np.isfinite(c[i]) and alpha[i] > c[i]:
+            valid[i] = True
+            tau[i] = kth[i] / (alpha[i] - c[i])
     rorder = np.argsort(tau, kind="mergesort")
+    best = np.full(n, -np.inf)
     hs = np.empty(m)
     hb = np.empty(m)
     h = 0
     p = 0
-    for q in range(n):
+    for q in range(n):  # prefix: ny_j < tau_i
         i = rorder[q]
-        if not np.isfinite(tau[i]):
-            break
+        if not valid[i]:
+            continue
         while p < m and sny[p] < tau[i]:
-            a = sny[p]
-            b = snv[p]
+            h = _hull_push(hs, hb, h, sny[p], snv[p])
             p += 1
-            if h > 0 and hs[h - 1] == a:
-                if hb[h - 1] >= b:
-                    continue
-                h -= 1
-            while h >= 2 and (hb[h - 2] - b) * (hs[h - 1] - hs[h - 2]) <= (hb[h - 2] - hb[h - 1]) * (
-                a - hs[h - 2]
-            ):
-                h -= 1
-            hs[h] = a
-            hb[h] = b
-            h += 1
-        best = kth[i] + sufmax[p]
         if h > 0:
-            x = alpha[i]
-            lo = 0
-            hi = h - 1
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if hs[mid] * x + hb[mid] <= hs[mid + 1] * x + hb[mid + 1]:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            best = max(best, hs[lo] * x + hb[lo])
-        out[i] = best
+            best[i] = _hull_query(hs, hb, h, alpha[i])
+    h = 0
+    p = m - 1
+    for q in range(n - 1, -1, -1):  # suffix: ny_j >= tau_i, lines of slope -ny_j queried at -c_i
+        i = rorder[q]
+        if not valid[i]:
+            continue
+        while p >= 0 and sny[p] >= tau[i]:
+            h = _hull_push(hs, hb, h, -sny[p], snv[p])
+            p -= 1
+        if h > 0:
+            best[i] = max(best[i], kth[i] + _hull_query(hs, hb, h, -c[i]))
+        out[i] = best[i]
     return out

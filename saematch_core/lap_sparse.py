@@ -82,8 +82,11 @@ from saematch_core._jv_numba import (
     exact_gains,
     line_envelope,
     reduced_scan,
+    reduced_scan_bf16,
     row_abs_max,
     sparse_sap,
+    split_norms,
+    stored_near,
     topk2,
     topk2_bf16,
 )
@@ -152,15 +155,25 @@ class SparseLAPResult(NamedTuple):
     path and the dense method or fallback)."""
 
 
+class _ErrorModel(NamedTuple):
+    """How far the entries of a row block may lie from the exact scores:
+    ``|S_ij - Ŝ_ij| <= rel · |Ŝ_ij| + row[i] · col_scale[j]`` for every computed entry ``Ŝ_ij``."""
+
+    rel: float
+    """Relative to the computed entry (the rounding of a bfloat16 output; 0 for float32 blocks)."""
+    row: np.ndarray
+    """(n,) per-row factor (input rounding and accumulation, ∝ ‖X_i‖; 0 for exact blocks)."""
+
+
 class _Oracle:
     """Access to the scores: float32 (or exact) row blocks, exact entries, error bounds."""
 
     n: int
     m: int
     row_scale: np.ndarray  # (n,) bound on |S_ij| over the row's finite entries
-    margin: np.ndarray  # (n,) bound on |candidate-block entry - exact entry| for each row
-    alpha_margin: np.ndarray  # (n,) the same bound for candidate-block entries divided by ‖Y_j‖
-    block_margin: np.ndarray  # (n,) bound on |float32-block entry - exact entry| (the certificate's)
+    col_scale: np.ndarray  # (m,) the column factor of the error models (‖Y_j‖; 0 for exact blocks)
+    cand_err: _ErrorModel  # error of candidate blocks (block(candidates=True))
+    block_err: _ErrorModel  # error of float32 blocks (block())
     dense_margin: np.ndarray  # (n,) bound on |dense_exact() entry - exact entry|
     col_norm: np.ndarray | None  # (m,) ‖Y_j‖ when S = X Yᵀ: enables norm-scaled candidates
     inv_norm: np.ndarray  # (m,) 1/‖Y_j‖ (0 for zero rows), or (0,) without norms
@@ -168,10 +181,10 @@ class _Oracle:
     dense_entries: tuple[int, int]  # problem sizes (entries) for which the dense fallback is allowed
 
     def block(self, rows: np.ndarray, *, candidates: bool = False, native: bool = False) -> Tensor:
-        """Float32 scores of ``rows``; ``candidates=True`` may compute them in a faster, coarser
-        precision whose error stays below :attr:`margin` (instead of :attr:`block_margin`), and
-        ``native=True`` then returns them in that precision (e.g. bfloat16) instead of float32.
-        Forbidden entries read as a large finite negative number."""
+        """Float32 scores of ``rows`` (within :attr:`block_err`); ``candidates=True`` may compute them
+        in a faster, coarser precision (within :attr:`cand_err`), and ``native=True`` then returns
+        them in that precision (e.g. bfloat16) instead of float32. Forbidden entries read as a large
+        finite negative number."""
         raise NotImplementedError
 
     def scaled_(self, S: Tensor) -> Tensor:
@@ -188,58 +201,90 @@ class _Oracle:
         return None
 
 
+def _norms(a: Tensor, dim: int) -> np.ndarray:
+    """Euclidean norms along ``dim`` in float64, rounded up by their error bound (upper bounds)."""
+    up = 1.0 + (a.shape[dim] + 2) * 2.0**-52
+    return torch.linalg.vector_norm(a.double(), dim=dim).cpu().numpy() * up
+
+
+def _bf16_parts(
+    full: Tensor, coarse: Tensor, exact_norm: np.ndarray, from_float64: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the float32 matrix ``full`` and of ``coarse``, its bfloat16 rounding: upper bounds on
+    the norms of the rounded rows and of what was rounded away from the exact inputs (norms
+    ``exact_norm``; for float64 inputs that includes their earlier rounding to float32)."""
+    if full.device.type == "cpu":
+        # one compiled pass over both (10× faster than widening them to float64 for torch)
+        hi, lo = np.empty(full.shape[0]), np.empty(full.shape[0])
+        split_norms(full.numpy(), coarse.view(torch.int16).numpy().view(np.uint16), hi, lo)
+        up = 1.0 + (full.shape[1] + 2) * 2.0**-52
+        hi *= up
+        lo *= up
+    else:
+        hi = _norms(coarse, 1)
+        lo = _norms(full - coarse.float(), 1)  # the difference is exact in float32
+    if from_float64:
+        # float64 → float32 rounds each entry within 2^-24 relative (2^-149 absolute if subnormal)
+        lo += 2.0**-24 * exact_norm + math.sqrt(full.shape[1]) * 2.0**-149
+    return hi, lo
+
+
 class _InnerProductOracle(_Oracle):
     def __init__(self, X: Tensor, Y: Tensor, device: torch.device, candidates: Precision = "float32") -> None:
         self.n, self.m = X.shape[0], Y.shape[0]
         D = X.shape[1]
-        exact_dtype = torch.float64 if X.dtype == torch.float64 or Y.dtype == torch.float64 else torch.float32
+        from_float64 = X.dtype == torch.float64 or Y.dtype == torch.float64
+        exact_dtype = torch.float64 if from_float64 else torch.float32
         self._Xe = np.ascontiguousarray(X.detach().to("cpu", exact_dtype).numpy())
         self._Ye = np.ascontiguousarray(Y.detach().to("cpu", exact_dtype).numpy())
         self._buf: Tensor | None = None
         self._X32 = X.detach().to(device, torch.float32).contiguous()
-        self._Y32t = Y.detach().to(device, torch.float32).T.contiguous()
+        # Y is kept row-major: a GEMM reads Yᵀ as a transposed view as fast as a transposed copy
+        self._Y32 = Y.detach().to(device, torch.float32).contiguous()
         # Norms in the inputs' own precision (30× faster than widening to float64 first), rounded up
-        # by their error bound: the error margins below need upper bounds; the norm-scaled order
+        # by their error bound: the error models below need upper bounds; the norm-scaled order
         # only needs one consistent value per row.
         up = 1.0 + (D + 2) * float(torch.finfo(exact_dtype).eps)
         xn = torch.linalg.vector_norm(torch.from_numpy(self._Xe), dim=1).double().numpy() * up
         yn = torch.linalg.vector_norm(torch.from_numpy(self._Ye), dim=1).double().numpy() * up
         ymax = float(yn.max()) if self.m else 0.0
         self.row_scale = xn * ymax
+        self.col_scale = yn
         self.dense_entries = (_DENSE_MIN_ENTRIES, _DENSE_MAX_BYTES // 8)
         # the dense fallback's float64 GEMM and exact_dots each round within γ_D ‖x‖‖y‖
         gamma64 = D * _U64 / (1.0 - D * _U64)
         self.dense_margin = 2.0 * gamma64 * self.row_scale
         # Rigorous float32 error: rounding the inputs to float32 (when they were float64) plus a
-        # D-term dot product in any summation order, |err| <= γ Σ|x_k y_k| <= γ ‖x‖‖y‖.
-        terms = D + (2 if exact_dtype == torch.float64 else 0)
+        # D-term dot product in any summation order, |err| <= γ Σ|x_k y_k| <= γ ‖x‖‖y‖. Twice that,
+        # plus 4 float32 units of ‖x‖‖y‖ for values that pass through float32, as safety.
+        terms = D + (2 if from_float64 else 0)
         gamma = terms * _U32 / (1.0 - terms * _U32)
         if device.type == "cuda" and (
             torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
         ):
             gamma += 2.0**-10  # TF32 rounds each input to a 10-bit mantissa
-        # 2× for safety against the bound being applied to a float32-rounded threshold value (of
-        # size at most the row's scale: each row's own, so one huge row does not widen the others').
-        self.block_margin = 2.0 * gamma * self.row_scale + 4.0 * _U32 * self.row_scale
-        self.margin, self.alpha_margin = self.block_margin, 2.0 * (gamma + 4.0 * _U32) * xn + 4.0 * _U32 * xn
+        self.block_err = self.cand_err = _ErrorModel(0.0, (2.0 * gamma + 4.0 * _U32) * xn)
         self._Xc: Tensor | None = None
-        self._Yct: Tensor | None = None
+        self._Yc: Tensor | None = None
         self._cbuf: Tensor | None = None
         if candidates == "bfloat16":
-            # Inputs rounded to bfloat16 (relative error u_in <= u + 2^-23 with u = 2^-8, counting a
-            # first rounding of float64 inputs to float32), exact products accumulated in float32
-            # (every PyTorch bf16 GEMM does; CUDA's reduced-precision reductions are switched off
-            # around the call), the result rounded to bfloat16 once more. With p = (1 + u_in)²:
-            # |err| <= ((p - 1) + γ_D p + u (1 + γ_D) p) ‖x‖‖y‖, a rigorous bound (no safety factor:
-            # a bfloat16 margin is 700× the float32 one and every doubling adds certificate work;
-            # the platform test sees at most a quarter of it).
-            u = 2.0**-8
-            p = (1.0 + u + 2.0 * _U32) ** 2
-            gamma_c = (p - 1.0) + gamma * p + u * (1.0 + gamma) * p
-            self.margin = gamma_c * self.row_scale + 4.0 * _U32 * self.row_scale
-            self.alpha_margin = (gamma_c + 4.0 * _U32) * xn + 4.0 * _U32 * xn
+            # x = x_h + e_x with x_h its bfloat16 rounding; the norms of e_x are measured, not
+            # assumed (typically 5× below the worst case 2^-8 ‖x‖). The GEMM multiplies x_h·y_h
+            # exactly and accumulates in float32 (every PyTorch bf16 GEMM does; CUDA's
+            # reduced-precision reductions are switched off around the call), then rounds to
+            # bfloat16, within u = 2^-8 of the result itself. So |S - Ŝ| <= u|Ŝ| + ‖x_h‖‖e_y‖ +
+            # ‖e_x‖‖y_h‖ + ‖e_x‖‖e_y‖ + γ_D ‖x_h‖‖y_h‖, the column norms bounded by their largest
+            # ratio to ‖y‖ (so that one factor per row and one per column remain).
             self._Xc = self._X32.to(torch.bfloat16)
-            self._Yct = self._Y32t.to(torch.bfloat16)
+            self._Yc = self._Y32.to(torch.bfloat16)
+            a, b = _bf16_parts(self._X32, self._Xc, xn, from_float64)
+            p, q = _bf16_parts(self._Y32, self._Yc, yn, from_float64)
+            pos = yn > 0
+            p_r = float((p[pos] / yn[pos]).max()) if pos.any() else 0.0
+            q_r = float((q[pos] / yn[pos]).max()) if pos.any() else 0.0
+            g_acc = D * _U32 / (1.0 - D * _U32)
+            row = (a * q_r + b * p_r + b * q_r + g_acc * a * p_r) * (1.0 + 2.0**-20) + 4.0 * _U32 * xn
+            self.cand_err = _ErrorModel(2.0**-8 * (1.0 + 2.0**-20), row)
         self.col_norm = yn
         self.inv_norm = np.where(yn > 0, 1.0 / np.where(yn > 0, yn, 1.0), 0.0)
         self._inv_norm = torch.from_numpy(self.inv_norm).to(device, torch.float32)
@@ -251,20 +296,16 @@ class _InnerProductOracle(_Oracle):
         return S.mul_(self._inv_norm[None, :])
 
     def block(self, rows: np.ndarray, *, candidates: bool = False, native: bool = False) -> Tensor:
-        # One reused output buffer: a fresh (rows, m) tensor per block costs page faults comparable to
-        # a good share of the GEMM itself. The returned block is valid until the next call.
-        if self._buf is None or self._buf.shape[0] < rows.size:
-            self._buf = torch.empty((rows.size, self.m), dtype=torch.float32, device=self._X32.device)
-        out = self._buf[: rows.size]
         coarse = candidates and self._Xc is not None
-        X, Yt = (self._Xc, self._Yct) if coarse else (self._X32, self._Y32t)
-        assert X is not None and Yt is not None
+        X, Y = (self._Xc, self._Yc) if coarse else (self._X32, self._Y32)
+        assert X is not None and Y is not None
+        Yt = Y.T
         if rows.size and rows[-1] - rows[0] == rows.size - 1:  # a contiguous range: no gather
             lhs = X[int(rows[0]) : int(rows[-1]) + 1]
         else:
             lhs = X.index_select(0, torch.from_numpy(rows).to(X.device))
         if not coarse:
-            return torch.matmul(lhs, Yt, out=out)
+            return torch.matmul(lhs, Yt, out=self._out(rows.size))
         if self._cbuf is None or self._cbuf.shape[0] < rows.size:
             self._cbuf = torch.empty((rows.size, self.m), dtype=torch.bfloat16, device=X.device)
         cuda = torch.backends.cuda.matmul
@@ -274,7 +315,14 @@ class _InnerProductOracle(_Oracle):
             torch.matmul(lhs, Yt, out=self._cbuf[: rows.size])
         finally:
             cuda.allow_bf16_reduced_precision_reduction = reduced
-        return self._cbuf[: rows.size] if native else out.copy_(self._cbuf[: rows.size])
+        return self._cbuf[: rows.size] if native else self._out(rows.size).copy_(self._cbuf[: rows.size])
+
+    def _out(self, r: int) -> Tensor:
+        # One reused output buffer: a fresh (rows, m) tensor per block costs page faults comparable to
+        # a good share of the GEMM itself. The returned block is valid until the next call.
+        if self._buf is None or self._buf.shape[0] < r:
+            self._buf = torch.empty((r, self.m), dtype=torch.float32, device=self._X32.device)
+        return self._buf[:r]
 
     def exact(self, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
         out = np.empty(ii.shape[0], np.float64)
@@ -295,9 +343,10 @@ class _DenseOracle(_Oracle):
         self.n, self.m = S.shape
         self.row_scale = np.zeros(self.n)
         self.forbidden = bool(row_abs_max(S, self.row_scale)) if S.size else False
-        self.margin = self.block_margin = self.dense_margin = np.zeros(self.n)
+        self.dense_margin = np.zeros(self.n)
+        self.col_scale = np.zeros(self.m)
+        self.cand_err = self.block_err = _ErrorModel(0.0, np.zeros(self.n))
         self.col_norm = None
-        self.alpha_margin = np.zeros(self.n)
         self.inv_norm = np.zeros(0)
         self.row_inv_norm = None
         self.dense_entries = (_DENSE_MIN_ENTRIES_GIVEN, self.n * self.m)  # the matrix is in memory already
@@ -325,11 +374,21 @@ def _row_blocks(rows: np.ndarray, m: int, chunk_size: int) -> list[np.ndarray]:
 class _Candidates(NamedTuple):
     graph_i: np.ndarray
     graph_j: np.ndarray
-    reserve_i: np.ndarray
-    reserve_j: np.ndarray
-    reserve_v: np.ndarray  # approximate scores (block precision)
+    reserve_j: np.ndarray  # (rows, w) columns, -1 for none (forbidden entries need no look)
+    reserve_s: np.ndarray  # (rows, w) their block scores (candidate precision)
     kth: np.ndarray
     alpha: np.ndarray
+
+
+def _block_values(S: Tensor, idx: np.ndarray) -> np.ndarray:
+    """The entries ``S[r, idx[r, t]]`` of a score block (bfloat16, float32 or float64), as float64."""
+    if S.device.type != "cpu":
+        return S.gather(1, torch.from_numpy(idx).to(S.device)).double().cpu().numpy()
+    r = np.arange(idx.shape[0])[:, None]
+    if S.dtype == torch.bfloat16:
+        bits = S.view(torch.int16).numpy().view(np.uint16)[r, idx].astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    return S.numpy()[r, idx].astype(np.float64)
 
 
 def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size: int) -> _Candidates:
@@ -337,30 +396,31 @@ def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size
 
     Each row keeps its top-``depth`` columns by score and, for inner products, its top-``depth`` by
     ``S_ij / ‖Y_j‖`` (cosine order: a partner whose norm is small is still found). The best ``k`` of
-    each order enter the sparse graph; the others are a *reserve* whose approximate scores let the
-    certificate check them without recomputing the row. Entries outside both sets satisfy
-    ``S_ij <= kth_i`` and ``S_ij <= alpha_i · ‖Y_j‖`` (up to float32 error).
+    each order enter the sparse graph; the others are a *reserve* whose block scores let the
+    certificate check them without recomputing the row. Entries outside both sets have block scores
+    ``Ŝ_ij <= kth_i`` and ``Ŝ_ij <= alpha_i · ‖Y_j‖`` (candidate precision, see :attr:`_Oracle.cand_err`).
     """
     m = oracle.m
     depth = min(max(depth, k), m)
-    gi, gj, ri, rj, rv = [], [], [], [], []
+    scaled = oracle.col_norm is not None
+    width = (depth - k) * (2 if scaled else 1)
+    gi, gj = [], []
+    res_j = np.full((rows.shape[0], width), -1, np.int64)
+    res_s = np.full((rows.shape[0], width), -np.inf)
     kth = np.full(rows.shape[0], -np.inf)
     alpha = np.full(rows.shape[0], -np.inf)
-    scaled = oracle.col_norm is not None
     pos = 0
 
-    def split(blk: np.ndarray, idx: np.ndarray, val: np.ndarray, raw: np.ndarray) -> None:
+    def split(blk: np.ndarray, sl: slice, at: int, idx: np.ndarray, val: np.ndarray, raw: np.ndarray) -> None:
         order = np.argsort(-val, axis=1, kind="stable")
         idx = np.take_along_axis(idx, order, axis=1)
         raw = np.take_along_axis(raw, order, axis=1)
         gi.append(np.repeat(blk, k))
         gj.append(idx[:, :k].ravel())
         if depth > k:
-            rest = raw[:, k:].ravel()
-            allowed = rest > _FORBIDDEN  # forbidden entries need no look
-            ri.append(np.repeat(blk, depth - k)[allowed])
-            rj.append(idx[:, k:].ravel()[allowed])
-            rv.append(rest[allowed])
+            allowed = raw[:, k:] > _FORBIDDEN  # forbidden entries need no look
+            res_j[sl, at : at + depth - k] = np.where(allowed, idx[:, k:], -1)
+            res_s[sl, at : at + depth - k] = raw[:, k:]
 
     for blk in _row_blocks(rows, m, chunk_size):
         sl = slice(pos, pos + len(blk))
@@ -374,40 +434,31 @@ def _topk_rows(oracle: _Oracle, rows: np.ndarray, k: int, depth: int, chunk_size
             # one fused pass of a compiled scan beats two torch.topk calls on the CPU
             ir, vr = np.empty((len(blk), depth), np.int64), np.empty((len(blk), depth))
             isc, vsc = np.empty((len(blk), depth), np.int64), np.empty((len(blk), depth))
-            if S.dtype == torch.bfloat16:
-                bits = S.view(torch.int16).numpy().view(np.uint16)
-                topk2_bf16(bits, oracle.inv_norm, depth, ir, vr, isc, vsc)
-            else:
-                topk2(S.numpy(), oracle.inv_norm, depth, ir, vr, isc, vsc)
+            # the cosine order in the block's precision (float32 products; see _off_graph_bound)
+            Sn = S.view(torch.int16).numpy().view(np.uint16) if S.dtype == torch.bfloat16 else S.numpy()
+            inv = oracle.inv_norm.astype(np.float32 if Sn.dtype != np.float64 else np.float64)
+            (topk2_bf16 if S.dtype == torch.bfloat16 else topk2)(Sn, inv, depth, ir, vr, isc, vsc)
         else:
-            S = S.float()
-            vals, idx = torch.topk(S, depth, dim=1, sorted=False)
+            Sf = S.float()
+            vals, idx = torch.topk(Sf, depth, dim=1, sorted=False)
             ir, vr = idx.cpu().numpy().astype(np.int64), vals.double().cpu().numpy()
             if scaled:
-                vals, idx = torch.topk(oracle.scaled_(S), depth, dim=1, sorted=False)
+                vals, idx = torch.topk(oracle.scaled_(Sf.clone()), depth, dim=1, sorted=False)
                 isc, vsc = idx.cpu().numpy().astype(np.int64), vals.double().cpu().numpy()
             else:
                 isc, vsc = ir, vr
         kth[sl] = vr.min(axis=1)
-        split(blk, ir, vr, vr)
-        if oracle.col_norm is not None:
+        split(blk, sl, 0, ir, vr, vr)
+        if scaled:
             alpha[sl] = vsc.min(axis=1)
-            split(blk, isc, vsc, vsc * oracle.col_norm[isc])
+            split(blk, sl, depth - k, isc, vsc, _block_values(S, isc))
         else:
             alpha[sl] = np.inf
 
-    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    return _Candidates(
-        cat(gi, np.int64),
-        cat(gj, np.int64),
-        cat(ri, np.int64),
-        cat(rj, np.int64),
-        cat(rv, np.float64),
-        kth,
-        alpha,
-    )
+    return _Candidates(cat(gi), cat(gj), res_j, res_s, kth, alpha)
 
 
 def _column_candidates(oracle: _Oracle, k: int, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -433,11 +484,19 @@ def _column_candidates(oracle: _Oracle, k: int, chunk_size: int) -> tuple[np.nda
 
 
 def _merge(
-    keys: np.ndarray, s: np.ndarray, ii: np.ndarray, jj: np.ndarray, m: int, oracle: _Oracle
+    keys: np.ndarray,
+    s: np.ndarray,
+    ii: np.ndarray,
+    jj: np.ndarray,
+    m: int,
+    oracle: _Oracle,
+    ss: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Add edges (ii, jj) (exactly re-scored; forbidden ones dropped) to the sorted key set; returns
-    new (keys, scores)."""
-    new = np.sort(ii * m + jj)
+    """Add edges (ii, jj) (exactly re-scored unless their exact scores ``ss`` are given; forbidden ones
+    dropped) to the sorted key set; returns new (keys, scores)."""
+    new = ii * m + jj
+    order = np.argsort(new, kind="stable")
+    new = new[order]
     pos = np.searchsorted(keys, new)
     fresh = np.ones(new.size, np.bool_)
     fresh[1:] = new[1:] != new[:-1]
@@ -446,44 +505,79 @@ def _merge(
     new, pos = new[fresh], pos[fresh]
     if new.size == 0:
         return keys, s
-    scores = oracle.exact(new // m, new % m)
+    scores = oracle.exact(new // m, new % m) if ss is None else ss[order][fresh]
     allowed = scores > -np.inf
     # both sorted: inserting at the search positions keeps the keys sorted
     return np.insert(keys, pos[allowed], new[allowed]), np.insert(s, pos[allowed], scores[allowed])
 
 
-def _scan_reduced(
-    S: Tensor, V: np.ndarray, lo: np.ndarray, depth: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Reduced scores ``R_ij = S_ij - V_j`` (float64) of a row block: the entries with ``R_ij > lo_i``
-    (row positions, columns) and each row's ``depth`` largest ``R_ij`` (columns, values; unsorted).
+class _Scan(NamedTuple):
+    """What :func:`_scan_reduced` finds in a row block at prices ``V``."""
 
-    On the CPU one compiled pass (:func:`reduced_scan`) finds both; rows with more than ``depth``
-    entries above ``lo_i`` (rare) are searched again. Elsewhere, torch on the block's device
-    (:func:`_scan_reduced_torch`, also the reference)."""
+    near_r: np.ndarray
+    """Row positions (in the block) of the entries whose upper bound exceeds the row's threshold."""
+    near_c: np.ndarray
+    """Their columns."""
+    top_j: np.ndarray
+    """(r, depth) each row's entries with the largest upper bounds (unsorted)."""
+    top_s: np.ndarray
+    """(r, depth) their block scores."""
+    thr: np.ndarray
+    """(r,) the smallest of those bounds: every other entry of the row is below it."""
+
+
+def _scan_reduced(
+    S: Tensor, V: np.ndarray, err: _ErrorModel, col_scale: np.ndarray, lo: np.ndarray, depth: int
+) -> _Scan:
+    """Upper bounds on the exact reduced scores ``S_ij - V_j`` of a row block,
+    ``U_ij = Ŝ_ij - V_j + err.rel · |Ŝ_ij| + err.row_i · col_scale_j`` (``err.row`` given for the
+    block's rows): the entries with ``U_ij > lo_i`` and each row's ``depth`` largest ``U_ij``.
+
+    On the CPU one compiled pass (:func:`reduced_scan`, :func:`reduced_scan_bf16`) finds both; rows
+    with more than ``depth`` entries above ``lo_i`` (rare) are searched again. Elsewhere, torch on the
+    block's device (:func:`_scan_reduced_torch`, also the reference)."""
     if S.device.type != "cpu":
-        return _scan_reduced_torch(S, V, lo, depth)
+        return _scan_reduced_torch(S, V, err, col_scale, lo, depth)
     r = S.shape[0]
-    tj, tv, cnt = np.empty((r, depth), np.int64), np.empty((r, depth)), np.empty(r, np.int64)
-    Sn = S.numpy()
-    reduced_scan(Sn, V, lo, tj, tv, cnt)
-    rr, cc = np.nonzero((tv > lo[:, None]) & (cnt <= depth)[:, None])
+    tj, ts = np.empty((r, depth), np.int64), np.empty((r, depth))
+    thr, cnt = np.empty(r), np.empty(r, np.int64)
+    if S.dtype == torch.bfloat16:
+        bits = S.view(torch.int16).numpy().view(np.uint16)
+        reduced_scan_bf16(bits, V, err.rel, err.row, col_scale, lo, tj, ts, thr, cnt)
+    else:
+        reduced_scan(S.numpy(), V, err.rel, err.row, col_scale, lo, tj, ts, thr, cnt)
+    up = ts - V[tj] + err.rel * np.abs(ts) + err.row[:, None] * col_scale[tj]
+    rr, cc = np.nonzero((up > lo[:, None]) & (cnt <= depth)[:, None])
     near_r, near_c = [rr], [tj[rr, cc]]
     for i in np.flatnonzero(cnt > depth):
-        cols = np.flatnonzero(Sn[i].astype(np.float64) - V > lo[i])
+        x = _block_values(S[i : i + 1], np.arange(S.shape[1])[None, :])[0]
+        cols = np.flatnonzero(x - V + err.rel * np.abs(x) + err.row[i] * col_scale > lo[i])
         near_r.append(np.full(cols.size, i, np.int64))
         near_c.append(cols)
-    return np.concatenate(near_r).astype(np.int64), np.concatenate(near_c).astype(np.int64), tj, tv
+    return _Scan(
+        np.concatenate(near_r).astype(np.int64), np.concatenate(near_c).astype(np.int64), tj, ts, thr
+    )
 
 
 def _scan_reduced_torch(
-    S: Tensor, V: np.ndarray, lo: np.ndarray, depth: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    R = S.double() - torch.from_numpy(V).to(S.device)[None, :]
-    near = torch.nonzero(R > torch.from_numpy(lo).to(S.device)[:, None]).cpu().numpy()
-    top_v, top_j = torch.topk(R, depth, dim=1, sorted=False)
-    tj, tv = top_j.cpu().numpy().astype(np.int64), top_v.cpu().numpy()
-    return near[:, 0].astype(np.int64), near[:, 1].astype(np.int64), tj, tv
+    S: Tensor, V: np.ndarray, err: _ErrorModel, col_scale: np.ndarray, lo: np.ndarray, depth: int
+) -> _Scan:
+    dev = S.device
+    x = S.double()
+    U = x - torch.from_numpy(V).to(dev)[None, :] + err.rel * x.abs()
+    U += torch.from_numpy(err.row).to(dev)[:, None] * torch.from_numpy(col_scale).to(dev)[None, :]
+    near = torch.nonzero(U > torch.from_numpy(lo).to(dev)[:, None]).cpu().numpy()
+    top_u, top_j = torch.topk(U, depth, dim=1, sorted=False)
+    ts = x.gather(1, top_j).cpu().numpy()
+    tj = top_j.cpu().numpy().astype(np.int64)
+    thr = top_u.min(dim=1).values.cpu().numpy()
+    return _Scan(near[:, 0].astype(np.int64), near[:, 1].astype(np.int64), tj, ts, thr)
+
+
+def _up(x: np.ndarray, rel: float) -> np.ndarray:
+    """``x + rel · |x|`` (the largest exact value a computed ``x`` may stand for), infinities kept."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(x), x + rel * np.abs(x), x)
 
 
 def _gains(s: np.ndarray, v_j: np.ndarray, s_c: np.ndarray, v_c: np.ndarray) -> np.ndarray:
@@ -518,6 +612,8 @@ class _Certificate(NamedTuple):
     """Rows of the off-graph entries whose gain exceeds the tolerance (at most a few per row)."""
     new_j: np.ndarray
     """Their columns."""
+    new_s: np.ndarray
+    """Their exact scores."""
     n_checked: int
     """Rows whose scores were recomputed (their bounds could not rule out a gain)."""
     n_blurred: int
@@ -553,11 +649,13 @@ class _CertifiedSolve:
         # the sparse graph: sorted keys i·m + j and their exact scores
         self.keys = np.zeros(0, np.int64)
         self.s = np.zeros(0)
-        # bounds on the entries outside the candidates, and the reserve (approximate scores)
+        # bounds on the block scores outside the candidates, and the reserve: (n, w) columns (-1 =
+        # none), block scores, replaced by the exact score once one was computed (res_x)
         self.kth = np.full(n, np.inf)
         self.alpha = np.full(n, np.inf)
-        self.res_i = self.res_j = np.zeros(0, np.int64)
-        self.res_v = np.zeros(0)
+        self.res_j = np.zeros((n, 0), np.int64)
+        self.res_s = np.zeros((n, 0))
+        self.res_x = np.zeros((n, 0), np.bool_)
         self.columns_added = False
         # the sparse solver's state, minimisation form (prices V = -v)
         self.u = np.zeros(n)
@@ -567,12 +665,15 @@ class _CertifiedSolve:
         self.rounds = 0
         self.certified_rounds = 0
         self.restarted = False
-        # Rows recomputed by the certificate keep their best entries by current reduced score S_ij - V_j
-        # (a "priced reserve") and the bound thr_i on the others; while V does not decrease, unstored
-        # entries stay below thr_i + V_j(then) <= thr_i + V_j(now), so the row need not be recomputed.
+        # Rows recomputed by the certificate keep their entries with the largest upper bounds on the
+        # reduced score S_ij - V_j (a "priced reserve", in slots pr_slot[i] of pr_j / pr_s / pr_x) and
+        # the bound pr_thr_i on the others; while V does not decrease, unstored entries stay below
+        # pr_thr_i + (how far V fell since), so the row need not be recomputed.
         self.depth_p = min(_PRICED * k, m)
-        self.pr_j = np.zeros((n, self.depth_p), np.int64)
-        self.pr_v = np.zeros((n, self.depth_p))
+        self.pr_slot = np.full(n, -1, np.int64)
+        self.pr_j = np.zeros((0, self.depth_p), np.int64)
+        self.pr_s = np.zeros((0, self.depth_p))
+        self.pr_x = np.zeros((0, self.depth_p), np.bool_)
         self.pr_thr = np.full(n, np.inf)
         self.pr_round = np.zeros(n, np.int64)
         self.v_snaps: list[np.ndarray] = []
@@ -584,15 +685,16 @@ class _CertifiedSolve:
         tick = time.perf_counter()
         cand = _topk_rows(self.oracle, self.all_rows, int(self.k_row[0]), _RESERVE * self.k, self.chunk_size)
         self.kth, self.alpha = cand.kth, cand.alpha
-        self.res_i, self.res_j, self.res_v = cand.reserve_i, cand.reserve_j, cand.reserve_v
+        self.res_j, self.res_s = cand.reserve_j, cand.reserve_s
+        self.res_x = np.zeros(self.res_j.shape, np.bool_)
         self.add_edges(cand.graph_i, cand.graph_j)
         self.clock["candidates_s"] += time.perf_counter() - tick
 
-    def add_edges(self, ii: np.ndarray, jj: np.ndarray) -> int:
-        """Add entries to the graph (exactly scored; duplicates and forbidden entries dropped);
-        returns how many were new."""
+    def add_edges(self, ii: np.ndarray, jj: np.ndarray, ss: np.ndarray | None = None) -> int:
+        """Add entries to the graph (exactly scored, or with their exact scores ``ss``; duplicates and
+        forbidden entries dropped); returns how many were new."""
         before = self.keys.size
-        self.keys, self.s = _merge(self.keys, self.s, ii, jj, self.m, self.oracle)
+        self.keys, self.s = _merge(self.keys, self.s, ii, jj, self.m, self.oracle, ss)
         return self.keys.size - before
 
     def solve_graph(self) -> np.ndarray:
@@ -667,6 +769,44 @@ class _CertifiedSolve:
         the float64 rounding of the prices (which re-solving cannot remove)."""
         return self.tol * (np.abs(s) + np.abs(s_c)) + 4.0 * _U64 * (np.abs(v_j) + np.abs(v_c))
 
+    def _priced_slots(self, rows: np.ndarray) -> np.ndarray:
+        """Slots of the priced reserve for ``rows`` (allocated for rows without one)."""
+        fresh = rows[self.pr_slot[rows] < 0]
+        if fresh.size:
+            start = self.pr_j.shape[0]
+            self.pr_slot[fresh] = np.arange(start, start + fresh.size)
+            pad = ((0, fresh.size), (0, 0))
+            self.pr_j = np.pad(self.pr_j, pad, constant_values=-1)
+            self.pr_s = np.pad(self.pr_s, pad)
+            self.pr_x = np.pad(self.pr_x, pad)
+        return self.pr_slot[rows]
+
+    def _off_graph_bound(self, V: np.ndarray) -> np.ndarray:
+        """Each row's upper bound on ``max_j (S_ij - V_j)`` over the entries outside its candidates.
+
+        Their block scores satisfy ``Ŝ_ij <= kth_i`` and ``Ŝ_ij <= alpha_i ‖Y_j‖``; with the candidate
+        blocks' error model (``|S - Ŝ| <= rel |Ŝ| + c_i n_j``) the exact scores satisfy
+        ``S_ij <= kth'_i + c_i n_j`` and ``S_ij <= alpha'_i n_j``. Both at once, over all columns:
+        ``max_j (min(kth'_i + c_i n_j, alpha'_i n_j) - V_j)`` (:func:`capped_envelope`), much tighter
+        than either when the large-norm columns are the expensive (high ``V_j``) ones."""
+        oracle, n = self.oracle, self.n
+        err, n_col = oracle.cand_err, oracle.col_scale
+        c = err.row
+        kth = _up(self.kth, err.rel)
+        bound = kth + c * (float(n_col.max()) if n_col.size else 0.0) - float(V.min())
+        if oracle.col_norm is not None:
+            # the scaled order: Ŝ_ij · (1/‖Y_j‖), with 1/‖Y_j‖ and the product rounded to float32
+            alpha = _up(self.alpha, err.rel + 4.0 * _U32) + c
+            finite, fin_k = np.isfinite(alpha), np.isfinite(kth)
+            env = np.full(n, np.inf)
+            env[finite] = line_envelope(n_col, -V, alpha[finite])
+            env[self.alpha == -np.inf] = -np.inf
+            env_k = np.full(n, np.inf)
+            env_k[fin_k] = kth[fin_k] + line_envelope(n_col, -V, c[fin_k])
+            capped = capped_envelope(n_col, -V, kth, c, alpha)
+            bound = np.minimum(bound, np.minimum(np.minimum(env, env_k), capped))
+        return bound
+
     def certify(self) -> _Certificate:
         """Check the current (full) matching against the whole dense problem at the current prices."""
         oracle, n, m = self.oracle, self.n, self.m
@@ -677,95 +817,94 @@ class _CertifiedSolve:
         s_c = s[np.searchsorted(keys, self.all_rows * m + c)]
         T = s_c - V[c]  # each row's reduced score at its column (float64; the gains below are exact)
         v_abs = float(np.abs(V).max())
-        v_min = float(V.min())
         # float64 rounding of the comparisons below, with a float32-sized safety factor
         rounding = 8.0 * _U32 * (np.abs(T) + v_abs + oracle.row_scale)
+        lo = T - rounding  # an entry whose upper bound is at most lo cannot gain
+        err, n_col = oracle.cand_err, oracle.col_scale
         gains = np.zeros(n)
-        add: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        add: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         # rows with a gain above tol that is on the graph or hidden by the prices' rounding: the
         # prices, not the graph, are at fault
         blurred = np.zeros(n, np.bool_)
 
-        def look(gi: np.ndarray, gj: np.ndarray, exact: np.ndarray | None = None) -> None:
-            # exact gains of entries that may gain; those above the tolerance are chased
+        def look(gi: np.ndarray, gj: np.ndarray, exact: np.ndarray | None = None) -> np.ndarray:
+            # exact gains of entries that may gain; those above the tolerance are chased; returns
+            # the exact scores
             sc = oracle.exact(gi, gj) if exact is None else exact
             g = _gains(sc, V[gj], s_c[gi], V[c[gi]])
             pos = np.flatnonzero(g > 0)  # usually none
-            gi, gj, sc, g = gi[pos], gj[pos], sc[pos], g[pos]
+            gi, gj, sp, g = gi[pos], gj[pos], sc[pos], g[pos]
             np.maximum.at(gains, gi, g)
-            blurred[gi[g > self.tol * (np.abs(sc) + np.abs(s_c[gi]))]] = True
-            bad = g > self._beta(sc, V[gj], s_c[gi], V[c[gi]])
-            add.append((gi[bad], gj[bad], g[bad]))
+            blurred[gi[g > self.tol * (np.abs(sp) + np.abs(s_c[gi]))]] = True
+            bad = g > self._beta(sp, V[gj], s_c[gi], V[c[gi]])
+            add.append((gi[bad], gj[bad], g[bad], sp[bad]))
+            return sc
+
+        def look_stored(rows: np.ndarray, sj: np.ndarray, ss: np.ndarray, sx: np.ndarray) -> None:
+            # stored block scores of ``rows`` (views into a table): an exact look near the
+            # boundary, the exact scores kept for later rounds
+            rr, pp = stored_near(sj, ss, sx, V, err.rel, err.row[rows], n_col, lo[rows])
+            if rr.size:
+                ss[rr, pp] = look(rows[rr], sj[rr, pp])
+                sx[rr, pp] = True
 
         look(rows_e, cols_e, s)  # the graph's edges (every row has one: its matched edge)
-        # Off-graph entries of row i are <= kth_i and <= alpha_i ‖Y_j‖ (+ float32 error): rows whose
-        # bound on max_j (S_ij - V_j) is below their reduced score T_i gain nowhere off the graph.
-        bound = self.kth + oracle.margin - v_min
-        if oracle.col_norm is not None:
-            alpha = self.alpha
-            finite = np.isfinite(alpha)
-            env = np.full(n, np.inf)
-            env[finite] = line_envelope(oracle.col_norm, -V, alpha[finite] + oracle.alpha_margin[finite])
-            env[alpha == -np.inf] = -np.inf
-            # both bounds at once: max_j (min(kth_i, alpha_i ‖Y_j‖) - V_j), much tighter when the
-            # large-norm columns are the expensive (high V_j) ones
-            capped = capped_envelope(
-                oracle.col_norm, -V, self.kth + oracle.margin, alpha + oracle.alpha_margin
-            )
-            bound = np.minimum(bound, np.minimum(env, capped))
+        bound = self._off_graph_bound(V)
         self.v_snaps.append(V.copy())
         # how far V fell since each earlier round (0 for square problems: prices only rise there)
         drop = np.array([max(0.0, float(np.max(snap - V))) for snap in self.v_snaps])
         has_pr = np.isfinite(self.pr_thr)
         bound[has_pr] = np.minimum(bound[has_pr], self.pr_thr[has_pr] + drop[self.pr_round[has_pr]])
-        check = np.flatnonzero(bound - T + rounding > 0)
+        check = np.flatnonzero(bound > lo)
         rows_pr = np.flatnonzero(has_pr)
         if rows_pr.size:
-            # priced-reserve entries: stored approximate scores, an exact look near the boundary
-            pj = self.pr_j[rows_pr]
-            lo = T[rows_pr] - oracle.block_margin[rows_pr] - rounding[rows_pr]
-            rr, cc = np.nonzero(self.pr_v[rows_pr] - V[pj] > lo[:, None])
-            look(rows_pr[rr], pj[rr, cc])
-        if self.res_i.size:
-            # reserve entries, the same way
-            near = np.flatnonzero(self.res_v - V[self.res_j] > (T - oracle.margin - rounding)[self.res_i])
-            look(self.res_i[near], self.res_j[near])
+            slots = self.pr_slot[rows_pr]
+            sj, ss, sx = self.pr_j[slots], self.pr_s[slots], self.pr_x[slots]
+            look_stored(rows_pr, sj, ss, sx)
+            self.pr_s[slots], self.pr_x[slots] = ss, sx
+        if self.res_j.shape[1]:
+            look_stored(self.all_rows, self.res_j, self.res_s, self.res_x)
         depth_p = self.depth_p
         for blk in _row_blocks(check, m, self.chunk_size):
-            # reduced scores in float64: only the block's own error separates them from the exact ones
-            marg = oracle.block_margin[blk]
-            near_r, near_c, tj, tv = _scan_reduced(
-                oracle.block(blk), V, T[blk] - marg - rounding[blk], depth_p
+            # the candidate precision, with its error carried entry by entry
+            scan = _scan_reduced(
+                oracle.block(blk, candidates=True, native=True),
+                V,
+                _ErrorModel(err.rel, err.row[blk]),
+                n_col,
+                lo[blk],
+                depth_p,
             )
-            if depth_p < m:
-                self.pr_j[blk] = tj
-                self.pr_v[blk] = tv + V[tj]
-                self.pr_thr[blk] = tv.min(axis=1) + marg
-                self.pr_round[blk] = len(self.v_snaps) - 1
-            look(blk[near_r], near_c)
+            slots = self._priced_slots(blk)
+            self.pr_j[slots], self.pr_s[slots], self.pr_x[slots] = scan.top_j, scan.top_s, False
+            self.pr_thr[blk] = scan.thr
+            self.pr_round[blk] = len(self.v_snaps) - 1
+            look(blk[scan.near_r], scan.near_c)
         new_i = np.concatenate([a[0] for a in add])
         new_j = np.concatenate([a[1] for a in add])
         new_g = np.concatenate([a[2] for a in add])
+        new_s = np.concatenate([a[3] for a in add])
         if new_i.size:
             # only entries off the graph are new edges, each once (several sources may find one)
             key, first = np.unique(new_i * m + new_j, return_index=True)
             pos = np.minimum(np.searchsorted(keys, key), keys.size - 1)
             off = first[keys[pos] != key]
-            new_i, new_j, new_g = new_i[off], new_j[off], new_g[off]
+            new_i, new_j, new_g, new_s = new_i[off], new_j[off], new_g[off], new_s[off]
         blurred[new_i] = False  # a new edge is progress, not blur
         if new_i.size:
             # Column generation: the largest gains of each row (k of them, doubling every round) make
             # progress while keeping the graph small when the prices are far from the dense optimum.
             order = np.lexsort((-new_g, new_i))
-            new_i, new_j = new_i[order], new_j[order]
+            new_i, new_j, new_s = new_i[order], new_j[order], new_s[order]
             starts = np.searchsorted(new_i, new_i, side="left")
             keep = np.arange(new_i.size) - starts < self.k << min(self.certified_rounds, 20)
-            new_i, new_j = new_i[keep], new_j[keep]
+            new_i, new_j, new_s = new_i[keep], new_j[keep], new_s[keep]
         cert = _Certificate(
             gains=gains,
             gap_bound=self._gap_bound(gains, V),
             new_i=new_i,
             new_j=new_j,
+            new_s=new_s,
             n_checked=int(check.size),
             n_blurred=int(blurred.sum()),
         )
@@ -883,7 +1022,7 @@ class _CertifiedSolve:
                         cert.gap_bound,
                     )
                     return self.result(cert)
-                self.add_edges(cert.new_i, cert.new_j)
+                self.add_edges(cert.new_i, cert.new_j, cert.new_s)
                 continue
             if cert.n_blurred and not self.restarted:
                 # gains above the tolerance that the graph already holds or the prices' rounding

@@ -107,3 +107,51 @@ def test_substrate_chain_task_matches_every_consecutive_pair(
 def test_noise_levels_scale_with_the_dimension() -> None:
     assert noise_for("hard", 576) == NOISE_LEVELS["hard"]
     assert noise_for("hard", 2304) == 2 * NOISE_LEVELS["hard"]
+
+
+def test_full_run_adds_the_target_instances_and_explicit_runs_do_not() -> None:
+    full = run.instances(run._parser().parse_args([]))
+    grid = [(F, d, n) for F in run.GRID_F for d in run.GRID_D for n in NOISE_LEVELS]
+    assert full[: len(grid)] == grid and set(full) == set(grid) | set(run.TARGETS)
+    assert (131072, 576, "hard") in full and (16384, 2304, "hard") in full
+    assert run.instances(run._parser().parse_args(["--F", "256", "--noise", "hard"])) == [(256, 576, "hard")]
+    big = run.instances(run._parser().parse_args(["--F", "256", "--noise", "hard", "--big"]))
+    assert big == [(256, 576, "hard"), (65536, 576, "hard"), (131072, 576, "hard")]
+    with pytest.raises(SystemExit):
+        run._parser().parse_args(["--repeats", "0"])
+
+
+def test_repetitions_are_interleaved_and_the_fastest_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order: list[str] = []
+    clock = iter(range(100, 0, -1))  # every later measurement is faster
+
+    def child(spec: dict, timeout: float) -> dict:
+        name = spec["task"] + (f"/{spec['candidates']}" if spec["task"] == "sparse" else "")
+        order.append(name)
+        out = {"time_s": float(next(clock)), "peak_rss_mb": 1.0}
+        if spec["task"] != "gemm":
+            out.update(total=1.0, gap_bound=0.0)
+        if spec["task"] == "sparse":
+            out.update(phase_candidates_s=0.5, phase_solve_s=0.25, phase_certify_s=0.25)
+        return out
+
+    monkeypatch.setattr(run, "_run_child", child)
+    argv = ["--F", "64", "--d", "8", "--noise", "hard", "--repeats", "2", "--candidates", "float32"]
+    assert run.main([*argv, "--out", str(tmp_path)]) == 0
+    assert order == ["gemm", "scipy", "sparse/float32"] * 2
+    (rec,) = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert rec["repeats"] == 2 and rec["gemm_runs_s"] == [100.0, 97.0] and rec["ours_runs_s"] == [98.0, 95.0]
+    assert rec["gemm_s"] == 97.0 and rec["ours_s"] == 95.0 and rec["e2e_over_gemm"] == pytest.approx(95 / 97)
+
+
+def test_target_lines_say_whether_each_target_was_reached() -> None:
+    recs = [
+        {"F": 131072, "d": 576, "noise": "hard", "candidates": "bfloat16", "e2e_over_gemm": 1.2},
+        {"F": 16384, "d": 2304, "noise": "hard", "candidates": "float32", "lap_speedup_vs_scipy": 7.0},
+        {"F": 4096, "d": 576, "noise": "hard", "candidates": "float32", "e2e_over_gemm": 9.0},
+    ]
+    lines = run.target_lines(recs)
+    assert len(lines) == 2 and "e2e_over_gemm 1.2 (<= 1.5: reached)" in lines[0]
+    assert "lap_speedup_vs_scipy 7 (>= 10: NOT reached)" in lines[1]

@@ -23,17 +23,22 @@ from saematch_core._jv_numba import (
     exact_gains,
     line_envelope,
     reduced_scan,
+    reduced_scan_bf16,
     row_abs_max,
     sparse_sap,
+    split_norms,
+    stored_near,
     topk2,
     topk2_bf16,
 )
 from saematch_core.errors import InfeasibleMatchError
 from saematch_core.lap_sparse import (
+    _RESERVE,
     Precision,
     SparseLAPResult,
     _CertifiedSolve,
     _DenseOracle,
+    _ErrorModel,
     _InnerProductOracle,
     _scan_reduced,
     _scan_reduced_torch,
@@ -207,22 +212,37 @@ def test_inner_product_matches_scipy(seed: int, n: int, m: int, candidates: Prec
     _check(res, (X.double() @ Y.double().T).numpy())
 
 
-def test_bfloat16_candidate_blocks_stay_within_their_margin() -> None:
-    # The bfloat16 search is exact only if every coarse score is within ``margin`` of the exact one;
-    # check the bound on the platform the tests run on, with large D and mixed norms.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocks_stay_within_their_error_models(dtype: torch.dtype) -> None:
+    # The certificate is exact only if every block entry is within its error model of the exact score,
+    # entry by entry; check the bounds on the platform the tests run on, with large D and mixed norms.
     g = torch.Generator().manual_seed(11)
-    X = torch.randn(64, 2304, generator=g) * torch.exp(torch.randn(64, 1, generator=g))
-    Y = torch.randn(300, 2304, generator=g) * torch.exp(torch.randn(300, 1, generator=g))
+    X = torch.randn(64, 2304, generator=g, dtype=dtype) * torch.exp(
+        torch.randn(64, 1, generator=g, dtype=dtype)
+    )
+    Y = torch.randn(300, 2304, generator=g, dtype=dtype) * torch.exp(
+        torch.randn(300, 1, generator=g, dtype=dtype)
+    )
     Y[:64] = 1.3 * X  # aligned pairs: |S| = ‖x‖‖y‖, where the output rounding is largest
-    oracle = _InnerProductOracle(X, Y, torch.device("cpu"), "bfloat16")
-    rows = np.arange(64)
-    coarse = oracle.block(rows, candidates=True).double().numpy()
     exact = (X.double() @ Y.double().T).numpy()
-    err = np.abs(coarse - exact).max(axis=1)
-    assert (err <= oracle.margin).all()
-    fine_err = np.abs(oracle.block(rows).double().numpy() - exact).max(axis=1)
-    assert (fine_err <= oracle.block_margin).all()
-    assert err.max() > 10 * fine_err.max(), "the candidate blocks must really be computed in bfloat16"
+    rows = np.arange(64)
+    worst = {}
+    for cand in ("float32", "bfloat16"):
+        oracle = _InnerProductOracle(X, Y, torch.device("cpu"), cand)
+        for candidates in (True, False):
+            err = oracle.cand_err if candidates else oracle.block_err
+            native = oracle.block(rows, candidates=candidates, native=True).double().numpy()
+            widened = oracle.block(rows, candidates=candidates).double().numpy()
+            np.testing.assert_array_equal(native, widened)
+            bound = err.rel * np.abs(native) + err.row[:, None] * oracle.col_scale[None, :]
+            assert (np.abs(native - exact) <= bound).all()
+            worst[cand, candidates] = float((np.abs(native - exact) / bound).max())
+    coarse, fine = worst["bfloat16", True], worst["float32", True]
+    assert worst["bfloat16", False] == fine, "only the candidate blocks are computed in bfloat16"
+    # the measured rounding of the inputs keeps the bfloat16 model within a small factor of the truth
+    assert coarse > 0.1, "the bfloat16 error model is far looser than the errors it bounds"
+    bf16 = _InnerProductOracle(X, Y, torch.device("cpu"), "bfloat16")
+    assert (bf16.cand_err.row > 10 * bf16.block_err.row).all(), "bfloat16 blocks are coarser"
 
 
 @pytest.mark.parametrize("candidates", ["float32", "bfloat16"])
@@ -355,16 +375,20 @@ def test_line_envelope_vs_brute_force() -> None:
 
 def test_capped_envelope_vs_brute_force() -> None:
     rng = np.random.default_rng(9)
-    for t in range(50):
+    for t in range(80):
         m, n = int(rng.integers(1, 30)), int(rng.integers(1, 20))
         ny = 3.0 * rng.random(m) if t % 2 else rng.integers(0, 4, m).astype(float)
         negv = -2.0 * rng.random(m)
-        kth = rng.standard_normal(n) + 1.0
+        kth = rng.standard_normal(n) + (1.0 if t % 3 else -0.5)  # crossings at negative ny too
+        c = 0.0 * kth if t % 4 == 0 else 0.3 * rng.random(n)
         alpha = 2.0 * rng.random(n) - 0.3
-        got = capped_envelope(ny, negv, kth, alpha)
-        ref = (np.minimum(kth[:, None], alpha[:, None] * ny[None]) + negv[None]).max(axis=1)
-        np.testing.assert_allclose(got[alpha > 0], ref[alpha > 0])
-        assert np.isinf(got[alpha <= 0]).all()
+        got = capped_envelope(ny, negv, kth, c, alpha)
+        ref = (np.minimum(kth[:, None] + c[:, None] * ny[None], alpha[:, None] * ny[None]) + negv[None]).max(
+            axis=1
+        )
+        ok = alpha > c
+        np.testing.assert_allclose(got[ok], ref[ok])
+        assert np.isinf(got[~ok]).all()
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -374,44 +398,97 @@ def test_chunked_topk2_on_long_rows_vs_torch(ties: bool) -> None:
     rng = np.random.default_rng(3)
     S = rng.integers(-20, 20, (9, 1003)).astype(np.float32) if ties else rng.standard_normal((9, 1003))
     S = np.ascontiguousarray(S, np.float32)
-    inv = rng.random(1003) + 0.25
-    for k in (1, 8, 32, 200):
+    inv = (rng.random(1003) + 0.25).astype(np.float32)
+    for k in (1, 8, 32, 60, 200, 1003):  # heap and quickselect thresholds, up to the whole row
         out = [np.empty((9, k), np.int64), np.empty((9, k)), np.empty((9, k), np.int64), np.empty((9, k))]
         topk2(S, inv, k, *out)
         t = torch.from_numpy(S).double()
         np.testing.assert_array_equal(np.sort(out[1], 1), np.sort(torch.topk(t, k).values.numpy(), 1))
-        scaled = t * torch.from_numpy(inv)
+        scaled = (torch.from_numpy(S) * torch.from_numpy(inv)).double()  # products in float32
         np.testing.assert_array_equal(np.sort(out[3], 1), np.sort(torch.topk(scaled, k).values.numpy(), 1))
         # the indices point at the values reported
         np.testing.assert_array_equal(np.take_along_axis(S, out[0], 1).astype(np.float64), out[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reduced_scan_matches_the_torch_reference(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rel", [0.0, 2.0**-8])
+def test_reduced_scan_matches_the_torch_reference(dtype: torch.dtype, rel: float) -> None:
     rng = np.random.default_rng(4)
     r, m, depth = 6, 517, 16
     S = torch.from_numpy(rng.standard_normal((r, m))).to(dtype)
     V = rng.random(m)
+    err = _ErrorModel(rel, 0.01 * rng.random(r))
+    col_scale = rng.random(m) + 0.5
     # row 0: more entries above its threshold than ``depth`` (searched again); row 5: none
     lo = np.array([-3.0, 1.0, 1.5, 2.0, 2.2, 50.0])
-    got = _scan_reduced(S, V, lo, depth)
-    ref = _scan_reduced_torch(S, V, lo, depth)
-    got_near = sorted(zip(got[0].tolist(), got[1].tolist(), strict=True))
-    assert got_near == sorted(zip(ref[0].tolist(), ref[1].tolist(), strict=True))
+    got = _scan_reduced(S, V, err, col_scale, lo, depth)
+    ref = _scan_reduced_torch(S, V, err, col_scale, lo, depth)
+    got_near = sorted(zip(got.near_r.tolist(), got.near_c.tolist(), strict=True))
+    assert got_near == sorted(zip(ref.near_r.tolist(), ref.near_c.tolist(), strict=True))
     assert {i for i, _ in got_near} >= {0, 1} and all(i != 5 for i, _ in got_near)
-    np.testing.assert_allclose(np.sort(got[3], 1), np.sort(ref[3], 1), rtol=0, atol=0)
-    R = S.double().numpy() - V
-    np.testing.assert_array_equal(np.take_along_axis(R, got[2], 1), got[3])
-    cnt = np.empty(r, np.int64)
-    tj, tv = np.empty((r, depth), np.int64), np.empty((r, depth))
-    reduced_scan(S.numpy(), V, lo, tj, tv, cnt)
-    np.testing.assert_array_equal(cnt, (R > lo[:, None]).sum(axis=1))
+    x = S.double().numpy()
+    U = x - V + rel * np.abs(x) + err.row[:, None] * col_scale[None, :]
+    np.testing.assert_allclose(
+        np.sort(np.take_along_axis(U, got.top_j, 1), 1), np.sort(np.take_along_axis(U, ref.top_j, 1), 1)
+    )
+    np.testing.assert_array_equal(np.take_along_axis(x, got.top_j, 1), got.top_s)
+    np.testing.assert_allclose(got.thr, ref.thr, rtol=1e-15)
+    # every entry left out is at most the row's threshold
+    kept = np.zeros_like(U, dtype=bool)
+    np.put_along_axis(kept, got.top_j, True, axis=1)
+    assert (U[~kept] <= np.broadcast_to(got.thr[:, None], U.shape)[~kept]).all()
+    cnt, tj, ts, thr = (
+        np.empty(r, np.int64),
+        np.empty((r, depth), np.int64),
+        np.empty((r, depth)),
+        np.empty(r),
+    )
+    if dtype == torch.bfloat16:
+        reduced_scan_bf16(
+            S.view(torch.int16).numpy().view(np.uint16), V, rel, err.row, col_scale, lo, tj, ts, thr, cnt
+        )
+    else:
+        reduced_scan(S.numpy(), V, rel, err.row, col_scale, lo, tj, ts, thr, cnt)
+    np.testing.assert_array_equal(cnt, (U > lo[:, None]).sum(axis=1))
+
+
+def test_split_norms_vs_float64_numpy() -> None:
+    # the norms of a bfloat16 rounding and of its error, against float64 numpy on widened copies;
+    # rows of every scale, subnormal float32 entries and zero rows included
+    rng = np.random.default_rng(11)
+    full = (rng.standard_normal((37, 53)) * np.exp(rng.uniform(-30, 30, (37, 1)))).astype(np.float32)
+    full[3] = 0.0
+    full[5, :4] = np.float32(1e-44)
+    coarse = torch.from_numpy(full).to(torch.bfloat16)
+    hi, lo = np.empty(37), np.empty(37)
+    split_norms(full, coarse.view(torch.int16).numpy().view(np.uint16), hi, lo)
+    wide = coarse.double().numpy()
+    np.testing.assert_allclose(hi, np.linalg.norm(wide, axis=1), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(lo, np.linalg.norm(full.astype(np.float64) - wide, axis=1), rtol=1e-14, atol=0)
+    assert hi[3] == lo[3] == 0.0 and lo.max() > 0
+
+
+def test_stored_near_vs_numpy() -> None:
+    rng = np.random.default_rng(5)
+    r, w, m = 40, 12, 50
+    sj = rng.integers(-1, m, (r, w))
+    ss = rng.standard_normal((r, w))
+    exact = rng.random((r, w)) < 0.3
+    V, crow, col_scale = rng.random(m), 0.05 * rng.random(r), rng.random(m) + 0.5
+    lo = rng.standard_normal(r) - 0.5
+    rr, pp = stored_near(sj, ss, exact, V, 2.0**-8, crow, col_scale, lo)
+    jj = np.maximum(sj, 0)
+    ub = np.where(exact, ss - V[jj], ss - V[jj] + 2.0**-8 * np.abs(ss) + crow[:, None] * col_scale[jj])
+    ref = np.nonzero((ub > lo[:, None]) & (sj >= 0))
+    np.testing.assert_array_equal(rr, ref[0])
+    np.testing.assert_array_equal(pp, ref[1])
+    assert 0 < rr.size < (sj >= 0).sum()
 
 
 def test_topk2_and_exact_dots_vs_torch() -> None:
     g = torch.Generator().manual_seed(8)
     S = torch.randn(13, 50, generator=g)
-    inv = np.random.default_rng(8).random(50) + 0.5
+    inv = (np.random.default_rng(8).random(50) + 0.5).astype(np.float32)
     k = 4
     ir, vr, isc, vsc = (
         np.empty((13, k), np.int64),
@@ -421,8 +498,8 @@ def test_topk2_and_exact_dots_vs_torch() -> None:
     )
     topk2(S.numpy(), inv, k, ir, vr, isc, vsc)
     np.testing.assert_allclose(np.sort(vr, 1), np.sort(torch.topk(S, k).values.double().numpy(), 1))
-    scaled = S.double() * torch.from_numpy(inv)
-    np.testing.assert_allclose(np.sort(vsc, 1), np.sort(torch.topk(scaled, k).values.numpy(), 1))
+    scaled = (S * torch.from_numpy(inv)).double()
+    np.testing.assert_array_equal(np.sort(vsc, 1), np.sort(torch.topk(scaled, k).values.numpy(), 1))
     np.testing.assert_array_equal(np.sort(ir, 1), np.sort(torch.topk(S, k).indices.numpy(), 1))
     # bfloat16 blocks, read from their raw bits: the same as topk2 on the widened values (k up to m)
     Sb = (S * 7).to(torch.bfloat16)
@@ -529,7 +606,7 @@ def test_big_penalties_do_not_blur_the_prices() -> None:
         sparse = random_array(
             (60, 60), density=0.08, rng=rng, data_sampler=lambda size: rng.integers(1, 100, size)
         )
-        C = np.full(sparse.shape, 1e12)
+        C = np.full((60, 60), 1e12)
         C[sparse.row, sparse.col] = sparse.data
         res = solve_scores(C, maximize=False, k=2)
         ref_r, ref_c = linear_sum_assignment(C)
@@ -567,9 +644,11 @@ def test_phase_candidates_bound_every_other_entry() -> None:
     # every entry outside the graph and the reserve is below the row's bound
     stored = np.zeros_like(S, dtype=bool)
     stored[rows, cols] = True
-    stored[ph.res_i, ph.res_j] = True
+    res_i, res_p = np.nonzero(ph.res_j >= 0)
+    stored[res_i, ph.res_j[res_i, res_p]] = True
     assert (S[~stored] <= np.broadcast_to(ph.kth[:, None], S.shape)[~stored]).all()
-    assert (S[ph.res_i, ph.res_j] == ph.res_v).all()
+    assert (S[res_i, ph.res_j[res_i, res_p]] == ph.res_s[res_i, res_p]).all()
+    assert res_i.size == 30 * (_RESERVE - 1) * 3, "the reserve holds the next entries of every row"
 
 
 def test_phase_solve_gives_optimal_duals_on_the_graph() -> None:
@@ -623,7 +702,9 @@ def test_phase_certify_finds_exactly_the_gains_a_dense_check_finds() -> None:
 def test_phase_dense_solve_is_certified() -> None:
     S = np.random.default_rng(22).standard_normal((40, 50))
     ph = _phases(S, k=2)
-    res = ph.solve_dense(ph.oracle.dense_exact())
+    dense = ph.oracle.dense_exact()
+    assert dense is not None
+    res = ph.solve_dense(dense)
     _check(res, S, exact=True)
     assert res.n_candidates == S.size
 
