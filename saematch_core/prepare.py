@@ -54,7 +54,7 @@ from saematch_core.profiles import Profile, SAETrainConfig, get_profile
 from saematch_core.sae import SAE
 from saematch_core.train import DeltaLoss, SAEQuality, sae_quality, sae_replacement, train_sae
 
-__all__ = ["PrepareResult", "SAERecord", "prepare", "sae_file"]
+__all__ = ["PrepareResult", "SAERecord", "layer_seed", "prepare", "sae_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +151,23 @@ class _Job:
     hub_path: str = ""
 
 
+def layer_seed(config: SAETrainConfig, layer: int, replica: int = 0) -> SAETrainConfig:
+    """``config`` with the seed the substrate gives the SAE of ``layer``: ``seed + 1000 · layer``,
+    plus 500 for the second-seed SAE (``replica`` 1, the ``seed`` family).
+
+    One seed per layer: SAEs of neighbouring layers trained from the same initial dictionary keep
+    feature i at index i, which would make the identity order a free, perfect "matching".
+
+    >>> layer_seed(SAETrainConfig(seed=0), 14, replica=1).seed
+    14500
+    """
+    if replica not in (0, 1):
+        raise ValueError(f"replica: expected 0 (main) or 1 (second seed), got {replica!r}")
+    return dataclasses.replace(config, seed=config.seed + 1000 * layer + 500 * replica)
+
+
 def _seeded(config: SAETrainConfig, layer: int) -> SAETrainConfig:
-    # One seed per layer: SAEs of neighbouring layers trained from the same initial dictionary keep
-    # feature i at index i, which would make the identity order a free, perfect "matching".
-    return dataclasses.replace(config, seed=config.seed + 1000 * layer)
+    return layer_seed(config, layer)
 
 
 def _jobs(profile: Profile) -> list[_Job]:
@@ -187,7 +200,7 @@ def _jobs(profile: Profile) -> list[_Job]:
             jobs.append(_Job(family, layer, setting, _seeded(config, layer)))
     for layer in profile.seed_layers:
         # the main recipe from a seed no other SAE uses (main seeds step by 1000 per layer)
-        config = dataclasses.replace(_seeded(main, layer), seed=_seeded(main, layer).seed + 500)
+        config = layer_seed(main, layer, replica=1)
         jobs.append(_Job("seed", layer, f"seed={config.seed}", config))
     return jobs
 
