@@ -212,7 +212,9 @@ class StrengthRow:
     ms_neighbour_random: float
     """The same for random partners."""
     ev_neighbour: float
-    """Explained variance of ``h_t`` by ``decode_t(P(encode_{t−1}(h_{t−1})))`` (the approximation)."""
+    """Explained variance of ``h_t`` by ``decode_t(P(encode_{t−1}(h_{t−1})))`` (the approximation), on
+    the stored rows, from the error's mean square as in the seed ceiling (the hidden-state section
+    removes the error's mean first, so its value is a little higher)."""
     dl_neighbour: float
     """ΔL (nats/token) when that approximation replaces the residual after block ``t`` (``nan``
     without a model or with ``delta_loss`` off)."""
