@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import pytest
 
 from saematch_core.plots import (
+    dose_response,
     grouped_bars,
     heatmap,
     histogram,
@@ -167,3 +168,25 @@ def test_grouped_bars_one_trace_per_series_with_a_reference_line() -> None:
         grouped_bars(["a", "b"], {"x": [1.0]}, title="t", x_title="i", y_title="r")
     with pytest.raises(ValueError, match="at least one named series"):
         grouped_bars(["a"], {}, title="t", x_title="i", y_title="r")
+
+
+def test_dose_response_draws_predictions_dashed_on_a_log_axis() -> None:
+    fig = dose_response(
+        [1e3, 1e4, 1e5],
+        {"measured": [0.1, 0.2, 0.3]},
+        lines={"measured": (-0.2, 0.1), "undefined": (float("nan"), 0.1)},
+        extend_to=1e9,
+        title="t",
+        x_title="tokens",
+        y_title="EV",
+    )
+    assert fig.layout.xaxis.type == "log"
+    names = [t.name for t in fig.data]
+    assert names == ["measured", "PREDICTION: measured"]
+    line = fig.data[1]
+    assert line.line.dash == "dash" and max(line.x) == pytest.approx(1e9)
+    assert line.y[-1] == pytest.approx(-0.2 + 0.1 * 9)
+    with pytest.raises(ValueError, match="x: expected doses > 0"):
+        dose_response([0, 1], {"a": [1, 2]}, title="t", x_title="x", y_title="y")
+    with pytest.raises(ValueError, match="extend_to: expected >= the smallest dose"):
+        dose_response([10, 100], {"a": [1, 2]}, extend_to=1, title="t", x_title="x", y_title="y")

@@ -589,20 +589,16 @@ def run(inputs: Inputs, config: StrengthConfig | None = None) -> StrengthResult:
             measure_seconds=time.perf_counter() - t0,
         )
 
-    plan: list[tuple[int, str, list[_Slot]]] = []
-    for t in depths:
-        for budget in cfg.budgets:
-            plan.append(
-                (
-                    t,
-                    "budget",
-                    [_Slot(t, 0, budget, None), _Slot(t, 1, budget, None), _Slot(t - 1, 0, budget, None)],
-                )
-            )
-        if cfg.epochs_arm is not None:
-            seen, distinct = cfg.epochs_arm
-            plan.append((t, "epochs", [_Slot(t, 0, seen, distinct), _Slot(t, 1, seen, distinct)]))
-
+    # Budget by budget over the depths (an interrupted run has every depth's cheap budgets), the
+    # epochs arm last; rows come back ordered by depth.
+    plan: list[tuple[int, str, list[_Slot]]] = [
+        (t, "budget", [_Slot(t, 0, budget, None), _Slot(t, 1, budget, None), _Slot(t - 1, 0, budget, None)])
+        for budget in cfg.budgets
+        for t in depths
+    ]
+    if cfg.epochs_arm is not None:
+        seen, distinct = cfg.epochs_arm
+        plan += [(t, "epochs", [_Slot(t, 0, seen, distinct), _Slot(t, 1, seen, distinct)]) for t in depths]
     model_spec: dict[str, Any] = {}
     if cfg.delta_loss:
         model, (ids, mask) = inputs.require_model()
@@ -635,6 +631,8 @@ def run(inputs: Inputs, config: StrengthConfig | None = None) -> StrengthResult:
                 force=inputs.force,
             ).row
         )
+    order = {t: i for i, t in enumerate(depths)}
+    rows.sort(key=lambda r: (order[r.depth], r.arm != "budget", r.tokens_seen))
     return StrengthResult(rows=tuple(rows))
 
 
