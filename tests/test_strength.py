@@ -94,6 +94,8 @@ def test_log_fit_recovers_a_line_and_says_when_it_cannot() -> None:
     assert fit.at(1e9) == pytest.approx(0.55)
     assert fit.reaches(0.55) == pytest.approx(1e9, rel=1e-9)
     assert LogFit.of(tokens, [0.5, 0.4, 0.3, 0.2]).reaches(1.0) == math.inf
+    flat = LogFit.of(tokens, [0.6, 0.6, 0.6, 0.6])
+    assert fit.meets(flat) == pytest.approx(1e10) and flat.meets(fit) == math.inf
     assert math.isnan(LogFit.of([1e3, 1e4], [0.1, float("nan")]).slope)
     noisy = LogFit.of(tokens, [0.1, 0.3, 0.2, 0.4])
     assert 0 < noisy.r2 < 1

@@ -256,6 +256,20 @@ class LogFit:
             return math.inf
         return float(10 ** ((value - self.intercept) / self.slope))
 
+    def meets(self, other: LogFit) -> float:
+        """Training tokens at which this line reaches ``other`` from below (``inf`` when it never
+        catches up, ``nan`` for an undefined line; the smallest budget fitted is not checked).
+
+        >>> LogFit(slope=0.2, intercept=-1.0, r2=1.0, n_points=4).meets(
+        ...     LogFit(slope=0.1, intercept=0.0, r2=1.0, n_points=4))
+        10000000000.0
+        """
+        if not all(math.isfinite(v) for v in (self.slope, self.intercept, other.slope, other.intercept)):
+            return math.nan
+        if not self.slope > other.slope:
+            return math.inf
+        return float(10 ** ((other.intercept - self.intercept) / (self.slope - other.slope)))
+
     @classmethod
     def of(cls, tokens: Sequence[float], values: Sequence[float]) -> LogFit:
         """Least-squares fit to the finite points ``(log10 tokens, value)`` (a ``nan`` line for fewer
