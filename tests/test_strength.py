@@ -241,3 +241,21 @@ def test_delta_loss_agrees_with_the_approximation_experiment(tmp_path: Path) -> 
         # Section 5's explained variance removes the mean of the error, the seed ceiling's (used here)
         # does not: it can only be lower.
         assert res.row(2, budget).ev_neighbour <= row.explained_variance + 1e-9
+
+
+@pytest.mark.slow
+def test_the_profiles_saes_are_the_recipe_at_its_own_budget(tmp_path: Path) -> None:
+    """What ``reuse`` relies on: retraining with the recipe at the profile's budget gives its SAEs."""
+    from saematch_core.experiments.study import load_study
+
+    study = load_study("smoke", cache_dir=tmp_path)
+    inputs = study.inputs(
+        families={"seed": study.family("seed")}, train_activations=study.train_activations()
+    )
+    cfg = StrengthConfig(recipe=study.profile.sae, budgets=(study.profile.sae.n_tokens,), reuse=False)
+    store = strength._SAEStore(inputs, cfg, tmp_path / "retrained")
+    for layer, replica, given in ((1, 0, study.saes[1]), (1, 1, study.family("seed")[1])):
+        again, seconds = store.get(strength._Slot(layer, replica, study.profile.sae.n_tokens, None))
+        assert seconds > 0
+        for name, t in given.tensors().items():
+            torch.testing.assert_close(again.tensors()[name], t, rtol=1e-5, atol=1e-6)
