@@ -33,7 +33,9 @@ profile = "smoke"  # build profile: smoke, default or paper
 budget_fractions = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1)  # budgets as fractions of the profile's own
 epochs_fractions = (1 / 16, 1 / 64)  # (tokens seen, distinct tokens) of the epochs arm; None: no arm
 depths = None  # layers t (None: the layers with a second-seed SAE)
-n_null = 5  # random matchings of the Matching Score's null
+n_null = 2  # random matchings of the Matching Score's null
+max_eval_rows = 8192  # evaluation rows the measures use (None: all); sets most of the cost per budget
+delta_loss_tokens = 512  # evaluation tokens of the ΔL pass
 predict_at = 1e9  # training tokens per SAE at which the fitted lines are read as a prediction
 seed = 0  # seed of the epochs arm's token subset and of the nulls
 out_dir = "results/07_strength"  # where the result is written (set by the build)
@@ -62,12 +64,13 @@ config = strength.StrengthConfig.for_recipe(
     epochs_arm=epochs_fractions,
     depths=None if depths is None else tuple(depths),
     n_null=n_null,
+    max_eval_rows=max_eval_rows,
     median_norms=study.median_norms(),
 )
 inputs = study.inputs(
     families={"seed": study.family("seed")},
     train_activations=study.train_activations(),
-    tokens=study.eval_batch(study.profile.delta_loss_tokens),
+    tokens=study.eval_batch(delta_loss_tokens),
     seed=seed,
 )
 result = strength.run(inputs, config)

@@ -69,6 +69,7 @@ def test_config_checks_every_field() -> None:
         ({"depths": (0, 2)}, "depths: expected layers >= 1"),
         ({"depths": (2, 2)}, "depths: expected distinct layers"),
         ({"n_null": -1}, "n_null: expected an int >= 0"),
+        ({"max_eval_rows": 0}, "max_eval_rows: expected None or an int >= 1"),
         ({"outlier_factor": 1.0}, "outlier_factor: expected a number > 1"),
         ({"median_norms": {1: -1.0}}, "median_norms: expected a mapping"),
     ]:
@@ -187,6 +188,19 @@ def test_inputs_saes_are_reused_at_the_recipes_own_budget(tmp_path: Path) -> Non
         dataclasses.replace(cfg, depths=None, budgets=(512,)),
     )
     assert default.depths == (1, 2)
+
+
+def test_max_eval_rows_thins_the_kept_rows_evenly(tmp_path: Path) -> None:
+    keep = np.ones(N_EVAL, dtype=bool)
+    keep[::7] = False
+    inputs = _inputs(tmp_path, keep=keep)
+    thin = strength._thinned(inputs, 50)
+    assert thin.sum() == 50 and not (thin & ~keep).any()
+    assert strength._thinned(inputs, 10_000).tolist() == keep.tolist()
+    few = strength.run(inputs, _config(depths=(1,), budgets=(128,), epochs_arm=None, max_eval_rows=50))
+    full = strength.run(inputs, _config(depths=(1,), budgets=(128,), epochs_arm=None))
+    assert few.rows[0].ev_self != full.rows[0].ev_self  # measured on other rows, cached apart
+    assert few.rows[0].train_seconds == full.rows[0].train_seconds  # the same SAEs
 
 
 def test_missing_inputs_are_named(tmp_path: Path) -> None:

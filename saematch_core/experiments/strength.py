@@ -97,6 +97,9 @@ class StrengthConfig:
     """The matching (default the paper's: folded, all parameters, exact)."""
     n_null: int = 5
     """Random matchings of the Matching Score's null."""
+    max_eval_rows: int | None = None
+    """Measure on at most this many of the kept evaluation rows (evenly spaced; ``None``: all): every
+    measure encodes them several times per row, so this sets most of a row's cost."""
     delta_loss: bool = True
     """Measure the approximation's ΔL (needs ``inputs.model`` and ``inputs.tokens``)."""
     outlier_factor: float = 10.0
@@ -168,6 +171,14 @@ class StrengthConfig:
             raise TypeError(f"StrengthConfig.match: expected a MatchConfig, got {type(self.match).__name__}")
         if not isinstance(self.n_null, int) or isinstance(self.n_null, bool) or self.n_null < 0:
             raise ValueError(f"StrengthConfig.n_null: expected an int >= 0, got {self.n_null!r}")
+        if self.max_eval_rows is not None and (
+            not isinstance(self.max_eval_rows, int)
+            or isinstance(self.max_eval_rows, bool)
+            or self.max_eval_rows < 1
+        ):
+            raise ValueError(
+                f"StrengthConfig.max_eval_rows: expected None or an int >= 1, got {self.max_eval_rows!r}"
+            )
         for name in ("reuse", "delta_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"StrengthConfig.{name}: expected a bool, got {getattr(self, name)!r}")
@@ -468,6 +479,17 @@ def _default_depths(inputs: Inputs, family: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(layers[min(len(layers) - 1, int(f * len(layers)))] for f in (0.25, 0.5, 0.75)))
 
 
+def _thinned(inputs: Inputs, max_rows: int) -> np.ndarray:
+    """``inputs.keep`` (all rows when ``None``) with at most ``max_rows`` rows left, evenly spaced."""
+    n = int(next(iter((inputs.activations or {}).values())).shape[0]) if inputs.activations else 0
+    keep = np.ones(n, dtype=bool) if inputs.keep is None else np.asarray(inputs.keep, dtype=bool).copy()
+    rows = np.flatnonzero(keep)
+    if len(rows) > max_rows:
+        keep[:] = False
+        keep[rows[np.linspace(0, len(rows) - 1, max_rows).round().astype(np.int64)]] = True
+    return keep
+
+
 def _median_norm(config: StrengthConfig, inputs: Inputs, layer: int) -> float:
     if config.median_norms is not None and layer in config.median_norms:
         return config.median_norms[layer]
@@ -535,6 +557,8 @@ def run(inputs: Inputs, config: StrengthConfig | None = None) -> StrengthResult:
             inputs.acts(layer)  # a clear error when the evaluation rows are missing
     if cfg.delta_loss:
         inputs.require_model()
+    if cfg.max_eval_rows is not None:
+        inputs = inputs.replace(keep=_thinned(inputs, cfg.max_eval_rows))
     root = inputs.cache_dir if inputs.cache_dir is not None else cache_root() / "results"
     store = _SAEStore(inputs, cfg, root)
     keep = inputs.keep
