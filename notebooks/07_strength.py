@@ -218,10 +218,19 @@ if config.epochs_arm is not None:
 
 # %% tags=["hide-input"]
 names = {**labels, **ev_labels, "dl_neighbour": "ΔL of SAE Match (nats)"}
+
+
+def predicted(metric: str) -> str:
+    """The line's value at ``predict_at``, flagged where a straight line has left the possible range."""
+    v = fits[metric].at(predict_at)
+    bounded = metric != "dl_neighbour"
+    return f"{v:.3f}" + (" (past the bound of 1: the line cannot hold)" if bounded and v > 1 else "")
+
+
 show_table(
     ["measure", "per tenfold budget", "r²", f"at {budgets[-1]:,} (fit)", f"PREDICTED at {predict_at:.0e}"],
     [
-        [names[m], f"{f.slope:+.3f}", f"{f.r2:.2f}", f"{f.at(budgets[-1]):.3f}", f"{f.at(predict_at):.3f}"]
+        [names[m], f"{f.slope:+.3f}", f"{f.r2:.2f}", f"{f.at(budgets[-1]):.3f}", predicted(m)]
         for m, f in fits.items()
     ],
 )

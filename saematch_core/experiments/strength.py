@@ -203,7 +203,8 @@ class StrengthRow:
     arm: str
     """``budget`` or ``epochs`` (:data:`Arm`)."""
     tokens_seen: int
-    """Training tokens per SAE (steps × batch)."""
+    """Training tokens per SAE: the budget (the trainer takes whole batches, so it rounds up to the
+    next multiple of the batch size)."""
     distinct_tokens: int
     """Distinct training rows those tokens were drawn from."""
     l0: float
