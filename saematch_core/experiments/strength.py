@@ -628,8 +628,8 @@ def run(inputs: Inputs, config: StrengthConfig | None = None) -> StrengthResult:
             measure_seconds=time.perf_counter() - t0,
         )
 
-    # Budget by budget over the depths (an interrupted run has every depth's cheap budgets), the
-    # epochs arm last; rows come back ordered by depth.
+    # Cheapest rows first (reused SAEs, then by tokens to train), so that an interrupted run has
+    # every depth's cheap budgets; rows come back ordered by depth.
     plan: list[tuple[int, str, list[_Slot]]] = [
         (t, "budget", [_Slot(t, 0, budget, None), _Slot(t, 1, budget, None), _Slot(t - 1, 0, budget, None)])
         for budget in cfg.budgets
@@ -638,6 +638,7 @@ def run(inputs: Inputs, config: StrengthConfig | None = None) -> StrengthResult:
     if cfg.epochs_arm is not None:
         seen, distinct = cfg.epochs_arm
         plan += [(t, "epochs", [_Slot(t, 0, seen, distinct), _Slot(t, 1, seen, distinct)]) for t in depths]
+    plan.sort(key=lambda item: sum(0 if store.given(s) is not None else s.tokens for s in item[2]))
     model_spec: dict[str, Any] = {}
     if cfg.delta_loss:
         model, (ids, mask) = inputs.require_model()
