@@ -94,7 +94,8 @@ def test_log_fit_recovers_a_line_and_says_when_it_cannot() -> None:
     assert fit.r2 == pytest.approx(1.0) and fit.n_points == 4
     assert fit.at(1e9) == pytest.approx(0.55)
     assert fit.reaches(0.55) == pytest.approx(1e9, rel=1e-9)
-    assert LogFit.of(tokens, [0.5, 0.4, 0.3, 0.2]).reaches(1.0) == math.inf
+    falling = LogFit.of(tokens, [0.5, 0.4, 0.3, 0.2])
+    assert falling.reaches(0.0) == pytest.approx(1e8) and falling.reaches(0.6) == pytest.approx(1e2)
     flat = LogFit.of(tokens, [0.6, 0.6, 0.6, 0.6])
     assert fit.meets(flat) == pytest.approx(1e10) and flat.meets(fit) == math.inf
     assert math.isnan(LogFit.of([1e3, 1e4], [0.1, float("nan")]).slope)
@@ -139,6 +140,9 @@ def test_run_trains_each_sae_once_caches_rows_and_resumes(
     comparison = res.epochs_comparison("ms_same")
     assert set(comparison) == {"same_seen", "epochs", "same_distinct"}
     assert all(math.isfinite(v) for v in comparison.values())
+    share = res.epochs_share("ms_same")
+    gain = comparison["same_seen"] - comparison["same_distinct"]
+    assert share * gain == pytest.approx(comparison["epochs"] - comparison["same_distinct"])
     assert sorted(res.train_seconds()) == [128, 256, 512, 1024]
     assert math.isfinite(res.fit("ev_self").slope)
 

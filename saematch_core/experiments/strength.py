@@ -263,8 +263,12 @@ class LogFit:
         return round(self.intercept + self.slope * math.log10(tokens), 12)
 
     def reaches(self, value: float) -> float:
-        """Training tokens at which the line reaches ``value`` (``inf`` when it never does, going up)."""
-        if not self.slope > 0:
+        """Training tokens at which the line equals ``value`` (``inf`` for a flat or undefined line).
+
+        >>> LogFit(slope=-0.5, intercept=3.0, r2=1.0, n_points=4).reaches(0.0)
+        1000000.0
+        """
+        if not (math.isfinite(self.slope) and math.isfinite(self.intercept)) or self.slope == 0:
             return math.inf
         return float(10 ** ((value - self.intercept) / self.slope))
 
@@ -354,6 +358,14 @@ class StrengthResult(JsonResult):
             "epochs": finite_mean([float(getattr(r, metric)) for r in arm]),
             "same_distinct": mean_at(distinct),
         }
+
+    def epochs_share(self, metric: str) -> float:
+        """Share of the gain from ``distinct`` to ``tokens_seen`` distinct tokens (one epoch each) that
+        the epochs arm recovers by repeating ``distinct`` tokens: 1 means training steps alone explain
+        the gain, 0 that it needs new tokens (depth means; ``nan`` when the budget arms lack either)."""
+        c = self.epochs_comparison(metric)
+        gain = c["same_seen"] - c["same_distinct"]
+        return (c["epochs"] - c["same_distinct"]) / gain if gain != 0 else math.nan
 
     def train_seconds(self) -> dict[int, list[float]]:
         """Tokens seen → training seconds of every SAE trained at that budget (any arm, any depth)."""
