@@ -37,7 +37,7 @@ from torch import Tensor
 from benchmarks.substrate import save_result
 from saematch_core.activations import ActivationCache, open_activation_cache
 from saematch_core.models import LoadedModel, capture_residuals, forward_precision, load_model
-from saematch_core.prepare import _delta_batch, _rows, layer_train_config, prepare
+from saematch_core.prepare import _delta_batch, _rows, layer_seed, prepare
 from saematch_core.profiles import Profile, SAETrainConfig, get_profile
 from saematch_core.sae import SAE
 from saematch_core.train import DeltaLoss, sae_quality, sae_replacement, train_sae
@@ -125,7 +125,7 @@ def measure(
         exact = _rows(train, layer)
         low = low_rows.pop(layer)
         rel = float(((low - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-12)).mean())
-        base: SAETrainConfig = layer_train_config(profile.sae, layer)
+        base: SAETrainConfig = layer_seed(profile.sae, layer)
         if n_tokens is not None:
             base = dataclasses.replace(base, n_tokens=n_tokens)
         held_out = _rows(evals, layer)

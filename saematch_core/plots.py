@@ -22,6 +22,7 @@ from numpy.typing import ArrayLike
 
 __all__ = [
     "PLOTLY_CONFIG",
+    "dose_response",
     "grouped_bars",
     "heatmap",
     "histogram",
@@ -230,6 +231,61 @@ def lines_by_group(
     fig = _layout(fig, title=f"{title}: {first}", x_title=x_title, y_title=y_title)
     fig.update_layout(margin={"t": 110})
     return fig
+
+
+def dose_response(
+    x: ArrayLike,
+    series: Mapping[str, ArrayLike],
+    *,
+    title: str,
+    x_title: str,
+    y_title: str,
+    lines: Mapping[str, tuple[float, float]] | None = None,
+    extend_to: float | None = None,
+    errors: Mapping[str, ArrayLike] | None = None,
+) -> go.Figure:
+    """Measured series against a dose on a log x axis, with straight lines in log(dose) extended
+    beyond the data and labelled as predictions.
+
+    Parameters
+    ----------
+    x : array, shape (n,)
+        The doses (> 0), e.g. training tokens per SAE.
+    series : mapping name → array of shape (n,)
+        Measured values, one trace each (lines and markers).
+    lines : mapping name → (intercept, slope), optional
+        ``value = intercept + slope · log10(dose)``, drawn dashed from the smallest dose to
+        ``extend_to`` and named "PREDICTION: <name>" in the legend; a line with a non-finite
+        coefficient is left out.
+    extend_to : float, optional
+        Where the lines end (default: the largest dose).
+    errors : mapping name → array of shape (n,), optional
+        Symmetric error bars for the series of the same name.
+    """
+    xs = _as_1d("x", x)
+    if not (xs > 0).all():
+        raise ValueError(f"x: expected doses > 0 for a log axis, got {xs.tolist()}")
+    fig = go.Figure(_line_traces("series", xs, series, errors))
+    end = float(xs.max()) if extend_to is None else float(extend_to)
+    if not end >= xs.min():
+        raise ValueError(f"extend_to: expected >= the smallest dose {xs.min():g}, got {extend_to!r}")
+    grid = np.logspace(math.log10(xs.min()), math.log10(end), 50)
+    for name, (intercept, slope) in (lines or {}).items():
+        if not (math.isfinite(intercept) and math.isfinite(slope)):
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=grid,
+                y=intercept + slope * np.log10(grid),
+                mode="lines",
+                line={"dash": "dash"},
+                name=f"PREDICTION: {name}",
+            )
+        )
+    if extend_to is not None and end > xs.max():
+        fig.add_vrect(x0=float(xs.max()), x1=end, fillcolor="grey", opacity=0.08, line_width=0)
+    fig.update_xaxes(type="log")
+    return _layout(fig, title=title, x_title=x_title, y_title=y_title)
 
 
 def grouped_bars(

@@ -62,7 +62,7 @@ from saematch_core.train import (
     train_sae,
 )
 
-__all__ = ["PrepareResult", "SAERecord", "layer_train_config", "prepare", "sae_file"]
+__all__ = ["PrepareResult", "SAERecord", "layer_seed", "prepare", "sae_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +159,19 @@ class _Job:
     hub_path: str = ""
 
 
-def layer_train_config(config: SAETrainConfig, layer: int) -> SAETrainConfig:
-    """The recipe ``config`` as ``prepare`` trains it at ``layer``: seed ``config.seed + 1000 · layer``.
+def layer_seed(config: SAETrainConfig, layer: int, replica: int = 0) -> SAETrainConfig:
+    """``config`` with the seed the substrate gives the SAE of ``layer``: ``seed + 1000 · layer``,
+    plus 500 for the second-seed SAE (``replica`` 1, the ``seed`` family).
 
-    Retraining a layer's SAE with this (and another sparsity coefficient, say) starts from the same
-    initial dictionary and batch order as the SAE ``prepare`` made.
+    One seed per layer: SAEs of neighbouring layers trained from the same initial dictionary keep
+    feature i at index i, which would make the identity order a free, perfect "matching".
+
+    >>> layer_seed(SAETrainConfig(seed=0), 14, replica=1).seed
+    14500
     """
-    # One seed per layer: SAEs of neighbouring layers trained from the same initial dictionary keep
-    # feature i at index i, which would make the identity order a free, perfect "matching".
-    return dataclasses.replace(config, seed=config.seed + 1000 * layer)
+    if replica not in (0, 1):
+        raise ValueError(f"replica: expected 0 (main) or 1 (second seed), got {replica!r}")
+    return dataclasses.replace(config, seed=config.seed + 1000 * layer + 500 * replica)
 
 
 def _jobs(profile: Profile) -> list[_Job]:
@@ -188,20 +192,19 @@ def _jobs(profile: Profile) -> list[_Job]:
         return jobs
     main = profile.sae
     for layer in profile.layers:
-        jobs.append(_Job("main", layer, f"l0_coef={main.l0_coef:g}", layer_train_config(main, layer)))
+        jobs.append(_Job("main", layer, f"l0_coef={main.l0_coef:g}", layer_seed(main, layer)))
     for layer in profile.sweep_layers:
         for coef in profile.sweep_l0_coefs:
-            config = layer_train_config(dataclasses.replace(main, l0_coef=coef), layer)
+            config = layer_seed(dataclasses.replace(main, l0_coef=coef), layer)
             jobs.append(_Job("sweep", layer, f"l0_coef={coef:g}", config))
     for family in ("topk", "relu"):
         config = dataclasses.replace(main, activation=family)
         setting = f"k={config.k}" if family == "topk" else f"l1_coef={config.l1_coef:g}"
         for layer in profile.family_layers:
-            jobs.append(_Job(family, layer, setting, layer_train_config(config, layer)))
+            jobs.append(_Job(family, layer, setting, layer_seed(config, layer)))
     for layer in profile.seed_layers:
         # the main recipe from a seed no other SAE uses (main seeds step by 1000 per layer)
-        own = layer_train_config(main, layer)
-        config = dataclasses.replace(own, seed=own.seed + 500)
+        config = layer_seed(main, layer, replica=1)
         jobs.append(_Job("seed", layer, f"seed={config.seed}", config))
     return jobs
 

@@ -725,8 +725,7 @@ class DeltaLoss:
 
     def __call__(self, layer: int, replacement: Callable[[Tensor], Tensor]) -> float:
         """ΔL in nats/token when the residual after ``layer`` is replaced by ``replacement(h)``."""
-        if layer not in self.layers:
-            raise ValueError(f"layer: expected one of the recorded layers {list(self.layers)}, got {layer}")
+        self._check(layer)
         if not self.suffix_ok:
             return delta_loss(
                 self.model,
@@ -737,10 +736,38 @@ class DeltaLoss:
                 clean=self.clean,
                 batch_size=self.batch_size,
             )[0]
+        return self._suffix_losses(layer, lambda cap: replacement(cap.hidden[layer]))
+
+    def from_source(self, layer: int, source: int, replacement: Callable[[Tensor, Tensor], Tensor]) -> float:
+        """ΔL in nats/token when the residual after ``layer`` is replaced by a function of the
+        residual after block ``source`` (both recorded): ``replacement(h_source, h_layer) → ĥ_layer``.
+
+        SAE Match's replacement (encode ``h_{t−1}``, permute, decode with layer ``t``'s SAE) is one;
+        ``h_layer`` is given so that the function can pass tokens through unchanged (outliers,
+        position 0). Without the suffix shortcut each batch runs the full model with a hook.
+        """
+        self._check(layer)
+        self._check(source)
+        if self.suffix_ok:
+            return self._suffix_losses(layer, lambda cap: replacement(cap.hidden[source], cap.hidden[layer]))
+        start, replaced = 0, []
+        for cap in self.captures:
+            ids = self.input_ids[start : start + cap.hidden[layer].shape[0]]
+            h_source = cap.hidden[source]
+            with replace_residual(self.model, layer, lambda h, h_source=h_source: replacement(h_source, h)):
+                replaced.append(token_losses(self.model, ids).cpu())
+            start += ids.shape[0]
+        return _mean_increase(torch.cat(replaced), self.clean, self.lengths)
+
+    def _check(self, layer: int) -> None:
+        if layer not in self.layers:
+            raise ValueError(f"layer: expected one of the recorded layers {list(self.layers)}, got {layer}")
+
+    def _suffix_losses(self, layer: int, new_state: Callable[[ForwardCapture], Tensor]) -> float:
         start, replaced = 0, []
         for cap in self.captures:
             h = cap.hidden[layer]
-            new = replacement(h)
+            new = new_state(cap)
             if new.shape != h.shape:
                 raise ValueError(
                     f"replacement: expected output shape {tuple(h.shape)}, got {tuple(new.shape)}"

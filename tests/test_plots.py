@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import pytest
 
 from saematch_core.plots import (
+    dose_response,
     grouped_bars,
     heatmap,
     histogram,
@@ -191,3 +192,25 @@ def test_matcher_scores_names_each_line_with_its_mean_and_wins() -> None:
         matcher_scores([0], {"a": [1.0]}, wins={}, title="t", x_title="x", y_title="y")
     with pytest.raises(ValueError, match=r"scores\['a'\]: expected length 2"):
         matcher_scores([0, 1], {"a": [1.0]}, wins={"a": 0}, title="t", x_title="x", y_title="y")
+
+
+def test_dose_response_draws_predictions_dashed_on_a_log_axis() -> None:
+    fig = dose_response(
+        [1e3, 1e4, 1e5],
+        {"measured": [0.1, 0.2, 0.3]},
+        lines={"measured": (-0.2, 0.1), "undefined": (float("nan"), 0.1)},
+        extend_to=1e9,
+        title="t",
+        x_title="tokens",
+        y_title="EV",
+    )
+    assert fig.layout.xaxis.type == "log"
+    names = [t.name for t in fig.data]
+    assert names == ["measured", "PREDICTION: measured"]
+    line = fig.data[1]
+    assert line.line.dash == "dash" and max(line.x) == pytest.approx(1e9)
+    assert line.y[-1] == pytest.approx(-0.2 + 0.1 * 9)
+    with pytest.raises(ValueError, match="x: expected doses > 0"):
+        dose_response([0, 1], {"a": [1, 2]}, title="t", x_title="x", y_title="y")
+    with pytest.raises(ValueError, match="extend_to: expected >= the smallest dose"):
+        dose_response([10, 100], {"a": [1, 2]}, extend_to=1, title="t", x_title="x", y_title="y")

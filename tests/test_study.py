@@ -198,6 +198,23 @@ def test_load_study_rejects_a_non_profile() -> None:
         load_study("smok")
 
 
+def test_eval_batch_takes_chunks_round_robin_over_corpora(tmp_path: Path) -> None:
+    study = _fake_study(tmp_path)
+    ids, mask = study.eval_batch(30)
+    corpora = [c["corpus"] for c in study.evals.chunks]
+    first = {name: corpora.index(name) for name in ("austen", "code", "reference")}
+    starts = np.concatenate([[0], np.cumsum([c["length"] for c in study.evals.chunks])])
+    tokens = np.asarray(study.evals.tokens)
+    # one chunk of each corpus, in corpus order, until the budget
+    for row, name in enumerate(("austen", "code", "reference")):
+        i = first[name]
+        n = int(mask[row].sum())
+        assert ids[row, :n].tolist() == tokens[starts[i] : starts[i] + n].tolist()
+    assert ids.shape[0] == 3 and int(mask.sum()) <= 30
+    with pytest.raises(FileNotFoundError, match="no training activation cache"):
+        study.train_activations()
+
+
 @pytest.mark.slow
 def test_load_study_on_the_smoke_profile(tmp_path: Path) -> None:
     """The whole chain on the real smoke substrate (prepare takes about a minute cold)."""
@@ -210,5 +227,10 @@ def test_load_study_on_the_smoke_profile(tmp_path: Path) -> None:
     assert fit_ids.shape == fit_mask.shape
     assert 0 < int(fit_mask.sum()) <= 256
     assert study.alive(1).any()
+    train_rows = study.train_activations()
+    assert sorted(train_rows) == list(study.layers)
+    x = train_rows[1]
+    assert x.dtype == np.float32 and x.shape[1] == study.profile.model.d_model
+    assert train_rows[1] is x  # the layer read last is kept
     again = load_study("smoke", cache_dir=tmp_path)
     assert again.prepared.cached

@@ -214,6 +214,33 @@ def test_delta_loss_probe_agrees_with_full_forward_passes(monkeypatch: pytest.Mo
     assert probe.suffix_ok is True
 
 
+def test_delta_loss_from_another_layer_agrees_with_full_forward_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = load_model(get_profile("smoke").model).model
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([12, 10, 7])
+    probe = DeltaLoss(model, ids, lengths, batch_size=2, layers=(0, 1, 2))
+
+    def mix(h_source: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return 0.5 * h_source + 0.25 * h
+
+    # The same layer as its own source is the one-layer replacement.
+    assert probe.from_source(1, 1, mix) == pytest.approx(probe(1, lambda h: 0.75 * h), rel=1e-5, abs=1e-7)
+    # Without the suffix shortcut (full passes with a hook, the slow reference) the numbers agree.
+    fast = [probe.from_source(2, 0, mix), probe.from_source(1, 0, lambda hs, h: hs)]
+    for module in (train, models):
+        monkeypatch.setattr(module, "run_suffix", lambda *a, **k: None)
+    slow = DeltaLoss(model, ids, lengths, batch_size=2, layers=(0, 1, 2))
+    assert slow.suffix_ok is False
+    assert fast == pytest.approx(
+        [slow.from_source(2, 0, mix), slow.from_source(1, 0, lambda hs, h: hs)], rel=1e-5
+    )
+    assert fast[1] != 0  # skipping block 1 changes the loss
+    with pytest.raises(ValueError, match=r"layer: expected one of the recorded layers \[0, 1, 2\], got 3"):
+        probe.from_source(3, 2, mix)
+
+
 def test_small_saes_train_single_threaded_and_restore_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
     real = torch.Tensor.backward

@@ -11,22 +11,18 @@ change between layers (or the matching misses them). The substrate trains such a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
-import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from saematch_core.experiments.inputs import ArrayLike, Inputs
+from saematch_core.experiments.inputs import Inputs
 from saematch_core.experiments.measures.scores import MatchingScoreResult, default_methods, matching_scores
-from saematch_core.experiments.measures.swap import matched_reconstructor
+from saematch_core.experiments.measures.swap import explained_variance, matched_reconstructor
 from saematch_core.experiments.results import (
     JsonResult,
     acts_digest,
-    array_rows,
     finite_mean,
     load_or_compute,
     sae_digest,
@@ -86,55 +82,6 @@ class SeedCeilingResult(JsonResult):
             if not math.isnan(cross):
                 ratios.append(cross / r.same_layer)
         return finite_mean(ratios)
-
-
-def explained_variance(
-    reconstruct: Callable[[Tensor], Tensor],
-    source: ArrayLike,
-    target: ArrayLike,
-    *,
-    keep: ArrayLike | None = None,
-    chunk_size: int = 4096,
-) -> float:
-    """``1 − Σ‖reconstruct(source) − target‖² / Σ‖target − mean(target)‖²`` over kept tokens.
-
-    ``source`` and ``target`` are (n_tokens, d_in) residuals of the same tokens (possibly of two
-    layers); rows are processed in chunks, in float64 sums.
-
-    >>> x = torch.randn(100, 4)
-    >>> explained_variance(lambda h: h, x, x)
-    1.0
-    >>> abs(explained_variance(lambda h: 0 * h + x.mean(0), x, x)) < 1e-12
-    True
-    """
-    n = int(source.shape[0])
-    if int(target.shape[0]) != n:
-        raise ValueError(f"source, target: expected the same tokens, got {n} and {int(target.shape[0])} rows")
-    mask = (
-        torch.ones(n, dtype=torch.bool)
-        if keep is None
-        else torch.as_tensor(np.asarray(keep), dtype=torch.bool)
-    )
-    total = torch.zeros((), dtype=torch.float64)
-    s1 = torch.zeros(int(target.shape[1]), dtype=torch.float64)
-    s2 = torch.zeros((), dtype=torch.float64)
-    count = 0
-    cpu = torch.device("cpu")
-    with torch.no_grad():
-        for start in range(0, n, chunk_size):
-            m = mask[start : start + chunk_size]
-            if not bool(m.any()):
-                continue
-            src = array_rows(source, start, start + chunk_size, device=cpu, dtype=torch.float32)[m]
-            tgt = array_rows(target, start, start + chunk_size, device=cpu, dtype=torch.float64)[m]
-            total += (reconstruct(src).double() - tgt).pow(2).sum()
-            s1 += tgt.sum(0)
-            s2 += tgt.pow(2).sum()
-            count += int(m.sum())
-    if count == 0:
-        return math.nan
-    variance = float(s2 - s1.pow(2).sum() / count)
-    return 1.0 - float(total) / variance if variance > 0 else math.nan
 
 
 def _ceiling_methods() -> dict[str, MatchConfig]:

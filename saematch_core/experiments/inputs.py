@@ -54,6 +54,9 @@ class Inputs:
     """Layer → SAE (the main family: the one every experiment matches)."""
     activations: Mapping[int, ArrayLike] | None = None
     """Layer → residual activations (n_tokens, d_in), the same tokens (rows) for every layer."""
+    train_activations: Mapping[int, ArrayLike] | None = None
+    """Layer → residuals to train SAEs on (rows, d_in), position 0 and outliers already removed, for
+    experiments that train their own SAEs (a lazy mapping is fine: a layer is read when asked for)."""
     keep: ArrayLike | None = None
     """Bool (n_tokens,): rows counted by data-based measures (False for position 0, outliers)."""
     token_ids: ArrayLike | None = None
@@ -85,6 +88,11 @@ class Inputs:
         bad = [k for k, v in self.saes.items() if not isinstance(v, SAE)]
         if bad:
             raise TypeError(f"Inputs.saes: expected SAE values, got something else at layers {bad}")
+        for name in ("activations", "train_activations"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                got = type(value).__name__
+                raise TypeError(f"Inputs.{name}: expected a mapping layer → array, got {got}")
         if self.pairs is not None:
             try:
                 pairs = tuple((int(a), int(b)) for a, b in self.pairs)

@@ -90,7 +90,7 @@ from saematch_core.experiments.results import (
 )
 from saematch_core.fold import fold
 from saematch_core.match import MatchConfig
-from saematch_core.prepare import layer_train_config
+from saematch_core.prepare import layer_seed
 from saematch_core.profiles import SAETrainConfig
 from saematch_core.sae import SAE
 from saematch_core.train import train_sae
@@ -727,7 +727,7 @@ class L0MismatchConfig:
     """The paper's early layers (0–9 of 26) as a fraction of the depth."""
     train: SAETrainConfig | None = None
     """The recipe the SAEs were trained with (the profile's); required to retrain. Layer ``t``'s SAE
-    is retrained with :func:`saematch_core.prepare.layer_train_config` (same seed) and another λ."""
+    is retrained with :func:`saematch_core.prepare.layer_seed` (same seed) and another λ."""
     l0_exponent: float = 0.72
     """``L0 ∝ λ^(−l0_exponent)``: the first guess of λ for a target L0 (measured on the default
     profile's L0 sweep: λ 0.05 → L0 213, 0.6 → 35); later tries interpolate the measured points."""
@@ -1107,7 +1107,7 @@ def _retrain_pair(
     if cfg.train is None:
         raise ValueError("L0MismatchConfig.train: the SAEs' training recipe is required to retrain")
     rows = torch.as_tensor(np.asarray(train_rows, dtype=np.float32))
-    recipe = layer_train_config(cfg.train, lb)
+    recipe = layer_seed(cfg.train, lb)
 
     def train(coef: float) -> tuple[SAE, float, float]:
         result = train_sae(

@@ -15,7 +15,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,18 @@ class Study:
     def usable(self) -> dict[int, np.ndarray]:
         """Layer → rows usable at that layer alone (:meth:`ActivationCache.usable`), shape (n_tokens,)."""
         return {layer: self.evals.usable(layer) for layer in self.layers}
+
+    def train_activations(self) -> Mapping[int, np.ndarray]:
+        """Layer → the training residuals the profile's SAEs were trained on (usable rows only,
+        float32), read from the training activation cache when a layer is asked for; the last layer
+        read is kept. For experiments that train SAEs (``Inputs.train_activations``)."""
+        folder = self.prepared.activation_folders.get("train")
+        cache = open_activation_cache(folder) if folder is not None else None
+        if cache is None:
+            raise FileNotFoundError(
+                f"profile {self.profile.name!r}: no training activation cache (pretrained SAEs have none)"
+            )
+        return _TrainRows(cache, self.layers)
 
     def inputs(self, *, keep: ArrayLike | None = None, **changes: Any) -> Inputs:
         """What the experiments take, over this study (:class:`~saematch_core.experiments.inputs.Inputs`).
@@ -295,6 +307,10 @@ class Study:
             raise FileNotFoundError(f"{folder}: this profile has no training activation cache")
         return np.asarray(cache.layer(layer)[cache.usable(layer)], dtype=np.float32)
 
+    def eval_batch(self, max_tokens: int) -> TokenBatch:
+        """Evaluation chunks taken round-robin over corpora, at most ``max_tokens`` tokens, padded."""
+        return chunk_batch(self.evals, _round_robin(self.evals), max_tokens)
+
     def fit_batch(self, max_tokens: int) -> TokenBatch:
         """Training-split chunks (disjoint from the evaluation documents), round-robin over corpora.
 
@@ -304,17 +320,43 @@ class Study:
         folder = self.prepared.activation_folders.get("train")
         cache = open_activation_cache(folder) if folder is not None else None
         if cache is not None:
-            by_corpus: dict[str, list[int]] = {}
-            for i, c in enumerate(cache.chunks):
-                by_corpus.setdefault(c["corpus"], []).append(i)
-            order = [
-                i for group in itertools.zip_longest(*by_corpus.values()) for i in group if i is not None
-            ]
-            return chunk_batch(cache, order, max_tokens)
+            return chunk_batch(cache, _round_robin(cache), max_tokens)
         tok = self.loaded.tokenizer
         per = corpus_chunks(self.profile.data, tok.encode, "train", bos_id=tok.bos_id)
         pieces = [c.ids for group in itertools.zip_longest(*per.values()) for c in group if c is not None]
         return _pad_pieces(pieces, max_tokens)
+
+
+def _round_robin(cache: ActivationCache) -> list[int]:
+    """Chunk indices of ``cache`` alternating between corpora (first of each, second of each, ...)."""
+    by_corpus: dict[str, list[int]] = {}
+    for i, c in enumerate(cache.chunks):
+        by_corpus.setdefault(c["corpus"], []).append(i)
+    return [i for group in itertools.zip_longest(*by_corpus.values()) for i in group if i is not None]
+
+
+class _TrainRows(Mapping[int, np.ndarray]):
+    """A read-on-demand layer → usable training rows mapping (one layer held at a time)."""
+
+    def __init__(self, cache: ActivationCache, layers: Sequence[int]) -> None:
+        self._cache = cache
+        self._layers = tuple(layers)
+        self._held: tuple[int, np.ndarray] | None = None
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        if layer not in self._layers:
+            raise KeyError(layer)
+        if self._held is None or self._held[0] != layer:
+            self._held = None  # free the previous layer first
+            rows = np.asarray(self._cache.layer(layer)[self._cache.usable(layer)], dtype=np.float32)
+            self._held = (layer, rows)
+        return self._held[1]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 def load_study(
