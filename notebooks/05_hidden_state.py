@@ -131,7 +131,7 @@ show_table(*approximate.scheme_means(results, schemes, labels))
 # the two layers' dictionaries share their features one to one: then moving the codes through the
 # matching costs little beyond the SAE's own reconstruction error ("enc-dec current"). When SAE Match
 # explains far less than "enc-dec previous" (the same codes decoded with layer t−1's own dictionary),
-# the matched partners are mostly different features. Section 9.6 tests whether that is a change
+# the matched partners are mostly different features. Section 8.6 tests whether that is a change
 # between layers or a property of the dictionaries: it swaps in an SAE of the *same* layer trained
 # from another seed, through the same kind of matching.
 

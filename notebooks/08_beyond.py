@@ -5,7 +5,7 @@
 # ---
 
 # %% [markdown]
-# # 9. Beyond the paper: the reviewers' open questions, answered with data
+# # 8. Beyond the paper: the reviewers' open questions, answered with data
 #
 # Inputs: the main JumpReLU SAEs of every layer, the TopK and ReLU SAEs of the layer band the
 # substrate trains them for, the evaluation residual stream and (for ΔL) the language model.
@@ -31,7 +31,7 @@ link_level = 0.01  # chance that an unrelated feature gets a link, for splits / 
 n_pairs = 10  # consecutive layer pairs analysed, evenly spread over the depth (None: all)
 tokens_per_corpus = 512  # evaluation tokens per corpus for ΔL (as in section 5, whose results are reused)
 batch_size = 8  # chunks per forward pass for ΔL
-out_dir = "results/09_beyond"  # where results are written (set by the build)
+out_dir = "results/08_beyond"  # where results are written (set by the build)
 
 # %%
 import warnings

@@ -5,7 +5,7 @@
 # ---
 
 # %% [markdown]
-# # 7. Appendix: SAE quality, performance and environment
+# # 10. Appendix: SAE quality, performance and environment
 #
 # Inputs: the profile's prepared SAEs (their quality report), `benchmarks/results/results.json`
 # when `make bench` has been run, and the installed software. Outputs: three tables and two figures.
