@@ -57,7 +57,7 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"x, y: expected two 1-D series of equal length, got {a.shape} and {b.shape}")
     ok = ~(np.isnan(a) | np.isnan(b))
-    return correlation(_ranks(a[ok]), _ranks(b[ok]))
+    return correlation(_ranks(a[ok]).tolist(), _ranks(b[ok]).tolist())
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
