@@ -40,6 +40,7 @@ def test_parameter_mse_planted_permutation(tmp_path) -> None:
 
 def test_decoder_norm_difference_follows_the_scale(tmp_path) -> None:
     a, _, _ = planted()
+    assert a.threshold is not None
     # Layer B is A with twice the thresholds: in identity order every folded decoder row of B is
     # twice as long as its partner's, so the difference is A's own row length.
     b2 = replace(a, threshold=a.threshold * 2)
