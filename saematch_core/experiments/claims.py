@@ -85,6 +85,7 @@ __all__ = [
     "SmallLoss",
     "ThetaNorm",
     "claims_table_html",
+    "finding_markdown",
     "measure_above_chance",
     "measure_agreement",
     "measure_code_last",
@@ -1482,6 +1483,23 @@ def read_claims(results_root: str | os.PathLike[str]) -> list[Finding]:
 
 
 _VERDICT = {True: "reproduced", False: "not reproduced", None: "not measurable here"}
+
+
+def finding_markdown(finding: Finding) -> str:
+    """A finding as the Markdown paragraph a notebook shows under its figure: the claim with its
+    figure, our measurement, the verdict (with the failed checks) and the rule with its threshold.
+
+    >>> f = CLAIMS["fig3_depth_trend"].evaluate(DepthTrend(rho_enc=-0.4, rho_dec=0.9))
+    >>> "**not reproduced** (ρ(layer, W_enc MSE) = -0.4 (needs ≤ -0.5))" in finding_markdown(f)
+    True
+    """
+    c = finding.claim
+    reason = f" ({finding.reason})" if finding.reason else ""
+    return (
+        f"*{c.figure}, the paper:* {c.text}.\n\n"
+        f"*Ours:* {finding.ours}.\n\n"
+        f"Verdict: **{_VERDICT[finding.holds]}**{reason}. Rule: {c.rule}."
+    )
 
 
 def _table(findings: Sequence[Finding], first: str, link_prefix: str) -> str:
