@@ -857,16 +857,25 @@ def measure_match_vs(results: Mapping[str, ApproximationResult], other: str) -> 
     )
 
 
+_OTHER_NAMES = {
+    "drop": "layer drop",
+    "linear": "the least-squares map",
+    "match_unfolded_cosine_W_dec": "exact cosine matching",
+}
+
+
 def _comparison_checks(m: Comparison) -> list[Check]:
+    other = _OTHER_NAMES.get(m.other, m.other)
     return [
-        Check(f"fraction of cases with ΔL below {m.other}", _ratio(m.wins_dl, m.total), ">", 0.5),
-        Check(f"fraction of cases with EV above {m.other}", _ratio(m.wins_ev, m.total), ">", 0.5),
+        Check(f"fraction of cases with ΔL below {other}", _ratio(m.wins_dl, m.total), ">", 0.5),
+        Check(f"fraction of cases with EV above {other}", _ratio(m.wins_ev, m.total), ">", 0.5),
     ]
 
 
 def _comparison_text(m: Comparison) -> str:
     return (
-        f"SAE Match vs {m.other}: ΔL lower in {m.wins_dl}/{m.total} (corpus, layer) cases, EV higher in "
+        f"SAE Match vs {_OTHER_NAMES.get(m.other, m.other)}: ΔL lower in {m.wins_dl}/{m.total} "
+        "(corpus, layer) cases, EV higher in "
         f"{m.wins_ev}/{m.total}; mean ΔL {m.mean_dl[0]:.2f} vs {m.mean_dl[1]:.2f} nats, mean EV "
         f"{m.mean_ev[0]:.3f} vs {m.mean_ev[1]:.3f}"
     )
