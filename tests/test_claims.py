@@ -43,6 +43,7 @@ from saematch_core.experiments.claims import (
     SmallLoss,
     ThetaNorm,
     claims_table_html,
+    finding_markdown,
     measure_above_chance,
     measure_agreement,
     measure_code_last,
@@ -231,6 +232,10 @@ def test_describe_formats_as_the_table_shows_them() -> None:
         CLAIMS["fig3_depth_trend"].reason(DepthTrend(-0.4, 0.9))
         == "ρ(layer, W_enc MSE) = -0.4 (needs ≤ -0.5)"
     )
+    ours = finding_markdown(CLAIMS["ours_match_vs_drop"].evaluate(_cmp(1, 1)))
+    assert ours.startswith("*our question:*") and "**does not hold**" in ours
+    paper = finding_markdown(CLAIMS["fig3_depth_trend"].evaluate(DepthTrend(-0.6, 0.9)))
+    assert paper.startswith("*Fig. 3, the paper:*") and "**reproduced**" in paper
 
 
 # ------------------------------------------------------------------------------------------ builders
@@ -451,7 +456,7 @@ def test_findings_round_trip_in_registry_order(tmp_path: Path) -> None:
     )
     table = claims_table_html(found, link_prefix="../notebooks/")
     assert "r = &lt;0.9&gt;" in table and 'href="../notebooks/05_x.html"' in table
-    assert "not measurable here" in table and "not reproduced: few wins" in table
+    assert "not measurable here" in table and "does not hold: few wins" in table
     assert html.escape(q.rule) in table and "Figs. 16/17: " in table
     assert table.index("r = &lt;0.9&gt;") < table.index("Beyond the paper") < table.index("1/87")
     assert "1/87" not in claims_table_html(found, which="paper")

@@ -1492,6 +1492,12 @@ def read_claims(results_root: str | os.PathLike[str]) -> list[Finding]:
 
 
 _VERDICT = {True: "reproduced", False: "not reproduced", None: "not measurable here"}
+_VERDICT_OURS = {True: "holds", False: "does not hold", None: "not measurable here"}
+
+
+def _verdict(finding: Finding) -> str:
+    """The verdict's words: a claim of the paper is (not) reproduced, a question of ours (does not) hold."""
+    return (_VERDICT_OURS if finding.key in OUR_CLAIMS else _VERDICT)[finding.holds]
 
 
 def finding_markdown(finding: Finding) -> str:
@@ -1504,10 +1510,11 @@ def finding_markdown(finding: Finding) -> str:
     """
     c = finding.claim
     reason = f" ({finding.reason})" if finding.reason else ""
+    whose = "our question" if finding.key in OUR_CLAIMS else f"{c.figure}, the paper"
     return (
-        f"*{c.figure}, the paper:* {c.text}.\n\n"
+        f"*{whose}:* {c.text}.\n\n"
         f"*Ours:* {finding.ours}.\n\n"
-        f"Verdict: **{_VERDICT[finding.holds]}**{reason}. Rule: {c.rule}."
+        f"Verdict: **{_verdict(finding)}**{reason}. Rule: {c.rule}."
     )
 
 
@@ -1516,7 +1523,7 @@ def _table(findings: Sequence[Finding], first: str, link_prefix: str) -> str:
     for f in findings:
         c = f.claim
         link = f'<a href="{html.escape(link_prefix + f.section)}.html">{html.escape(f.section)}</a>'
-        verdict = _VERDICT[f.holds] + (f": {f.reason}" if f.reason else "")
+        verdict = _verdict(f) + (f": {f.reason}" if f.reason else "")
         body.append(
             "<tr>"
             f"<td>{html.escape(c.figure)}: {html.escape(f.paper)}</td><td>{html.escape(f.ours)}</td>"
