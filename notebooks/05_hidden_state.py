@@ -144,7 +144,7 @@ Markdown(
 )
 
 # %% [markdown]
-# ### Beyond the paper: layer drop, a least-squares map and cosine matching
+# ## Beyond the paper: layer drop, a least-squares map and cosine matching
 #
 # The paper compares SAE Match with SAE reconstructions only. Three references of our own: dropping
 # block t (in a residual network h_{t−1} already explains most of h_t), the least-squares linear map
