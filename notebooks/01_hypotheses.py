@@ -22,8 +22,16 @@ import warnings
 # tqdm.auto warns at import when ipywidgets is absent; torch warns on read-only memory maps.
 warnings.filterwarnings("ignore", message="IProgress not found")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-from saematch_core.experiments import scale
-from saematch_core.experiments.claims import PAPER_CLAIMS, measure_theta_norm, write_claims
+from IPython.display import Markdown
+
+from saematch_core.experiments import parameter_mse, scale
+from saematch_core.experiments.claims import (
+    PAPER_CLAIMS,
+    finding_markdown,
+    measure_norm_follow,
+    measure_theta_norm,
+    write_claims,
+)
 from saematch_core.experiments.study import load_study
 from saematch_core.plots import line_per_layer, scatter, show, show_table
 
@@ -69,16 +77,13 @@ show(
     )
 )
 
-# %% [markdown]
-# **What this shows.** Both curves are divided by their first-layer value so that they share an axis:
-# if θ carries the layer's scale, the two rise together. The paper's statement and our measurement
-# (the Pearson correlation across layers between mean θ and mean ‖h‖, and of mean θ with depth):
-
 # %% tags=["hide-input"]
-print(f"paper: {claim.text}")
-print(
-    f"ours: corr(mean θ, mean ‖h‖) over layers = {measured.r_theta_norm:.3f}; "
-    f"corr(mean θ, layer) = {measured.r_theta_depth:.3f}"
+theta_norm = claim.evaluate(measured)
+Markdown(
+    f"**What this shows.** Both curves are divided by their first-layer value so that they share an axis. "
+    f"Across the {measured.n_layers} layers the rank correlation of mean θ with depth is "
+    f"{measured.rho_theta_depth:+.2f}, of mean ‖h‖ with depth {measured.rho_norm_depth:+.2f}, and of the two "
+    f"with each other {measured.rho_theta_norm:+.2f}.\n\n" + finding_markdown(theta_norm)
 )
 
 # %% tags=["hide-input"]
@@ -95,11 +100,35 @@ show(
 show_table(*result.table())
 
 # %% [markdown]
-# **What this shows.** A point per layer: if θ tracks the hidden-state scale, the points lie on an
-# increasing curve. On the `smoke` profile the model is randomly initialised and its SAEs are tiny,
-# so there is no reason for the paper's trend to appear; on `default` (SmolLM2-135M) and `paper`
-# (Gemma 2 2B) it is the paper's measurement on a real model.
+# ## Matched decoder rows after folding (Fig. 1, right)
+#
+# After folding, a feature's decoder row is `θ_i W_dec[i]`. For every consecutive layer pair, SAE Match
+# pairs the features, and the median over matched pairs of how much longer the partner's folded row
+# is, `‖θ_B W_dec,B[P i]‖ − ‖θ_A W_dec,A[i]‖`, is compared with how much the mean hidden-state norm
+# grows between the two layers.
 
 # %% tags=["hide-input"]
-write_claims(out_dir, "01_hypotheses", [claim.evaluate(measured)])
+mse = parameter_mse.run(study.inputs(activations=None))
+follow = measure_norm_follow(mse, result)
+pair_rows = [r for r in mse.rows if r.method == "folded"]
+norm_by_layer = {r.layer: r.norm_mean for r in result.rows}
+show(
+    scatter(
+        [norm_by_layer[r.layer_b] - norm_by_layer[r.layer_a] for r in pair_rows],
+        [r.dec_norm_diff for r in pair_rows],
+        labels=[f"{r.layer_a}→{r.layer_b}" for r in pair_rows],
+        title="Growth of matched folded decoder rows against growth of ‖h‖ (Fig. 1, right)",
+        x_title="mean ‖h‖ at t+1 − mean ‖h‖ at t (residual-stream units)",
+        y_title="median ‖θ W_dec‖ of the partner − of the feature (residual-stream units)",
+    )
+)
+norm_diff = PAPER_CLAIMS["fig1_folded_norm_diff"].evaluate(follow)
+Markdown(
+    f"**What this shows.** One point per layer pair: the Pearson correlation across the {follow.n_pairs} "
+    f"pairs between the growth of matched folded decoder rows and the growth of the hidden-state norm is "
+    f"{follow.r:+.2f}.\n\n" + finding_markdown(norm_diff)
+)
+
+# %% tags=["hide-input"]
+write_claims(out_dir, "01_hypotheses", [theta_norm, norm_diff])
 assert len(result.rows) == len(study.layers)

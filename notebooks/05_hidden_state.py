@@ -35,18 +35,25 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 import numpy as np
+from IPython.display import Markdown
 
 from saematch_core.experiments import approximate
 from saematch_core.experiments.approximate import ApproximationConfig, default_schemes, hybrid_schemes
 from saematch_core.experiments.claims import (
     CLAIMS,
-    measure_best_l0,
-    measure_folded_ev,
-    measure_match_vs_drop,
-    measure_quantile_gain,
+    L0_NOT_MEASURED,
+    WEB_TEXT_STAND_IN,
+    finding_markdown,
+    measure_code_last,
+    measure_corpus_loss,
+    measure_ev_gap,
+    measure_l0_sweep,
+    measure_match_vs,
+    measure_quantile_shape,
+    measure_small_loss,
     write_claims,
 )
-from saematch_core.experiments.measures.summary import correlation, paper_layer
+from saematch_core.experiments.measures.summary import paper_layer, rank_correlation
 from saematch_core.experiments.study import load_study
 from saematch_core.plots import line_per_layer, lines_by_group, scatter, show, show_table
 
@@ -94,11 +101,26 @@ show(
     )
 )
 
-# %% [markdown]
-# **What this shows.** Pick the corpus in the dropdown. Lower is better. The two SAE reconstructions
-# bracket what a matching can reach: "enc-dec current" is the best SAE Match could do with perfect
-# matching; "enc-dec previous" skips block t entirely after an SAE round trip, as does "layer drop"
-# without it. The linear map is the reviewers' baseline fitted on held-out tokens.
+# %% tags=["hide-input"]
+small = measure_small_loss(results, n)
+corpus_loss = measure_corpus_loss(results, n)
+code_last = measure_code_last(results)
+fig10 = [
+    CLAIMS["fig10_small_loss_late"].evaluate(small),
+    CLAIMS["fig10_web_least"].evaluate(corpus_loss),
+    CLAIMS["fig10_code_last"].evaluate(code_last),
+]
+Markdown(
+    '**What this shows.** Pick the corpus in the dropdown; lower is better. "enc-dec current" (layer '
+    't\'s own SAE round trip) is the best SAE Match could do with a perfect matching; "enc-dec previous" '
+    'and "layer drop" skip block t, with and without an SAE round trip. Folded SAE Match raises the loss '
+    f"by {small.late:.2f} nats/token on average over corpora from layer {round(10 / 26 * n)} on (the "
+    f"paper's layer 10 of 26) and by {small.early:.2f} before; the clean loss there is {small.clean:.2f}. "
+    "Per corpus, the late mean ΔL is "
+    + ", ".join(f"{c} {v:.2f}" for c, v in corpus_loss.late.items())
+    + f" ({WEB_TEXT_STAND_IN} stands in for the paper's web text: it is our only plain-prose corpus).\n\n"
+    + "\n\n".join(finding_markdown(f) for f in fig10)
+)
 
 # %% tags=["hide-input"]
 show(
@@ -110,30 +132,44 @@ show(
         y_title="1 − Var(ĥ − h) / Var(h) (fraction)",
     )
 )
-match_vs_drop = measure_match_vs_drop(results)
-folded_ev = measure_folded_ev(results)
-print(f"ours (beyond the paper): {CLAIMS['fig10_match_vs_drop'].text}")
-print(
-    f"ours: SAE Match ΔL below layer drop on {match_vs_drop.wins}/{match_vs_drop.total} (corpus, layer) cases"
-)
-print(f"paper: {CLAIMS['fig10_folded_vs_unfolded'].text}")
-print(f"ours: folded EV above unfolded on {folded_ev.wins}/{folded_ev.total} (corpus, layer) cases")
 show_table(*approximate.scheme_means(results, schemes, labels))
+gap = measure_ev_gap(results, n)
+fig11 = [CLAIMS["fig11_converges"].evaluate(gap), CLAIMS["fig11_worse_early"].evaluate(gap)]
+Markdown(
+    "**What this shows.** Explained variance of ĥ_t against the true h_t on the same tokens (outliers and "
+    "position 0 excluded); the table averages every scheme over corpora and layers. Over the last third "
+    f"of the layers folded SAE Match's EV differs from encode-decode previous's by {gap.late_gap:.3f} on "
+    f"average; over the early layers it is {gap.mean_early_gap:+.3f} from it, below it on "
+    f"{gap.early_worse:.0%} of them.\n\n" + "\n\n".join(finding_markdown(f) for f in fig11)
+)
 
 # %% [markdown]
-# **What this shows.** Explained variance of ĥ_t against the true h_t on the same tokens (outliers
-# and position 0 excluded). The printed lines count, over every corpus and layer, how often SAE Match
-# beats dropping the layer in ΔL and how often folding beats not folding in EV; the paper's
-# statements are beside them, and the table averages every scheme over corpora and layers.
+# ## Beyond the paper: layer drop, a least-squares map and cosine matching
 #
-# Read the table against two references. "Layer drop" is strong in a residual network: block t adds
-# a small update to h_{t−1}, so h_{t−1} already explains most of h_t. SAE Match can only beat it when
-# the two layers' dictionaries share their features one to one: then moving the codes through the
-# matching costs little beyond the SAE's own reconstruction error ("enc-dec current"). When SAE Match
-# explains far less than "enc-dec previous" (the same codes decoded with layer t−1's own dictionary),
-# the matched partners are mostly different features. Section 9.6 tests whether that is a change
-# between layers or a property of the dictionaries: it swaps in an SAE of the *same* layer trained
-# from another seed, through the same kind of matching.
+# The paper compares SAE Match with SAE reconstructions only. Three references of our own: dropping
+# block t (in a residual network h_{t−1} already explains most of h_t), the least-squares linear map
+# h_{t−1} → h_t fitted on held-out tokens, and exact cosine matching of decoder rows.
+
+# %% tags=["hide-input"]
+ours = {
+    "ours_match_vs_drop": measure_match_vs(results, "drop"),
+    "ours_match_vs_linear": measure_match_vs(results, "linear"),
+    "ours_folded_vs_cosine_approx": measure_match_vs(results, "match_unfolded_cosine_W_dec"),
+}
+beyond = [CLAIMS[k].evaluate(m) for k, m in ours.items()]
+Markdown(
+    "**What this shows.** "
+    + " ".join(
+        f"Against {labels[m.other]}, folded SAE Match has the lower ΔL in {m.wins_dl} and the higher EV in "
+        f"{m.wins_ev} of {m.total} (corpus, layer) cases (mean ΔL {m.mean_dl[0]:.2f} vs {m.mean_dl[1]:.2f} "
+        f"nats, mean EV {m.mean_ev[0]:.3f} vs {m.mean_ev[1]:.3f})."
+        for m in ours.values()
+    )
+    + " Section 8.6 asks whether the gap to the SAE reconstructions is a change between layers or a "
+    "property of the dictionaries, by swapping in an SAE of the same layer trained from another seed."
+    + "\n\n"
+    + "\n\n".join(finding_markdown(f) for f in beyond)
+)
 
 # %% tags=["hide-input"]
 corpus0 = next(iter(results))
@@ -152,10 +188,14 @@ show(
     )
 )
 
-# %% [markdown]
-# **What this shows.** The reviewers asked how much of ΔL is the SAE's own reconstruction error and
-# how much the matching adds: the reconstruction part is the ΔL of layer t's own SAE round trip, the
-# rest is charged to the matching (and to what layer t−1's codes miss about h_t).
+# %% tags=["hide-input"]
+Markdown(
+    "**What this shows.** The reviewers asked how much of ΔL is the SAE's own reconstruction error and how "
+    "much the matching adds: the reconstruction part is the ΔL of layer t's own SAE round trip, the rest "
+    f"is charged to the matching (and to what layer t−1's codes miss about h_t). On {corpus0}, averaged "
+    f"over layers, the reconstruction part is {np.mean([s.reconstruction for s in split]):.2f} nats and "
+    f"the matching part {np.mean([s.matching for s in split]):.2f} nats."
+)
 
 # %% [markdown]
 # ## L0 sweep (Figs. 14/15)
@@ -196,19 +236,16 @@ else:
             y_title="ΔL (nats/token)",
         )
     )
-best = measure_best_l0(sweep_result)
-if sweep_result is not None:
-    print(f"paper: {CLAIMS['fig14_best_l0'].text}")
-    print(f"ours: SAE Match EV is highest at L0 = {best.best_l0:.1f} among {[round(v, 1) for v in best.l0s]}")
-
-# %% [markdown]
-# **What this shows.** Each point is a pair of SAEs (layers t−1 and t) trained with the same sparsity
-# coefficient. The paper finds a sweet spot around L0 ≈ 70 for Gemma Scope; the printed line gives
-# the L0 where our SAE Match approximation is best. Our SAEs are much smaller (width 2048 on
-# `default`), so the location of the optimum need not coincide. When the best point is at an end of
-# the sweep, the sweep found a trend rather than an optimum: the approximation keeps improving toward
-# that end of the range (toward the sparsest SAEs, for instance, when fewer and coarser features are
-# easier to match).
+sweep_shape = measure_l0_sweep(sweep_result)
+fig14 = [
+    CLAIMS[k].evaluate(sweep_shape) for k in ("fig14_ev_peak", "fig14_l0_lowers_dl", "fig14_epd_above_encdec")
+]
+Markdown(
+    "**What this shows.** Each point is a pair of SAEs (layers t−1 and t) trained with the same sparsity "
+    "coefficient; the paper's optimum (L0 ≈ 70) is for Gemma Scope's 16k-wide SAEs, ours are narrower, "
+    f"so only the shape compares. Ours: {CLAIMS['fig14_ev_peak'].describe(sweep_shape)}.\n\n"
+    + "\n\n".join(finding_markdown(f) for f in fig14)
+)
 
 # %% tags=["hide-input"]
 quality = study.quality()
@@ -224,12 +261,15 @@ show(
         y_title="explained variance of SAE Match at t (fraction)",
     )
 )
-print(f"correlation over layers: {correlation(bumps, ev_folded):.3f}")
-
-# %% [markdown]
-# **What this shows.** The paper notices L0 "bumps" between neighbouring early layers where the
-# approximation is poor. Each point is a layer: a large jump in L0 from the previous layer's SAE means
-# the two dictionaries are cut differently, which should hurt a one-to-one matching.
+l0_finding = CLAIMS["fig15_l0_neighbours"].evaluate(L0_NOT_MEASURED)
+Markdown(
+    '**What this shows.** The paper blames the weak early layers on L0 "bumps" between neighbouring '
+    "SAEs. Each point is a layer; the Spearman correlation over layers of the L0 jump from the previous "
+    f"layer's SAE and SAE Match's explained variance is {rank_correlation(bumps, ev_folded.tolist()):+.2f} "
+    f"({corpus0}). The paper's test (retraining SAEs at their neighbours' L0) needs SAEs this section "
+    "does not train; until a section retrains them the table records the claim as not measured.\n\n"
+    + finding_markdown(l0_finding)
+)
 
 # %% [markdown]
 # ## MSE-quantile hybrid (Figs. 16/17)
@@ -268,26 +308,17 @@ show(
         y_title="ΔL (nats/token)",
     )
 )
-gain = measure_quantile_gain(hybrid, qs)
-print(f"paper: {CLAIMS['fig16_quantile'].text}")
-print(f"ours: EV(q = {qs[0]:g}) − EV(q = {qs[-1]:g}) = {gain.gain:+.3f}, mean over layers {quantile_layers}")
-
-# %% [markdown]
-# **What this shows.** The features of layer t−1 whose matching MSE is below the q-quantile go
-# through the matching and layer t's decoder, the rest through layer t−1's own decoder. q = 1 is
-# plain SAE Match; q = 0 reuses the previous layer's reconstruction. The paper finds explained
-# variance rising as q falls toward the well-matched features; the printed difference is ours.
+shape = measure_quantile_shape(hybrid, qs)
+quantile = CLAIMS["fig16_quantile"].evaluate(shape)
+Markdown(
+    "**What this shows.** The features of layer t−1 whose matching MSE is below the q-quantile go through "
+    "the matching and layer t's decoder, the rest through layer t−1's own decoder; q = 1 is plain SAE "
+    f"Match, q = 0 the previous layer's reconstruction. Averaged over layers {list(shape.layers)}, sending "
+    f"the low-MSE half through the matching (q 0 → 0.5) costs {shape.drop_low:+.3f} of explained variance "
+    f"and the high-MSE half (q 0.5 → 1) {shape.drop_high:+.3f}.\n\n" + finding_markdown(quantile)
+)
 
 # %% tags=["hide-input"]
-write_claims(
-    out_dir,
-    "05_hidden_state",
-    [
-        CLAIMS["fig10_match_vs_drop"].evaluate(match_vs_drop),
-        CLAIMS["fig10_folded_vs_unfolded"].evaluate(folded_ev),
-        CLAIMS["fig14_best_l0"].evaluate(best),
-        CLAIMS["fig16_quantile"].evaluate(gain),
-    ],
-)
+write_claims(out_dir, "05_hidden_state", [*fig10, *fig11, *fig14, l0_finding, quantile, *beyond])
 exact_free = all(np.isfinite(r.series("match_folded")).all() for r in results.values())
 assert exact_free, "every ΔL must be finite"

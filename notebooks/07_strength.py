@@ -32,11 +32,11 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # build profile: smoke, default or paper
-budget_fractions = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1)  # budgets as fractions of the profile's own
-epochs_fractions = (1 / 16, 1 / 64)  # (tokens seen, distinct tokens) of the epochs arm; None: no arm
-depths = None  # layers t (None: the layers with a second-seed SAE)
+budget_fractions: list[float] = [0.015625, 0.03125, 0.0625, 0.125, 1.0]  # of the profile's budget [> 0]
+epochs_fractions: list[float] | None = [0.0625, 0.015625]  # epochs arm: (seen, distinct); None: no arm
+depths: list[int] | None = None  # layers t (None: the layers with a second-seed SAE) [layer]
 n_null = 2  # random matchings of the Matching Score's null
-max_eval_rows = 4096  # evaluation rows the measures use (None: all); sets most of the cost per budget
+max_eval_rows: int | None = 4096  # evaluation rows the measures use (None: all); most of the cost [>= 1]
 delta_loss_tokens = 512  # evaluation tokens of the ΔL pass
 predict_at = 1e9  # training tokens per SAE at which the fitted lines are read as a prediction
 seed = 0  # seed of the epochs arm's token subset and of the nulls
@@ -62,8 +62,8 @@ if study.profile.sae_source != "train":
     raise ValueError(f"profile {profile!r} loads pretrained SAEs: there is no training budget to vary")
 config = strength.StrengthConfig.for_recipe(
     study.profile.sae,
-    fractions=budget_fractions,
-    epochs_arm=epochs_fractions,
+    fractions=tuple(budget_fractions),
+    epochs_arm=None if epochs_fractions is None else (epochs_fractions[0], epochs_fractions[1]),
     depths=None if depths is None else tuple(depths),
     n_null=n_null,
     max_eval_rows=max_eval_rows,

@@ -88,7 +88,7 @@ class BookConfig:
     profile: str = "smoke"
     """Profile passed to every notebook as its ``profile`` parameter (one of ``PROFILE_NAMES``)."""
     only: tuple[str, ...] = ()
-    """Notebooks to (re)execute, by number (``"06"``) or stem (``"06_explorer"``); empty means all.
+    """Notebooks to (re)execute, by number (``"09"``) or stem (``"09_explorer"``); empty means all.
     Notebooks outside this selection are executed too, without overrides, when they have no
     executed output yet."""
     params: Mapping[str, Any] = field(default_factory=dict)

@@ -38,6 +38,8 @@ def test_mse_binned_agreement_bins_all_included_pairs(tmp_path) -> None:
     assert [r.lo for r in res.bins] == sorted(r.lo for r in res.bins)
     assert res.bins[0].p_partner > res.bins[-1].p_partner
     assert res.bins[0].pearson > res.bins[-1].pearson
+    # random partners: the chance level, below the best-matched bin
+    assert 0 <= res.p_random < res.bins[0].p_partner
     assert all(0 <= p.top_token_overlap <= 1 for p in included)
 
     groups = agreement.agreement_groups(res.pairs)

@@ -380,9 +380,9 @@ def test_smoke_book_builds_end_to_end(request: pytest.FixtureRequest) -> None:
         outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o["output_type"] == "error"], stem
     # the appendix shows measured performance, from the quick run when `make bench` has not run
-    bench = json.loads((build_dir / "executed" / "07_appendix.ipynb").read_text())
+    bench = json.loads((build_dir / "executed" / "10_appendix.ipynb").read_text())
     bench_path = Path(str(bench["metadata"]["papermill"]["parameters"]["bench_results"]))
-    appendix = (html / "notebooks" / "07_appendix.html").read_text()
+    appendix = (html / "notebooks" / "10_appendix.html").read_text()
     meta = json.loads(bench_path.read_text())["meta"]
     assert "gap_bound_rel" in appendix and "measured on" in appendix and meta["date"] in appendix
     # the pipeline hands each notebook that declares `out_dir` a folder under the build directory

@@ -169,13 +169,13 @@ def test_param_spec_checks_its_fields() -> None:
     ("argv", "message"),
     [
         (
-            ["--only", "06", "-p", "layer", "abc"],
-            "-p layer: 06_explorer expects int | None, a layer (0..3); got str 'abc'",
+            ["--only", "09", "-p", "layer", "abc"],
+            "-p layer: 09_explorer expects int | None, a layer (0..3); got str 'abc'",
         ),
         (["--only", "03", "-p", "layer", "1.5"], "-p layer: 03_feature_matching expects int | None"),
         (["--only", "03", "-p", "layer", "99"], "; got 99"),
-        (["--only", "06", "-p", "n_paths", "-3"], "-p n_paths: 06_explorer expects int, >= 1; got -3"),
-        (["--only", "06", "-p", "layr", "3"], "-p layr: not a parameter of 06_explorer; expected one of"),
+        (["--only", "09", "-p", "n_paths", "-3"], "-p n_paths: 09_explorer expects int, >= 1; got -3"),
+        (["--only", "09", "-p", "layr", "3"], "-p layr: not a parameter of 09_explorer; expected one of"),
         (["--only", "02", "-p", "layer", "1"], "-p layer: not a parameter of 02_folding_vs_cosine"),
     ],
 )

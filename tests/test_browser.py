@@ -41,7 +41,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-EXPLORER = "notebooks/06_explorer.html"
+EXPLORER = "notebooks/09_explorer.html"
 
 # A figure is drawn when plotly made its SVG and at least one trace group inside it.
 _FIGURES_JS = """

@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from saematch_core.experiments.measures.summary import correlation, early_late_split, first_below, paper_layer
+from saematch_core.experiments.measures.summary import (
+    correlation,
+    early_late_split,
+    first_below,
+    paper_layer,
+    rank_correlation,
+)
 
 
 def test_small_summaries() -> None:
@@ -22,3 +28,14 @@ def test_small_summaries() -> None:
     assert paper_layer(25, 30) == 29 and paper_layer(0, 30) == 0
     with pytest.raises(ValueError, match="Gemma 2 2B layer"):
         paper_layer(26, 30)
+
+
+def test_rank_correlation_agrees_with_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        x, y = rng.integers(0, 5, 15).astype(float), rng.normal(size=15)  # ties in x
+        expected = float(stats.spearmanr(x, y).statistic)
+        assert rank_correlation(x.tolist(), y.tolist()) == pytest.approx(expected, abs=1e-12)
+    assert rank_correlation([1, 2, math.nan, 4], [1, 4, 0, 9]) == pytest.approx(1.0)
+    assert math.isnan(rank_correlation([1.0], [2.0]))

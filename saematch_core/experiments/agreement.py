@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from saematch_core.experiments.inputs import Inputs
-from saematch_core.experiments.measures.coactivation import coactivation, pair_metrics
+from saematch_core.experiments.measures.coactivation import coactivation, pair_metrics, random_partners
 from saematch_core.experiments.measures.scores import EVAL_PARAMS, folded_pair_mse
 from saematch_core.experiments.results import (
     JsonResult,
@@ -101,6 +101,9 @@ class MSEBinnedAgreement(JsonResult):
     layer_b: int
     n_tokens: int
     bins: tuple[BinRow, ...]
+    p_random: float = math.nan
+    """Mean ``P(partner active | feature active)`` of uniformly random partners (one seeded draw,
+    same exclusions): the chance level the bins are read against."""
     pairs: tuple[PairRecord, ...] = field(default=())
 
 
@@ -127,24 +130,27 @@ def run(inputs: Inputs, config: AgreementConfig | None = None) -> MSEBinnedAgree
         config=cfg.match.to_dict(),
         n_bins=n_bins,
         top_k=top_k,
+        null_seed=inputs.seed,
     )
 
     def compute() -> MSEBinnedAgreement:
         perm = cached_match(sae_a, sae_b, cfg.match, inputs.cache_dir).perm
         mse = folded_pair_mse(sae_a, sae_b, perm, EVAL_PARAMS)
+        null = random_partners(sae_a.d_sae, sae_b.d_sae, torch.Generator().manual_seed(inputs.seed))
         stats = coactivation(
             sae_a,
             sae_b,
             acts_a,
             acts_b,
-            {"m": perm},
+            {"m": perm, "random": null},
             keep=keep,
             top_k=top_k,
             token_ids=token_ids,
             chunk_size=inputs.chunk_size,
         )
         met = pair_metrics(stats, "m")
-        return _binned(mse, perm, met, n_bins, layers, stats.n_tokens)
+        binned = _binned(mse, perm, met, n_bins, layers, stats.n_tokens)
+        return replace(binned, p_random=finite_mean(pair_metrics(stats, "random")["p_partner"]))
 
     return load_or_compute(MSEBinnedAgreement, spec, compute, cache_dir=inputs.cache_dir, force=inputs.force)
 

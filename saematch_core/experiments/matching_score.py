@@ -7,6 +7,7 @@ over its included pairs) against random partners, from
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -66,7 +67,9 @@ class MatchingScores:
 
     def fraction_better(self, method: str, than: str) -> float:
         """Fraction of layer pairs (with both defined) where ``method`` scores above ``than``."""
-        return float(np.nanmean(np.asarray(self.series(method)) > np.asarray(self.series(than))))
+        a, b = np.asarray(self.series(method)), np.asarray(self.series(than))
+        both = ~(np.isnan(a) | np.isnan(b))
+        return float(np.mean(a[both] > b[both])) if both.any() else math.nan
 
     def dead_table(self, method: str) -> tuple[list[str], Sequence[tuple[object, ...]]]:
         """Headers and rows: per layer pair, the dead features of both layers and the pairs of

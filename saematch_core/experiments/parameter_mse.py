@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from saematch_core.cost import feature_vectors
 from saematch_core.experiments.inputs import Inputs
 from saematch_core.experiments.measures.scores import EVAL_PARAMS, default_methods, folded_pair_mse
 from saematch_core.experiments.results import JsonResult, cached_match, cached_matches, map_layer_pairs
@@ -55,6 +56,9 @@ class ParameterMSERow:
     mse_W_enc: float
     mse_W_dec: float
     mse_b_enc: float
+    dec_norm_diff: float
+    """Median over matched pairs of ``‖θ_B W_dec,B[perm i]‖ − ‖θ_A W_dec,A[i]‖``: how much longer
+    the matched folded decoder row is one layer deeper (paper Fig. 1, right)."""
     n_matched: int
     identity_fraction: float
     """Fraction of features matched to the same index (1 for ``vanilla``)."""
@@ -117,6 +121,10 @@ def _parameter_mse_pair(
     a: SAE, b: SAE, la: int, lb: int, methods: Mapping[str, MatchConfig], cache_dir: Path | None
 ) -> ParameterMSEResult:
     rows = []
+    norm_a, norm_b = (
+        torch.linalg.vector_norm(feature_vectors(s, ("W_dec",), fold=True, dtype=torch.float64), dim=1)
+        for s in (a, b)
+    )
     for name, cfg in methods.items():
         res = cached_match(a, b, cfg, cache_dir)
         per = {p: folded_pair_mse(a, b, res.perm, (p,)) for p in EVAL_PARAMS}
@@ -132,6 +140,7 @@ def _parameter_mse_pair(
                 mse_W_enc=float(per["W_enc"][ok].mean()) if n else math.nan,
                 mse_W_dec=float(per["W_dec"][ok].mean()) if n else math.nan,
                 mse_b_enc=float(per["b_enc"][ok].mean()) if n else math.nan,
+                dec_norm_diff=float((norm_b[res.perm[ok]] - norm_a[ok]).median()) if n else math.nan,
                 n_matched=n,
                 identity_fraction=float((res.perm == torch.arange(res.perm.numel())).double().mean()),
                 is_permutation=res.is_permutation,

@@ -280,7 +280,7 @@ def cached_match(
 ) -> MatchResult:
     """:func:`~saematch_core.match.match`, stored as ``<cache_dir>/match/<key>.json`` and reused.
 
-    Sections 2–5 and 9 match the same layer pairs with the same objectives; an exact assignment of
+    Sections 2–5 and 8 match the same layer pairs with the same objectives; an exact assignment of
     two real 2048-wide SAEs takes seconds (the unfolded objective five or more), so every analysis
     shares one solve. The key covers both SAEs' parameters (:func:`sae_digest`) and the config minus
     the ``device`` it ran on; an unreadable file is recomputed. ``cache_dir`` defaults to

@@ -19,6 +19,7 @@ __all__ = [
     "early_late_split",
     "first_below",
     "paper_layer",
+    "rank_correlation",
 ]
 
 EARLY_FRACTION = 10 / 26
@@ -43,6 +44,31 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> float:
     if a.size < 2 or a.std() == 0 or b.std() == 0:
         return math.nan
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation of two equal-length series (Pearson of their average ranks),
+    ignoring positions where either is NaN; ``nan`` when :func:`correlation` of the ranks is.
+
+    >>> rank_correlation([1, 2, 3, 4], [1, 10, 100, 1000]), rank_correlation([1, 2, 3], [3, 1, 2])
+    (1.0, -0.5)
+    """
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"x, y: expected two 1-D series of equal length, got {a.shape} and {b.shape}")
+    ok = ~(np.isnan(a) | np.isnan(b))
+    return correlation(_ranks(a[ok]).tolist(), _ranks(b[ok]).tolist())
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank."""
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(v.size, dtype=np.float64)
+    ranks[order] = np.arange(1, v.size + 1)
+    for value in np.unique(v):
+        tied = v == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
 
 
 def first_below(distances: Sequence[int], values: Sequence[float], threshold: float) -> float:

@@ -5,7 +5,7 @@
 # ---
 
 # %% [markdown]
-# # 6. Feature path explorer: where does a feature go, layer after layer?
+# # 9. Feature path explorer: where does a feature go, layer after layer?
 #
 # Inputs: the main SAEs of every layer, matched pair by pair with SAE Match (folded encoder, decoder
 # and bias), and the evaluation residual stream. A random sample of live features of `layer` (plus

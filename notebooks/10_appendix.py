@@ -5,7 +5,7 @@
 # ---
 
 # %% [markdown]
-# # 7. Appendix: SAE quality, performance and environment
+# # 10. Appendix: SAE quality, performance and environment
 #
 # Inputs: the profile's prepared SAEs (their quality report), solver benchmark results (`make
 # bench`'s `benchmarks/results/results.json`, or the quick run the book build makes when that file

@@ -5,7 +5,7 @@
 # ---
 
 # %% [markdown]
-# # 9. Beyond the paper: the reviewers' open questions, answered with data
+# # 8. Beyond the paper: the reviewers' open questions, answered with data
 #
 # Inputs: the main JumpReLU SAEs of every layer, the TopK and ReLU SAEs of the layer band the
 # substrate trains them for, the evaluation residual stream and (for ΔL) the language model.
@@ -31,7 +31,7 @@ link_level = 0.01  # chance that an unrelated feature gets a link (splits, merge
 n_pairs: int | None = 10  # consecutive layer pairs, evenly spread over the depth (None: all) [>= 1]
 tokens_per_corpus = 512  # evaluation tokens per corpus for ΔL (as in section 5, reused) [>= 1]
 batch_size = 8  # chunks per forward pass for ΔL [>= 1]
-out_dir = "results/09_beyond"  # where results are written (set by the build)
+out_dir = "results/08_beyond"  # where results are written (set by the build)
 
 # %%
 import warnings
@@ -40,6 +40,8 @@ import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 from pathlib import Path
+
+from IPython.display import Markdown
 
 from saematch_core.experiments import (
     approximate,
@@ -52,6 +54,7 @@ from saematch_core.experiments import (
     theta_scale,
 )
 from saematch_core.experiments.approximate import ApproximationConfig, Scheme
+from saematch_core.experiments.claims import CLAIMS, finding_markdown, measure_seed_ceiling, write_claims
 from saematch_core.experiments.measures.scales import token_halves
 from saematch_core.experiments.results import finite_mean
 from saematch_core.experiments.study import load_study
@@ -447,19 +450,15 @@ else:
             f"{finite_mean(seeds.series(method, 'ev_previous')):.2f}"
         )
 
-# %% [markdown]
-# **Conclusion.** Pick the matching in the dropdown. If the neighbouring-layer scores reach most of
-# the ceiling, adjacent layers share their features about as much as two trainings of one layer do:
-# the matching finds what is there, and a low absolute score says the SAEs are not reproducible,
-# not that features change between layers. The gap between the ceiling and the neighbours is the
-# part that features really change (or matching misses) from one layer to the next.
-#
-# The second figure asks the same of section 5's replacement, without running the model: encode
-# h with one SAE, move the codes through the matching, decode with the other. Swapping in the
-# other-seed SAE of the *same* layer is the best a matched swap can do with these dictionaries; if
-# even that explains little of h_t while each SAE alone explains most of it, a poor SAE Match
-# approximation in section 5 says that the two dictionaries cut the same space into different
-# features, not that the layers differ.
+# %%
+ceiling_claim = CLAIMS["ours_seed_ceiling"].evaluate(measure_seed_ceiling(seeds if seed_saes else None))
+write_claims(out, "08_beyond", [ceiling_claim])
+Markdown(
+    "**Conclusion.** Pick the matching in the dropdown. The second figure asks the same of section 5's "
+    "replacement without running the model: encode h with one SAE, move the codes through the matching, "
+    "decode with the other; swapping in the other-seed SAE of the same layer is the best a matched swap "
+    "can do with these dictionaries.\n\n" + finding_markdown(ceiling_claim)
+)
 
 # %%
 assert len(decisions.rows) == len(pairs) and all(0 <= r.fraction_matched <= 1 for r in decisions.rows)
