@@ -63,10 +63,9 @@ from saematch_core._study_api import (
 from saematch_core.cache import atomic_write_text, cache_root, content_key
 from saematch_core.compose import agreement
 from saematch_core.cost import feature_vectors
-from saematch_core.errors import SAEValidationError
 from saematch_core.match import MatchConfig, MatchResult
 from saematch_core.matchers import MATCHERS, Matcher, SinkhornConfig, get_matcher
-from saematch_core.sae import SAE
+from saematch_core.sae import SAE, check_pair
 
 __all__ = [
     "COMPARE_REPORT_KIND",
@@ -711,14 +710,7 @@ def compare(
     cfg = CompareConfig() if config is None else config
     if not isinstance(cfg, CompareConfig):
         raise TypeError(f"config: expected a CompareConfig or None, got {type(cfg).__name__}")
-    for name, sae in (("a", a), ("b", b)):
-        if not isinstance(sae, SAE):
-            raise TypeError(f"{name}: expected an SAE, got {type(sae).__name__}")
-    if a.d_in != b.d_in:
-        raise SAEValidationError(
-            f"a, b: expected the same d_in, got a.d_in={a.d_in} and b.d_in={b.d_in} "
-            "(different models or sites?)"
-        )
+    check_pair(a, b)
     matchers = {name: cfg.matcher_for(name) for name in cfg.names}
     results: dict[str, MatchResult] = {}
     seconds: dict[str, float] = {}

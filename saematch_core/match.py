@@ -36,10 +36,9 @@ from saematch_core.cost import (
     pair_costs,
     resolve_device,
 )
-from saematch_core.errors import SAEValidationError
 from saematch_core.lap import DEFAULT_TOL, SOLVERS, Candidates, check_candidates, check_tol, solve
 from saematch_core.result_file import RESULT_SCHEMA_VERSION, result_document, write_result_file
-from saematch_core.sae import SAE
+from saematch_core.sae import SAE, check_pair
 from saematch_core.verify import check_match_result
 
 __all__ = ["MATCH_RESULT_KIND", "MATCH_SCHEMA_VERSION", "MatchConfig", "MatchResult", "match"]
@@ -441,14 +440,7 @@ def match(
                 f"match: unknown MatchConfig fields {unknown}; expected a subset of {sorted(known)}"
             )
         config = replace(config, **overrides)
-    for name, sae in (("a", a), ("b", b)):
-        if not isinstance(sae, SAE):
-            raise TypeError(f"{name}: expected an SAE, got {type(sae).__name__}")
-    if a.d_in != b.d_in:
-        raise SAEValidationError(
-            f"a, b: expected the same d_in, got a.d_in={a.d_in} and b.d_in={b.d_in} "
-            "(different models or sites?)"
-        )
+    check_pair(a, b)
     if scales is not None:
         if not isinstance(scales, (tuple, list)) or len(scales) != 2:
             raise TypeError(f"scales: expected a pair (s_a, s_b) of tensors, got {type(scales).__name__}")

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from saematch_core.errors import SAEValidationError
 
-__all__ = ["SAE", "Activation", "ForwardOutput", "nonfinite_summary"]
+__all__ = ["SAE", "Activation", "ForwardOutput", "check_pair", "nonfinite_summary"]
 
 Activation = Literal["jumprelu", "relu", "topk"]
 _ACTIVATIONS: tuple[str, ...] = get_args(Activation)
@@ -270,4 +270,18 @@ class SAE:
         return (
             f"SAE(d_in={self.d_in}, d_sae={self.d_sae}, activation={self.activation!r}{extra}, "
             f"dtype={self.dtype}, device={self.device}, meta={dict(self.meta)})"
+        )
+
+
+def check_pair(a: object, b: object) -> None:
+    """Raise unless ``a`` and ``b`` are SAEs that read the same residual width (``d_in``), the
+    precondition of every comparison of two SAEs' features."""
+    for name, sae in (("a", a), ("b", b)):
+        if not isinstance(sae, SAE):
+            raise TypeError(f"{name}: expected an SAE, got {type(sae).__name__}")
+    assert isinstance(a, SAE) and isinstance(b, SAE)  # for the type checker
+    if a.d_in != b.d_in:
+        raise SAEValidationError(
+            f"a, b: expected the same d_in, got a.d_in={a.d_in} and b.d_in={b.d_in} "
+            "(different models or sites?)"
         )
