@@ -15,6 +15,7 @@ from test_approximate import tokens as approx_tokens
 
 from saematch_core.experiments import objective
 from saematch_core.experiments.inputs import Inputs, TokenBatch
+from saematch_core.experiments.measures.summary import rank_correlation
 from saematch_core.experiments.objective import (
     L0MismatchConfig,
     L0MismatchResult,
@@ -31,7 +32,6 @@ from saematch_core.experiments.objective import (
     paper_scale,
     random_pair_distance,
     rescale_input,
-    spearman,
 )
 from saematch_core.experiments.study import load_study
 from saematch_core.fold import fold, rescale_features
@@ -132,10 +132,10 @@ def test_objective_validation() -> None:
 
 
 # ------------------------------------------------------------------------- L0 mismatch statistics
-def test_spearman_ignores_nan_and_needs_three_points() -> None:
-    assert spearman([1, 2, 3, float("nan")], [3, 2, 1, 5]) == pytest.approx(-1.0)
-    assert math.isnan(spearman([1, 2], [1, 2]))
-    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+def test_rank_correlation_ignores_nan_and_needs_three_points() -> None:
+    assert rank_correlation([1, 2, 3, float("nan")], [3, 2, 1, 5], min_points=3) == pytest.approx(-1.0)
+    assert math.isnan(rank_correlation([1, 2], [1, 2], min_points=3))
+    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3], min_points=3))
 
 
 def _row(la: int, mismatch: float, score: float, ev: float) -> MismatchRow:

@@ -61,7 +61,6 @@ from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
-from scipy import stats as sps
 from torch import Tensor
 
 from saematch_core.cost import feature_vectors
@@ -75,7 +74,7 @@ from saematch_core.experiments.measures.replacement import (
     replacement_rows,
 )
 from saematch_core.experiments.measures.scores import default_methods, matching_scores
-from saematch_core.experiments.measures.summary import EARLY_FRACTION
+from saematch_core.experiments.measures.summary import EARLY_FRACTION, rank_correlation
 from saematch_core.experiments.measures.swap import permute_codes
 from saematch_core.experiments.results import (
     JsonResult,
@@ -118,7 +117,6 @@ __all__ = [
     "random_pair_distance",
     "rescale_input",
     "run",
-    "spearman",
 ]
 
 Weighting = Literal["none", "normalised", "paper_scale"]
@@ -693,23 +691,6 @@ def mean_l0(sae: SAE, acts: ArrayLike, keep: ArrayLike | None = None, *, chunk_s
     return total / n if n else math.nan
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation over the positions where both are finite (``nan`` with fewer than 3
-    such points or a constant series).
-
-    >>> spearman([1, 2, 3, 4], [10, 20, 30, 25])
-    0.8
-    """
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"x, y: expected two 1-D series of equal length, got {a.shape} and {b.shape}")
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok], b[ok]
-    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return math.nan
-    return float(sps.spearmanr(a, b)[0])  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True, kw_only=True)
 class L0MismatchConfig:
     """What :func:`l0_mismatch` measures."""
@@ -844,12 +825,16 @@ class L0MismatchResult(JsonResult):
     @property
     def rho_mismatch_score(self) -> float:
         """Spearman of the mismatch and the Matching Score over pairs."""
-        return spearman([r.mismatch for r in self.rows], [r.matching_score for r in self.rows])
+        return rank_correlation(
+            [r.mismatch for r in self.rows], [r.matching_score for r in self.rows], min_points=3
+        )
 
     @property
     def rho_mismatch_ev(self) -> float:
         """Spearman of the mismatch and the approximation's EV over pairs."""
-        return spearman([r.mismatch for r in self.rows], [r.explained_variance for r in self.rows])
+        return rank_correlation(
+            [r.mismatch for r in self.rows], [r.explained_variance for r in self.rows], min_points=3
+        )
 
     @property
     def ev_gain(self) -> tuple[float, ...]:

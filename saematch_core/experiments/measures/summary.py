@@ -46,17 +46,22 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+def rank_correlation(x: Sequence[float], y: Sequence[float], *, min_points: int = 2) -> float:
     """Spearman rank correlation of two equal-length series (Pearson of their average ranks),
-    ignoring positions where either is NaN; ``nan`` when :func:`correlation` of the ranks is.
+    ignoring positions where either is NaN; ``nan`` with fewer than ``min_points`` such positions or
+    when :func:`correlation` of the ranks is (a constant series).
 
     >>> rank_correlation([1, 2, 3, 4], [1, 10, 100, 1000]), rank_correlation([1, 2, 3], [3, 1, 2])
     (1.0, -0.5)
+    >>> rank_correlation([1, 2], [1, 2], min_points=3)
+    nan
     """
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"x, y: expected two 1-D series of equal length, got {a.shape} and {b.shape}")
     ok = ~(np.isnan(a) | np.isnan(b))
+    if int(ok.sum()) < min_points:
+        return math.nan
     return correlation(_ranks(a[ok]).tolist(), _ranks(b[ok]).tolist())
 
 
