@@ -60,7 +60,7 @@ prepare: setup
 book: prepare
 	$(PY) -m saematch_core._book --profile $(PROFILE) --build-dir build
 
-# Rerun one section with overrides and rebuild: make notebook NB=06 PARAMS="-p layer 20"
+# Rerun one section with overrides and rebuild: make notebook NB=09 PARAMS="-p layer 20"
 notebook: prepare
 	$(PY) -m saematch_core._book --profile $(PROFILE) --build-dir build --only $(NB) $(PARAMS)
 
