@@ -164,8 +164,7 @@ mismatch = objective.l0_mismatch(
     inputs, objective.L0MismatchConfig(n_retrain=0, median_norms=study.median_norms())
 )
 picked = objective.pick_retrain_pairs(mismatch.rows, l0_config, len(study.layers))
-train_acts = {lb: study.train_rows(lb) for _, lb in picked}
-mismatch = objective.l0_mismatch(inputs, l0_config, train_acts=train_acts)
+mismatch = objective.l0_mismatch(inputs, l0_config, train_acts=study.train_activations())
 rows = mismatch.rows
 show(
     line_per_layer(

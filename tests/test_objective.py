@@ -262,7 +262,7 @@ def test_the_notebook_computation_on_the_smoke_profile(tmp_path: Path) -> None:
     picked = objective.pick_retrain_pairs(
         objective.l0_mismatch(inputs, replace(cfg, n_retrain=0)).rows, cfg, 4
     )
-    mismatch = objective.l0_mismatch(inputs, cfg, train_acts={lb: study.train_rows(lb) for _, lb in picked})
+    mismatch = objective.l0_mismatch(inputs, cfg, train_acts=study.train_activations())
     (row,) = mismatch.retrained
     assert (row.layer_a, row.layer_b) == picked[0]
     # retraining with the original recipe and seed reproduces the original SAE (and its EV)

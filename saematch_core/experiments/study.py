@@ -298,15 +298,6 @@ class Study:
                 total += int(c["length"])
         return chunk_batch(self.evals, chunks)
 
-    def train_rows(self, layer: int) -> np.ndarray:
-        """The rows ``prepare`` trained ``layer``'s SAE on (training split, position 0 and outliers
-        removed), shape (n, d_model), float32, in memory (about 0.5 GB on ``default``)."""
-        folder = self.prepared.activation_folders.get("train")
-        cache = open_activation_cache(folder) if folder is not None else None
-        if cache is None:
-            raise FileNotFoundError(f"{folder}: this profile has no training activation cache")
-        return np.asarray(cache.layer(layer)[cache.usable(layer)], dtype=np.float32)
-
     def eval_batch(self, max_tokens: int) -> TokenBatch:
         """Evaluation chunks taken round-robin over corpora, at most ``max_tokens`` tokens, padded."""
         return chunk_batch(self.evals, _round_robin(self.evals), max_tokens)
