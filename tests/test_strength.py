@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import make_sae
 
-from saematch_core.experiments import approximate, strength
+from saematch_core.experiments import approximate, persistence, strength
 from saematch_core.experiments.approximate import ApproximationConfig, Scheme
 from saematch_core.experiments.inputs import Inputs, TokenBatch
 from saematch_core.experiments.strength import LogFit, StrengthConfig, StrengthResult
@@ -192,6 +193,46 @@ def test_inputs_saes_are_reused_at_the_recipes_own_budget(tmp_path: Path) -> Non
         dataclasses.replace(cfg, depths=None, budgets=(512,)),
     )
     assert default.depths == (1, 2)
+
+
+def test_budget_saes_share_the_store_with_run_and_feed_persistence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int]] = []
+    real = strength.train_sae
+
+    def counting(x: Any, config: SAETrainConfig, **kw: Any) -> Any:
+        calls.append((kw["meta"]["layer"], config.n_tokens))
+        return real(x, config, **kw)
+
+    monkeypatch.setattr(strength, "train_sae", counting)
+    recipe = dataclasses.replace(RECIPE, n_tokens=2048)
+    cfg = _config(depths=(1,), budgets=(256, 2048), epochs_arm=None, recipe=recipe)
+    own = {0: make_sae(d_in=D, d_sae=16, seed=10), 1: make_sae(d_in=D, d_sae=16, seed=11)}
+    inputs = _inputs(tmp_path, saes=own)
+    strength.run(inputs, cfg)
+    calls.clear()
+    got = strength.budget_saes(inputs, cfg, [0, 1, 2])
+    # Layers 0 and 1 at 256 tokens were trained by the run; at the recipe's budget the inputs' own
+    # SAEs are taken; only layer 2 is new (at 2048 there is no own SAE of layer 2 to take).
+    assert sorted(calls) == [(2, 256), (2, 2048)]
+    assert sorted(got) == [256, 2048] and all(sorted(v) == [0, 1, 2] for v in got.values())
+    assert got[2048][0] is own[0] and got[2048][1] is own[1]
+    assert got[256][1].d_sae == 16 and got[256][1] is not own[1]
+    calls.clear()
+    again = strength.budget_saes(inputs, cfg, [2, 1])
+    assert calls == [] and torch.equal(again[256][2].W_enc, got[256][2].W_enc)
+    # The persistence experiment follows features through one budget's SAEs.
+    res = persistence.run(
+        inputs.replace(saes=got[256]), persistence.PersistenceConfig(starts=(0,), max_distance=2)
+    )
+    assert [r.distance for r in res.rows] == [1, 2]
+    assert all(0 <= r.score_direct <= 1 and 0 <= r.score_random <= 1 for r in res.rows)
+    with pytest.raises(ValueError, match="expected training rows of layer 7"):
+        strength.budget_saes(inputs, cfg, [1, 7])
+    for bad in ([], [1, 1], [-1], ["1"]):
+        with pytest.raises(ValueError, match="layers: expected distinct layers"):
+            strength.budget_saes(inputs, cfg, bad)  # type: ignore[arg-type]
 
 
 def test_max_eval_rows_thins_the_kept_rows_evenly(tmp_path: Path) -> None:

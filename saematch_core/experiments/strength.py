@@ -22,6 +22,10 @@ over depths) for the book's extrapolation.
 
 Every trained SAE is cached by a content key (training rows, recipe, budget, subset), so a rerun or
 a resumed run trains nothing twice; every (depth, arm, budget) row is cached as a result.
+
+:func:`budget_saes` gives the seed-0 SAEs of a run of consecutive layers at every budget (from the same
+store), so that measures needing many layers, such as the persistence length (paper Fig. 8), can be
+taken per budget by the experiment that owns them.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from saematch_core.profiles import SAETrainConfig
 from saematch_core.sae import SAE
 from saematch_core.train import DeltaLoss, sae_quality, train_sae
 
-__all__ = ["Arm", "LogFit", "StrengthConfig", "StrengthResult", "StrengthRow", "run"]
+__all__ = ["Arm", "LogFit", "StrengthConfig", "StrengthResult", "StrengthRow", "budget_saes", "run"]
 
 Arm = Literal["budget", "epochs"]
 """``budget``: one epoch over ``tokens_seen`` distinct rows (or every row, several epochs, above the
@@ -482,6 +486,37 @@ class _SAEStore:
 
 
 # ------------------------------------------------------------------------------------------ run
+def budget_saes(inputs: Inputs, config: StrengthConfig, layers: Sequence[int]) -> dict[int, dict[int, SAE]]:
+    """Budget → layer → the seed-0 SAE of every layer of ``layers`` at every budget of ``config``'s
+    budget arm: trained now, read from the cache :func:`run` shares, or the inputs' own at the
+    recipe's budget (exactly as :func:`run` gets the SAEs of its rows, so layers ``t − 1`` and ``t``
+    of a depth are trained once for both). Cheapest budgets first, so an interrupted call keeps them.
+
+    Raises
+    ------
+    ValueError
+        ``layers`` empty, repeated or not ints, or a layer without training rows (named).
+    """
+    if not isinstance(config, StrengthConfig):
+        raise TypeError(f"config: expected a StrengthConfig, got {type(config).__name__}")
+    picked = list(layers)
+    if (
+        not picked
+        or not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in picked)
+        or len(set(picked)) != len(picked)
+    ):
+        raise ValueError(f"layers: expected distinct layers >= 0, got {picked!r}")
+    root = inputs.cache_dir if inputs.cache_dir is not None else cache_root() / "results"
+    store = _SAEStore(inputs, config, root)
+    for u in picked:
+        store.rows_digest(u)  # every missing layer named before anything trains
+    out: dict[int, dict[int, SAE]] = {}
+    todo = [(b, u) for b in config.budgets for u in picked]
+    for b, u in tqdm(todo, desc="SAEs per budget", disable=not inputs.progress):
+        out.setdefault(b, {})[u] = store.get(_Slot(u, 0, b, None))[0]
+    return out
+
+
 def _default_depths(inputs: Inputs, family: str) -> tuple[int, ...]:
     seeded = sorted(t for t in inputs.families.get(family, {}) if t >= 1 and t - 1 in inputs.saes)
     if len(seeded) >= 2:
