@@ -157,14 +157,16 @@ show_table(
 # only one it minimises.
 
 # %% tags=["hide-input"]
+# Retraining needs the rows the SAEs were trained on: profiles with pretrained or streamed SAEs skip it.
+retrain = n_retrain if study.profile.keeps_training_rows else 0
 l0_config = objective.L0MismatchConfig(
-    n_retrain=n_retrain, train=study.profile.sae, median_norms=study.median_norms()
+    n_retrain=retrain, train=study.profile.sae, median_norms=study.median_norms()
 )
 mismatch = objective.l0_mismatch(
     inputs, objective.L0MismatchConfig(n_retrain=0, median_norms=study.median_norms())
 )
 picked = objective.pick_retrain_pairs(mismatch.rows, l0_config, len(study.layers))
-mismatch = objective.l0_mismatch(inputs, l0_config, train_acts=study.train_activations())
+mismatch = objective.l0_mismatch(inputs, l0_config, train_acts=study.train_activations() if retrain else None)
 rows = mismatch.rows
 show(
     line_per_layer(
@@ -268,7 +270,13 @@ display(
         f"{neighbours['rho_mismatch_score']:+.2f} and with the explained variance at ρ = "
         f"{neighbours['rho_mismatch_ev']:+.2f} over {len(rows)} pairs; retraining SAE t at its neighbour's L0 "
         f"changed the explained variance by "
-        + (", ".join(f"{g:+.3f}" for g in gains) if gains else "— (no pair retrained)")
+        + (
+            ", ".join(f"{g:+.3f}" for g in gains)
+            if gains
+            else "— (no pair retrained"
+            + ("" if retrain else f": profile {profile!r} keeps no training rows")
+            + ")"
+        )
         + (
             " (retraining at its own λ: "
             + ", ".join(f"{r.ev_control - r.ev_before:+.3f}" for r in mismatch.retrained)

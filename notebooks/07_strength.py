@@ -2,6 +2,7 @@
 # jupyter:
 #   jupytext: {formats: "py:percent"}
 #   kernelspec: {name: python3, display_name: Python 3, language: python}
+#   saematch: {requires: [training_rows]}
 # ---
 
 # %% [markdown]
@@ -64,8 +65,10 @@ from saematch_core.plots import dose_response, line_per_layer, show, show_table
 
 study = load_study(profile, progress=False)
 print(study.describe())
-if study.profile.sae_source != "train":
-    raise ValueError(f"profile {profile!r} loads pretrained SAEs: there is no training budget to vary")
+if not study.profile.keeps_training_rows:
+    raise ValueError(
+        f"profile {profile!r}: this section trains SAEs on stored training rows, which it does not keep"
+    )
 config = strength.StrengthConfig.for_recipe(
     study.profile.sae,
     fractions=tuple(budget_fractions),

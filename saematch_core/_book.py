@@ -45,6 +45,7 @@ from saematch_core.profiles import PROFILE_NAMES, get_profile
 
 __all__ = [
     "PLOTLY_JS",
+    "REQUIREMENTS",
     "BookBuildError",
     "BookConfig",
     "BookResult",
@@ -54,6 +55,7 @@ __all__ = [
     "discover_notebooks",
     "execute_notebook",
     "main",
+    "notebook_requires",
     "parse_param_value",
     "setup",
     "stage_site",
@@ -153,6 +155,9 @@ class BookResult(NamedTuple):
     timings: Mapping[str, float]
     """Wall-clock seconds per step: one entry per executed notebook stem, plus ``html`` and ``total``
     (and ``benchmark`` when the build ran the quick benchmark)."""
+    not_built: Mapping[str, str] = {}
+    """Stem → why: notebooks this profile cannot run (:func:`notebook_requires`), published as a page
+    that says so instead of being executed."""
 
 
 def discover_notebooks(notebooks_dir: str | os.PathLike[str]) -> list[Path]:
@@ -242,6 +247,62 @@ def convert_notebook(source: str | os.PathLike[str], target: str | os.PathLike[s
     dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dst, nbformat.writes(nb))
     return dst
+
+
+REQUIREMENTS: Mapping[str, str] = {
+    "training_rows": "the stored training activations of every layer, to train more SAEs on",
+}
+"""What a notebook may require of the build profile, with what each means (see
+:func:`notebook_requires`)."""
+
+
+def _provides(profile_name: str, requirement: str) -> bool:
+    if requirement == "training_rows":
+        return get_profile(profile_name).keeps_training_rows
+    raise ValueError(f"requirement: expected one of {sorted(REQUIREMENTS)}, got {requirement!r}")
+
+
+def notebook_requires(source: str | os.PathLike[str]) -> tuple[str, ...]:
+    """What the notebook needs of the profile, declared in its jupytext header::
+
+        # jupyter:
+        #   saematch: {requires: [training_rows]}
+
+    Raises
+    ------
+    ValueError
+        If the declaration is not a list of names from :data:`REQUIREMENTS` (the file is named).
+    """
+    import jupytext
+
+    meta = jupytext.read(Path(source), fmt="py:percent").metadata.get("saematch", {})
+    requires = meta.get("requires", []) if isinstance(meta, Mapping) else None
+    if not isinstance(requires, list) or not all(isinstance(r, str) and r in REQUIREMENTS for r in requires):
+        raise ValueError(
+            f"{source}: header saematch.requires: expected a list of {sorted(REQUIREMENTS)}, got {requires!r}"
+        )
+    return tuple(requires)
+
+
+def _write_not_built(notebook: Path, output: Path, profile: str, missing: Sequence[str]) -> Path:
+    """The page of a notebook the profile cannot run: its title and overview, then why not."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), None)
+    nb.cells = [] if first is None else [nb.cells[first]]
+    needs = "; ".join(f"`{r}`: {REQUIREMENTS[r]}" for r in missing)
+    nb.cells.append(
+        nbformat.v4.new_markdown_cell(
+            f"**Not built on the `{profile}` profile.** This section needs {needs}, which this profile "
+            "does not keep (its SAEs are pretrained, or trained from a stream without a training cache). "
+            "Build it on a profile that keeps them, e.g. `make book PROFILE=default`."
+        )
+    )
+    nb.metadata["saematch"] = {**dict(nb.metadata.get("saematch", {})), "not_built": list(missing)}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, nbformat.writes(nb))
+    return output
 
 
 def parse_param_value(text: str) -> Any:
@@ -524,11 +585,20 @@ def build_book(config: BookConfig | None = None) -> BookResult:
         defaults += [p for p in sources if p.stem.startswith(SUMMARY_PREFIX) and p not in defaults]
     to_run = [p for p in sources if p in defaults or p in overridden]
 
+    missing = {p: [r for r in notebook_requires(p) if not _provides(cfg.profile, r)] for p in sources}
     converted = {p: convert_notebook(p, build_dir / "notebooks" / f"{p.stem}.ipynb") for p in to_run}
     bench: Path | None = None
     ran: list[Path] = []
+    not_built: dict[str, str] = {}
     for p in to_run:
         base = build_dir / "overrides" if p in overridden else build_dir
+        if missing[p]:
+            logger.info("not building %s on profile %s: it needs %s", p.name, cfg.profile, missing[p])
+            ran.append(
+                _write_not_built(converted[p], base / "executed" / f"{p.stem}.ipynb", cfg.profile, missing[p])
+            )
+            not_built[p.stem] = ", ".join(missing[p])
+            continue
         params: dict[str, Any] = {"profile": cfg.profile}
         if "out_dir" in schemas[p]:
             out_dir = base / "results" / p.stem
@@ -567,7 +637,7 @@ def build_book(config: BookConfig | None = None) -> BookResult:
         html_dir = build_html(site, build_dir)
         timings["html"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    return BookResult(executed=tuple(ran), html_dir=html_dir, timings=timings)
+    return BookResult(executed=tuple(ran), html_dir=html_dir, timings=timings, not_built=not_built)
 
 
 def _add_plotly_js(app: Any, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
@@ -642,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     sys.stdout.write(f"book: {result.html_dir or 'notebooks executed (no HTML)'} ({steps})\n")
+    for stem, needs in result.not_built.items():
+        sys.stdout.write(f"not built on profile {args.profile}: {stem} (needs {needs})\n")
     return 0
 
 

@@ -360,6 +360,13 @@ class Profile:
             )
 
     @property
+    def keeps_training_rows(self) -> bool:
+        """True when ``prepare`` keeps the rows the SAEs were trained on (a training activation cache
+        on disk), which experiments that train more SAEs need: not for pretrained SAEs, nor for SAEs
+        trained from a stream."""
+        return self.sae_source == "train" and self.train_mode == "disk"
+
+    @property
     def layers(self) -> tuple[int, ...]:
         """Every residual layer ``0..n_layers-1`` (each gets a main SAE)."""
         return tuple(range(self.model.n_layers))

@@ -13,12 +13,14 @@ import pytest
 from _bookbuild import REPO, smoke_book
 
 from saematch_core._book import (
+    REQUIREMENTS,
     BookBuildError,
     BookConfig,
     build_book,
     convert_notebook,
     discover_notebooks,
     main,
+    notebook_requires,
     parse_param_value,
     setup,
     stage_site,
@@ -411,3 +413,36 @@ def test_smoke_book_references_nothing_outside_the_site(request: pytest.FixtureR
         assert "plotly.min.js" not in (result.html_dir / plain).read_text(), plain
     assert (result.html_dir / "_static" / "plotly.min.js").is_file()
     assert (result.html_dir / "_static" / "mathjax" / "tex-chtml.js").is_file()
+
+
+def test_a_notebook_the_profile_cannot_run_gets_a_page_saying_why(tmp_path: Path) -> None:
+    root = _fake_repo(
+        tmp_path / "repo",
+        {"01_a": "open('a.txt', 'w').write('x')", "02_trains": "open('t.txt', 'w').write('x')"},
+    )
+    src = root / "notebooks" / "02_trains.py"
+    src.write_text(
+        src.read_text().replace("# ---\n\n", "#   saematch: {requires: [training_rows]}\n# ---\n\n", 1)
+    )
+    build = tmp_path / "build"
+    # `paper` loads pretrained SAEs: it keeps no training rows; `smoke` does.
+    res = build_book(BookConfig(root=root, build_dir=build, profile="paper", html=False))
+    assert dict(res.not_built) == {"02_trains": "training_rows"}
+    assert (build / "a.txt").exists() and not (build / "t.txt").exists()
+    page = json.loads((build / "executed" / "02_trains.ipynb").read_text())
+    text = json.dumps(page["cells"])
+    assert "A title" in text and "Not built on the `paper` profile" in text and "training_rows" in text
+    assert page["metadata"]["saematch"]["not_built"] == ["training_rows"]
+    again = build_book(BookConfig(root=root, build_dir=tmp_path / "b2", profile="smoke", html=False))
+    assert dict(again.not_built) == {} and (tmp_path / "b2" / "t.txt").exists()
+    # A requirement nobody provides is refused, naming the file, before anything runs.
+    src.write_text(src.read_text().replace("[training_rows]", "[gpu]"))
+    with pytest.raises(ValueError, match=r"02_trains\.py: header saematch\.requires: expected a list of"):
+        build_book(BookConfig(root=root, build_dir=tmp_path / "b3", html=False))
+    assert not (tmp_path / "b3" / "a.txt").exists()
+
+
+def test_every_notebook_declares_only_known_requirements() -> None:
+    declared = {p.stem: notebook_requires(p) for p in discover_notebooks(REPO / "notebooks")}
+    assert declared["07_strength"] == ("training_rows",)
+    assert all(set(r) <= set(REQUIREMENTS) for r in declared.values())
