@@ -48,6 +48,7 @@ from saematch_core.models import (
     run_suffix,
     suffix_reproduces,
     token_losses,
+    warn_if_emulated_bfloat16,
 )
 from saematch_core.profiles import SAETrainConfig
 from saematch_core.sae import SAE
@@ -359,6 +360,8 @@ class SAETrainer:
                 self.theta = column_quantile(pre, q).clamp_min(10 * _MIN_THETA).requires_grad_()
             groups.append({"params": [self.theta], "lr": config.lr * config.theta_lr_mult})
         self._gemm_dtype = getattr(torch, config.precision)
+        if config.precision == "bfloat16":
+            warn_if_emulated_bfloat16("SAETrainConfig.precision", mean.device)
         self.scratch = scratch
         if self.fast:
             for p in self._all_params():

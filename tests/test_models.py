@@ -213,3 +213,37 @@ def test_smollm2_fp32_copy_reloads_identically(
     ids = torch.tensor([smollm2.tokenizer.encode(PASSAGE)[:32]])
     torch.testing.assert_close(token_losses(again.model, ids), token_losses(smollm2.model, ids))
     assert again.tokenizer.encode(PASSAGE) == smollm2.tokenizer.encode(PASSAGE)
+
+
+def test_emulated_bfloat16_is_named_once_where_it_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from saematch_core import models
+    from saematch_core.profiles import SAETrainConfig
+    from saematch_core.train import train_sae
+
+    monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert not models.native_bfloat16("cpu")
+    with caplog.at_level(logging.WARNING, logger="saematch_core.models"):
+        cfg = SAETrainConfig(width=8, n_tokens=64, batch_size=32, init_l0=2.0, precision="bfloat16")
+        train_sae(torch.randn(128, 4), cfg, progress=False)
+        train_sae(torch.randn(128, 4), cfg, progress=False)
+        with models.forward_precision("bfloat16"):
+            pass
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2  # once per setting, however often it is used
+    assert "SAETrainConfig.precision='bfloat16' on a CPU without native bfloat16" in said[0]
+    assert said[1].startswith("forward_precision='bfloat16'") and all("'float32'" in m for m in said)
+    # With AMX nothing is said; float32 never asks.
+    monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="saematch_core.models"):
+        assert models.native_bfloat16("cpu") and not models.warn_if_emulated_bfloat16("forward_precision")
+        with models.forward_precision("float32"):
+            pass
+    assert caplog.records == []
