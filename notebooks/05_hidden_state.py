@@ -266,8 +266,10 @@ Markdown(
     '**What this shows.** The paper blames the weak early layers on L0 "bumps" between neighbouring '
     "SAEs. Each point is a layer; the Spearman correlation over layers of the L0 jump from the previous "
     f"layer's SAE and SAE Match's explained variance is {rank_correlation(bumps, ev_folded.tolist()):+.2f} "
-    f"({corpus0}). The paper's test (retraining SAEs at their neighbours' L0) needs SAEs this section "
-    "does not train; until a section retrains them the table records the claim as not measured.\n\n"
+    f"({corpus0}). The paper's test, retraining SAEs at their neighbours' L0, is section 6's "
+    "(Fig. 15 analogue): it records the claim in the reproduction table, replacing the placeholder "
+    "below wherever section 6 has run."
+    + "\n\n"
     + finding_markdown(l0_finding)
 )
 
