@@ -268,9 +268,7 @@ Markdown(
     f"layer's SAE and SAE Match's explained variance is {rank_correlation(bumps, ev_folded.tolist()):+.2f} "
     f"({corpus0}). The paper's test, retraining SAEs at their neighbours' L0, is section 6's "
     "(Fig. 15 analogue): it records the claim in the reproduction table, replacing the placeholder "
-    "below wherever section 6 has run."
-    + "\n\n"
-    + finding_markdown(l0_finding)
+    "below wherever section 6 has run." + "\n\n" + finding_markdown(l0_finding)
 )
 
 # %% [markdown]
