@@ -66,7 +66,8 @@ def test_scan_pairs_agrees_with_the_three_pass_reference() -> None:
         torch.testing.assert_close(scan.col_cost, cv, atol=1e-5, rtol=0)
         ref = link_vectors(va, vb, ("W_enc", "W_dec", "b_enc"), metric=metric, threshold=0.8)
         assert torch.equal(scan.links.links, ref.links) and scan.links.links.shape[0] > 0
-        torch.testing.assert_close(scan.links.statistic, ref.statistic)
+        # One pass and chunks sum the same float32 products in orders that depend on the CPU's SIMD width.
+        torch.testing.assert_close(scan.links.statistic, ref.statistic, rtol=1e-6, atol=1e-6)
 
 
 def test_report_round_trips_through_json(tmp_path: Path) -> None:
