@@ -20,8 +20,8 @@
 # The second half is the paper's Fig. 15: does a mismatch of L0 between neighbouring SAEs predict
 # where matching fails, and does retraining an SAE at its neighbour's L0 help?
 # Runtime: a minute on `smoke`; on `default` with these parameters 7.6 minutes cold on 2 cores
-# (measured 2026-12-07) (`stride = 3` with 512 tokens per corpus, 10 pairs, takes 20–30 minutes: the shallowest
-# pair alone took 210 s of CPU time). Every layer pair, matching and retrained SAE is cached, so a
+# (measured 2026-12-07; `stride = 3` with 512 tokens per corpus, 10 pairs, was estimated at 20–30
+# minutes: its shallowest pair alone took 210 s of CPU time). Every layer pair, matching and retrained SAE is cached, so a
 # rerun takes seconds; `stride` and `tokens_per_corpus` bound the cost.
 
 # %% tags=["parameters"]
