@@ -34,14 +34,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from saematch_core._book_params import check_overrides, notebook_parameters, parameters_cell
 from saematch_core.cache import atomic_write_text
-from saematch_core.profiles import PROFILE_NAMES, get_profile
+from saematch_core.profiles import PROFILE_NAMES, Profile, get_profile
 
 __all__ = [
     "PLOTLY_JS",
@@ -49,6 +49,7 @@ __all__ = [
     "BookBuildError",
     "BookConfig",
     "BookResult",
+    "Requirement",
     "build_book",
     "build_html",
     "convert_notebook",
@@ -249,17 +250,23 @@ def convert_notebook(source: str | os.PathLike[str], target: str | os.PathLike[s
     return dst
 
 
-REQUIREMENTS: Mapping[str, str] = {
-    "training_rows": "the stored training activations of every layer, to train more SAEs on",
+class Requirement(NamedTuple):
+    """Something a notebook may need of the build profile."""
+
+    meaning: str
+    """What it is, as the page of a notebook that was not built says."""
+    met: Callable[[Profile], bool]
+    """Whether a profile provides it."""
+
+
+REQUIREMENTS: Mapping[str, Requirement] = {
+    "training_rows": Requirement(
+        "the stored training activations of every layer, to train more SAEs on",
+        lambda profile: profile.keeps_training_rows,
+    ),
 }
-"""What a notebook may require of the build profile, with what each means (see
+"""What a notebook may require of the build profile, by the name its header uses (see
 :func:`notebook_requires`)."""
-
-
-def _provides(profile_name: str, requirement: str) -> bool:
-    if requirement == "training_rows":
-        return get_profile(profile_name).keeps_training_rows
-    raise ValueError(f"requirement: expected one of {sorted(REQUIREMENTS)}, got {requirement!r}")
 
 
 def notebook_requires(source: str | os.PathLike[str]) -> tuple[str, ...]:
@@ -291,7 +298,7 @@ def _write_not_built(notebook: Path, output: Path, profile: str, missing: Sequen
     nb = nbformat.read(notebook, as_version=4)
     first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), None)
     nb.cells = [] if first is None else [nb.cells[first]]
-    needs = "; ".join(f"`{r}`: {REQUIREMENTS[r]}" for r in missing)
+    needs = "; ".join(f"`{r}`: {REQUIREMENTS[r].meaning}" for r in missing)
     nb.cells.append(
         nbformat.v4.new_markdown_cell(
             f"**Not built on the `{profile}` profile.** This section needs {needs}, which this profile "
@@ -585,7 +592,8 @@ def build_book(config: BookConfig | None = None) -> BookResult:
         defaults += [p for p in sources if p.stem.startswith(SUMMARY_PREFIX) and p not in defaults]
     to_run = [p for p in sources if p in defaults or p in overridden]
 
-    missing = {p: [r for r in notebook_requires(p) if not _provides(cfg.profile, r)] for p in sources}
+    profile = get_profile(cfg.profile)
+    missing = {p: [r for r in notebook_requires(p) if not REQUIREMENTS[r].met(profile)] for p in sources}
     converted = {p: convert_notebook(p, build_dir / "notebooks" / f"{p.stem}.ipynb") for p in to_run}
     bench: Path | None = None
     ran: list[Path] = []
