@@ -471,11 +471,12 @@ assert all(r.method != "databased" or r.recovered == 1.0 for r in reference.rows
 # Other tools match SAE features differently: exact one-to-one assignment on decoder cosine
 # (seed-reproducibility studies), each feature's top-1 cosine partner (Feature Flow, Neuronpedia),
 # or entropic optimal transport on cosine cost (Sinkhorn, read out as each feature's heaviest
-# partner). Here all four match every consecutive layer pair of the substrate, and each matching is
-# scored on the data: the Matching Score, how often the partner fires when the feature fires, on the
-# evaluation tokens. Greedy top-1 and Sinkhorn's read-out may give one feature of layer t+1 to
-# several features of layer t; SAE Match and exact cosine never do. On `default`: 29 layer pairs
-# at width 2048, about 10 s of CPU per pair for the four matchings and their scores (cached).
+# partner). Here all four match the layer pairs of this section (`n_pairs`, spread over the depth),
+# and each matching is scored on the data: the Matching Score, how often the partner fires when the
+# feature fires, on the evaluation tokens. Greedy top-1 and Sinkhorn's read-out may give one feature
+# of layer t+1 to several features of layer t; SAE Match and exact cosine never do. On `default`, at
+# width 2048, each pair costs about 10 s of CPU for the four matchings and their scores (cached), so
+# `n_pairs = None` (all 29 pairs) adds about three minutes.
 
 # %%
 from IPython.display import Markdown
@@ -490,11 +491,10 @@ labels = {
     "greedy": "greedy top-1 cosine",
     "sinkhorn": "Sinkhorn",
 }
-all_pairs = study.inputs()
-by_matcher = matcher_scores_by_layer(all_pairs)
+by_matcher = matcher_scores_by_layer(inputs)
 for result in by_matcher:
     result.to_json(out / f"matchers_{result.layer_a:02d}_{result.layer_b:02d}.json")
-compared = matcher_scores_summary(all_pairs, by_matcher)
+compared = matcher_scores_summary(inputs, by_matcher)
 show(
     matcher_scores(
         compared.layers,
@@ -522,4 +522,4 @@ glue("matchers_best_share", 100 * compared.partner_share[compared.best], display
 # partners: how far a matcher stays above it is what it finds beyond chance.
 
 # %%
-assert len(by_matcher) == len(study.pairs) and set(compared.wins) == set(compared.matchers)
+assert len(by_matcher) == len(pairs) and set(compared.wins) == set(compared.matchers)

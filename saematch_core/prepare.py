@@ -85,7 +85,7 @@ class SAERecord:
     quality: SAEQuality
     """L0, FVU, dead fraction and ΔL on held-out tokens."""
     train_seconds: float | None = None
-    """Training wall time (None for downloaded SAEs)."""
+    """Training wall time (None for downloaded SAEs, and for a copy of an identical job's SAE)."""
 
     def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
         """JSON-ready; ``path`` relative to ``relative_to`` when given (so a cache folder can move)."""
@@ -570,6 +570,19 @@ def prepare(
                 "n/a" if quality.delta_loss is None else f"{quality.delta_loss:.3f}",
             )
 
+        # A job whose layer and recipe equal an earlier one's (the sweep's λ equal to the main λ) would
+        # train the same SAE again from the same seed and rows: it gets a copy instead.
+        first: dict[tuple[int, str], int] = {}
+        twins: dict[int, int] = {}
+        for index, job in enumerate(jobs):
+            if job.config is not None:
+                spec = (job.layer, json.dumps(_config_spec(job.config), sort_keys=True))
+                if spec not in first:
+                    first[spec] = index
+                elif index in pending:
+                    twins[index] = first[spec]
+        pending = [i for i in pending if i not in twins]
+
         t = time.perf_counter()
         streamed = [] if on_disk else [i for i in pending if jobs[i].config is not None]
         if streamed:
@@ -591,6 +604,16 @@ def prepare(
                 rows(job.layer), job.config, progress=progress, desc=f"L{job.layer}", meta=meta
             )
             finish(index, result.sae, result.seconds, _train_extra(result))
+        for index, source in twins.items():
+            original = records[source]
+            assert original is not None  # trained, streamed or cached above
+            side = _read_sidecar(original.path) or {}
+            extra = {k: v for k, v in side.items() if k not in ("key", "record")}
+            extra["same_as"] = original.path.relative_to(folder).as_posix()
+            job = jobs[index]
+            copy = load_sae(original.path, dtype=torch.float32)
+            meta = {**copy.meta, "family": job.family, "setting": job.setting}
+            finish(index, dataclasses.replace(copy, meta=meta), None, extra)
         timings["saes"] = time.perf_counter() - t
         seconds = time.perf_counter() - t0
         done = [r for r in records if r is not None]

@@ -64,8 +64,7 @@ def test_prepare_builds_caches_and_reuses_them(
     result = prepare(profile, cache_dir=tmp_path, progress=False)
     # Trained layer by layer: each layer's training rows are read once (plus once per SAE for the
     # evaluation rows), and the records still come in job order.
-    n_train = len([r for r in result.records if r.train_seconds is not None])
-    assert len(reads) == len(set(r.layer for r in result.records)) + n_train
+    assert len(reads) == len(set(r.layer for r in result.records)) + len(result.records)
     assert [(r.family, r.layer) for r in result.records] == [(j.family, j.layer) for j in _jobs(profile)]
     assert not result.cached and result.folder == tmp_path / "smoke"
     assert [r.family for r in result.records].count("main") == 4
@@ -85,7 +84,15 @@ def test_prepare_builds_caches_and_reuses_them(
         q = record.quality
         assert q.n_tokens > 0 and 0 <= q.dead_fraction <= 1 and np.isfinite(q.fvu)
         assert q.delta_loss is not None and np.isfinite(q.delta_loss)
-        assert sae.meta["layer"] == record.layer
+        assert sae.meta["layer"] == record.layer and sae.meta["family"] == record.family
+    # The sweep's λ equal to the main λ (0.05) is the main SAE itself: copied, not trained again.
+    for layer in (1, 2):
+        twin = result.sweep()[(layer, "l0_coef=0.05")]
+        side = json.loads(twin.with_suffix(".json").read_text())
+        assert side["same_as"] == f"saes/layer_{layer:02d}.safetensors"
+        assert torch.equal(load_sae(twin).W_dec, load_sae(result.saes()[layer]).W_dec)
+    copies = [r for r in result.records if r.train_seconds is None]
+    assert [(r.family, r.layer) for r in copies] == [("sweep", 1), ("sweep", 2)]
     manifest = json.loads((result.folder / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["records"]) == len(result.records)
     assert (result.folder / "activations" / "train" / "manifest.json").is_file()
@@ -133,7 +140,7 @@ def test_prepare_resumes_per_sae(toy_corpora: None, tmp_path: Path, monkeypatch:
     changed = dataclasses.replace(profile, sae=dataclasses.replace(profile.sae, width=24))
     trained.clear()
     prepare(changed, cache_dir=tmp_path, progress=False)
-    assert len(trained) == 4 + 2 * 2 + 2 * 2 + 1
+    assert len(trained) == 4 + 2 * 2 + 2 * 2 + 1 - 2  # the two sweep twins of main SAEs are copied
 
 
 def test_second_prepare_waits_for_the_first(
@@ -202,7 +209,8 @@ def test_stream_mode_prepares_without_a_training_cache(
     monkeypatch.setattr(prepare_module, "train_streamed", counting_stream)
     monkeypatch.setattr(prepare_module, "train_sae", None)  # nothing is trained from disk
     result = prepare(profile, cache_dir=tmp_path, progress=False)
-    assert streamed == [len(result.records)] == [4 + 2 * 2 + 2 * 2 + 1]  # one stream for every SAE
+    # one stream for every SAE but the two sweep twins of main SAEs, which are copies
+    assert streamed == [len(result.records) - 2] == [4 + 2 * 2 + 2 * 2 + 1 - 2]
     assert set(result.activation_folders) == {"eval"}
     assert not (result.folder / "activations" / "train").exists()
     assert not list((result.folder / "saes").glob("stream-checkpoint*"))  # removed once done
@@ -211,7 +219,8 @@ def test_stream_mode_prepares_without_a_training_cache(
     for record in result.records:
         q = record.quality
         assert np.isfinite(q.fvu) and q.delta_loss is not None and np.isfinite(q.delta_loss)
-        assert record.train_seconds is not None and load_sae(record.path).meta["family"] == record.family
+        assert (record.train_seconds is None) == (record.family == "sweep" and "0.05" in record.setting)
+        assert load_sae(record.path).meta["family"] == record.family
     assert prepare(profile, cache_dir=tmp_path, progress=False).cached
     # A lost SAE is retrained alone: the stream runs for the missing one only.
     sae_file(result.folder, "relu", 2).unlink()
