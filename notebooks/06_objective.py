@@ -228,7 +228,8 @@ if mismatch.retrained:
                 f"{r.target_l0:.1f}",
                 f"{r.l0_before:.1f} → {r.l0_after:.1f}",
                 f"{r.coef_before:.3g} → {r.coef_after:.3g}",
-                f"{r.ev_before:.3f} → {r.ev_after:.3f} ({r.ev_control:.3f})",
+                f"{r.ev_before:.3f} → {r.ev_after:.3f}"
+                + (f" ({r.ev_control:.3f})" if np.isfinite(r.ev_control) else ""),
                 f"{r.score_before:.3f} → {r.score_after:.3f}",
             )
             for r in mismatch.retrained
@@ -249,6 +250,7 @@ lab = result.labels
 p0 = result.pairs[len(result.pairs) // 2]
 dominant = max(objective.BLOCKS, key=lambda b: p0.row(first).terms[f"{b}_random"])
 gains = neighbours["ev_gain"]
+controls = [r for r in mismatch.retrained if np.isfinite(r.ev_control)]
 display(
     Markdown(
         f"**Conclusion.** Over {len(result.pairs)} layer pairs, the objective with the highest mean explained "
@@ -278,10 +280,10 @@ display(
             + ")"
         )
         + (
-            " (retraining at its own λ: "
-            + ", ".join(f"{r.ev_control - r.ev_before:+.3f}" for r in mismatch.retrained)
+            " (retraining at its own λ, the control: "
+            + ", ".join(f"{r.ev_control - r.ev_before:+.3f} at {r.layer_a}→{r.layer_b}" for r in controls)
             + ")."
-            if mismatch.retrained
+            if controls
             else "."
         )
     )

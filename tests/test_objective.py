@@ -262,9 +262,13 @@ def test_the_notebook_computation_on_the_smoke_profile(tmp_path: Path) -> None:
     picked = objective.pick_retrain_pairs(
         objective.l0_mismatch(inputs, replace(cfg, n_retrain=0)).rows, cfg, 4
     )
-    mismatch = objective.l0_mismatch(inputs, cfg, train_acts=study.train_activations())
-    (row,) = mismatch.retrained
-    assert (row.layer_a, row.layer_b) == picked[0]
+    other = next(p for p in study.pairs if p != picked[0])
+    mismatch = objective.l0_mismatch(
+        inputs, replace(cfg, retrain_pairs=(picked[0], other)), train_acts=study.train_activations()
+    )
+    row, second = mismatch.retrained
+    assert (row.layer_a, row.layer_b) == picked[0] and (second.layer_a, second.layer_b) == other
     # retraining with the original recipe and seed reproduces the original SAE (and its EV)
     assert row.ev_control == pytest.approx(row.ev_before, abs=1e-6)
+    assert math.isnan(second.ev_control)  # n_control = 1: only the first retrained pair has one
     assert set(mismatch.l0_neighbours()) == {"rho_mismatch_score", "rho_mismatch_ev", "ev_gain"}

@@ -716,9 +716,11 @@ class L0MismatchConfig:
     """Stop once the retrained SAE's L0 is within this relative distance of the target."""
     max_tries: int = 3
     """Trainings per retrained pair at most (the closest L0 is kept)."""
-    control: bool = True
-    """Also retrain SAE ``t`` at its own λ (same seed, same code path): the EV change of pure
-    retraining, against which the L0 effect is read."""
+    n_control: int = 1
+    """At the first this-many retrained pairs, also retrain SAE ``t`` at its own λ (same seed, same
+    code path): the EV change of pure retraining, against which the L0 effect is read. Training is
+    deterministic, so one pair shows whether the retraining path reproduces the original SAE; each
+    control costs one more training."""
     n_null: int = 0
     """Random matchings for the Matching Score's chance level (not needed for the correlations)."""
     batch_size: int = 8
@@ -735,6 +737,7 @@ class L0MismatchConfig:
         _check_int("L0MismatchConfig", "n_retrain", self.n_retrain, 0)
         _check_int("L0MismatchConfig", "max_tries", self.max_tries, 1)
         _check_int("L0MismatchConfig", "n_null", self.n_null, 0)
+        _check_int("L0MismatchConfig", "n_control", self.n_control, 0)
         if self.retrain_pairs is not None:
             try:
                 pairs = tuple((int(x), int(y)) for x, y in self.retrain_pairs)
@@ -756,8 +759,6 @@ class L0MismatchConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"L0MismatchConfig.{name}: expected a number > 0, got {value!r}")
-        if not isinstance(self.control, bool):
-            raise TypeError(f"L0MismatchConfig.control: expected a bool, got {self.control!r}")
         norms = _check_eval("L0MismatchConfig", self.batch_size, self.outlier_factor, self.median_norms)
         object.__setattr__(self, "median_norms", norms)
 
@@ -799,7 +800,8 @@ class RetrainRow:
     """EV of the approximation with the original SAE ``t``."""
     ev_after: float
     ev_control: float
-    """EV with SAE ``t`` retrained at its own λ (``nan`` without ``control``)."""
+    """EV with SAE ``t`` retrained at its own λ (``nan`` where the pair has no control: see
+    :attr:`L0MismatchConfig.n_control`)."""
     score_before: float
     """Matching Score with the original SAE ``t``."""
     score_after: float
@@ -959,7 +961,8 @@ def l0_mismatch(
         retrain = []
     by_pair = {(r.layer_a, r.layer_b): r for r in rows}
     retrained = []
-    for la, lb in retrain:
+    for index, (la, lb) in enumerate(retrain):
+        control = index < cfg.n_control
         before = by_pair.get((la, lb))
         if before is None:
             before = _mismatch_row(
@@ -983,13 +986,14 @@ def l0_mismatch(
             ),
             "train_rows": tensor_digest(np.asarray(train_acts[lb])),
             "retrain": {k: v for k, v in _config_dict(cfg).items() if k in _RETRAIN_KEYS},
+            "control": control,
         }
         rows_lb = train_acts[lb]
         found = load_or_compute(
             RetrainResult,
             spec,
-            lambda la=la, lb=lb, before=before, rows_lb=rows_lb: RetrainResult(
-                row=_retrain_pair(inputs, cfg, la, lb, before, evaluate, rows_lb)
+            lambda la=la, lb=lb, before=before, rows_lb=rows_lb, control=control: RetrainResult(
+                row=_retrain_pair(inputs, cfg, la, lb, before, evaluate, rows_lb, control=control)
             ),
             cache_dir=inputs.cache_dir,
             force=inputs.force,
@@ -998,7 +1002,7 @@ def l0_mismatch(
     return L0MismatchResult(rows=rows, retrained=tuple(retrained))
 
 
-_RETRAIN_KEYS = ("objective", "train", "l0_exponent", "l0_tolerance", "max_tries", "control", "n_null")
+_RETRAIN_KEYS = ("objective", "train", "l0_exponent", "l0_tolerance", "max_tries", "n_null")
 
 
 def _layer_l0(inputs: Inputs, layer: int) -> float:
@@ -1044,7 +1048,7 @@ def _config_dict(cfg: L0MismatchConfig) -> dict[str, Any]:
         "l0_exponent": cfg.l0_exponent,
         "l0_tolerance": cfg.l0_tolerance,
         "max_tries": cfg.max_tries,
-        "control": cfg.control,
+        "n_control": cfg.n_control,
         "n_null": cfg.n_null,
         "batch_size": cfg.batch_size,
         "outlier_factor": cfg.outlier_factor,
@@ -1087,8 +1091,11 @@ def _retrain_pair(
     before: MismatchRow,
     evaluate: Callable[[int, int, SAE | None], ObjectivePairResult],
     train_rows: ArrayLike,
+    *,
+    control: bool,
 ) -> RetrainRow:
-    """Retrain SAE ``lb`` at SAE ``la``'s L0 (``before.l0_a``) and measure the pair again."""
+    """Retrain SAE ``lb`` at SAE ``la``'s L0 (``before.l0_a``) and measure the pair again; with
+    ``control``, also at its own λ."""
     if cfg.train is None:
         raise ValueError("L0MismatchConfig.train: the SAEs' training recipe is required to retrain")
     rows = torch.as_tensor(np.asarray(train_rows, dtype=np.float32))
@@ -1118,7 +1125,7 @@ def _retrain_pair(
     assert best is not None  # max_tries >= 1
     after = evaluate(la, lb, best[0]).row(cfg.objective.name)
     ev_control = math.nan
-    if cfg.control:
+    if control:
         ev_control = evaluate(la, lb, train(recipe.l0_coef)[0]).row(cfg.objective.name).explained_variance
     return RetrainRow(
         layer_a=la,
