@@ -19,9 +19,10 @@
 # The per-term distances of matched pairs against random pairs show *why* an objective wins.
 # The second half is the paper's Fig. 15: does a mismatch of L0 between neighbouring SAEs predict
 # where matching fails, and does retraining an SAE at its neighbour's L0 help?
-# Runtime: a minute on `smoke`; on `default` with these parameters 7.6 minutes cold on 2 cores
-# (measured 2026-12-07; `stride = 3` with 512 tokens per corpus, 10 pairs, was estimated at 20–30
-# minutes: its shallowest pair alone took 210 s of CPU time). Every layer pair, matching and retrained SAE is cached, so a
+# Runtime: a minute on `smoke`; on `default` with these parameters 4.2 minutes cold on a 2-core Xeon
+# (measured 2026-12-07; 7.6 on a 2-core AMD EPYC while every retrained pair also had a control;
+# `stride = 3` with 512 tokens per corpus, 10 pairs, was estimated at 20–30 minutes: its shallowest
+# pair alone took 210 s of CPU time). Every layer pair, matching and retrained SAE is cached, so a
 # rerun takes seconds; `stride` and `tokens_per_corpus` bound the cost.
 
 # %% tags=["parameters"]

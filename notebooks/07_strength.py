@@ -29,7 +29,8 @@
 # trained at every budget, and features are followed through them as in section 4.
 #
 # Left out: budgets beyond one epoch over the stored activations.
-# Runtime: a minute on `smoke`; on `default` 7.3 minutes cold on 2 cores (measured 2026-12-07: 33
+# Runtime: a minute on `smoke`; on `default` 5.5 minutes cold on a 2-core Xeon, 7.3 on a 2-core AMD
+# EPYC (measured 2026-12-07: 33
 # SAEs of at most 25,000 tokens and 18 measured rows, then 28 more SAEs and 5 persistence runs for
 # the persistence arm; every SAE and every result is cached, so a rerun takes seconds). The measures
 # use 4,096 evaluation rows (`max_eval_rows`), so the dead fraction counts features never active on
