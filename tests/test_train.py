@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saematch_core import models, train
-from saematch_core.models import load_model, replace_residual, token_losses
+from saematch_core.models import load_model, native_bfloat16, replace_residual, token_losses
 from saematch_core.profiles import SAETrainConfig, get_profile
 from saematch_core.train import (
     DeltaLoss,
@@ -78,9 +78,7 @@ def test_planted_dictionary_is_recovered(activation: str, overrides: dict[str, f
     )
     result = train_sae(x, config, progress=False)
     cos = _best_cosines(result.sae.W_dec, dictionary)
-    # Where bfloat16 is emulated (AVX2, no AMX / AVX512-BF16) its products round differently: there
-    # 91 of 96 atoms reach cosine > 0.9 (mean 0.985), against all of them with AMX or in float32.
-    assert float((cos > 0.9).float().mean()) >= 0.9 and float(cos.mean()) > 0.97
+    assert float((cos > 0.9).float().mean()) >= 0.95 and float(cos.mean()) > 0.97
     held_out = sae_quality(result.sae, _planted(n=2048, seed=1)[0])
     if activation != "relu":  # L1 shrinks codes and leaves small extra activations; its L0 runs higher
         assert 3.5 <= held_out.l0 <= 4.5
@@ -318,7 +316,8 @@ def test_bfloat16_training_recovers_the_planted_dictionary() -> None:
     cos = _best_cosines(result.sae.W_dec, dictionary)
     # Where bfloat16 is emulated (AVX2, no AMX / AVX512-BF16) its products round differently: there
     # 91 of 96 atoms reach cosine > 0.9 (mean 0.985), against all of them with AMX or in float32.
-    assert float((cos > 0.9).float().mean()) >= 0.9 and float(cos.mean()) > 0.97
+    recovered = 0.95 if native_bfloat16("cpu") else 0.9
+    assert float((cos > 0.9).float().mean()) >= recovered and float(cos.mean()) > 0.97
     held_out = sae_quality(result.sae, _planted(n=2048, seed=1)[0])
     assert 3.5 <= held_out.l0 <= 4.5 and held_out.fvu < 0.1
     assert result.sae.W_dec.dtype == torch.float32
