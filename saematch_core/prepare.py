@@ -209,6 +209,21 @@ def _jobs(profile: Profile) -> list[_Job]:
     return jobs
 
 
+def _twins(jobs: list[_Job]) -> dict[int, int]:
+    """Job index → index of the first job with the same layer and training recipe (the sweep's λ equal
+    to the main λ): it would train the same SAE again from the same seed and rows, so it gets a copy."""
+    first: dict[tuple[int, str], int] = {}
+    twins: dict[int, int] = {}
+    for index, job in enumerate(jobs):
+        if job.config is not None:
+            key = (job.layer, json.dumps(_config_spec(job.config), sort_keys=True))
+            if key in first:
+                twins[index] = first[key]
+            else:
+                first[key] = index
+    return twins
+
+
 def _data_spec(profile: Profile, split: Split) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "kind": "activations",
@@ -570,17 +585,7 @@ def prepare(
                 "n/a" if quality.delta_loss is None else f"{quality.delta_loss:.3f}",
             )
 
-        # A job whose layer and recipe equal an earlier one's (the sweep's λ equal to the main λ) would
-        # train the same SAE again from the same seed and rows: it gets a copy instead.
-        first: dict[tuple[int, str], int] = {}
-        twins: dict[int, int] = {}
-        for index, job in enumerate(jobs):
-            if job.config is not None:
-                spec = (job.layer, json.dumps(_config_spec(job.config), sort_keys=True))
-                if spec not in first:
-                    first[spec] = index
-                elif index in pending:
-                    twins[index] = first[spec]
+        twins = {i: source for i, source in _twins(jobs).items() if i in pending}
         pending = [i for i in pending if i not in twins]
 
         t = time.perf_counter()

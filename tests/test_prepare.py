@@ -20,7 +20,7 @@ from saematch_core import prepare as prepare_module
 from saematch_core.cache import folder_lock
 from saematch_core.data import Document, corpus_chunks
 from saematch_core.formats import load_sae
-from saematch_core.prepare import _fetch_pretrained, _jobs, prepare, sae_file
+from saematch_core.prepare import _fetch_pretrained, _jobs, _twins, prepare, sae_file
 from saematch_core.profiles import Profile, get_profile
 
 
@@ -428,6 +428,14 @@ def test_every_trained_layer_gets_its_own_seed() -> None:
     main = {job.config.seed for job in jobs if job.family == "main" and job.config is not None}
     second = {job.config.seed for job in jobs if job.family == "seed" and job.config is not None}
     assert second and not second & main, "a seed-control SAE must not repeat any main SAE's seed"
+
+
+def test_only_a_sweep_setting_equal_to_the_main_recipe_is_a_twin() -> None:
+    jobs = _jobs(get_profile("default"))
+    twins = {(jobs[i].family, jobs[i].layer, jobs[i].setting): jobs[j] for i, j in _twins(jobs).items()}
+    assert set(twins) == {("sweep", 14, "l0_coef=0.3"), ("sweep", 15, "l0_coef=0.3")}
+    assert all(job.family == "main" and job.config is not None for job in twins.values())
+    assert [job.layer for job in twins.values()] == [14, 15]
 
 
 def test_hub_listing_falls_back_to_the_local_cache_when_the_hub_fails(
