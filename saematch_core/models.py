@@ -150,8 +150,9 @@ def _hidden(output: Any) -> Tensor:
 def native_bfloat16(device: torch.device | str = "cpu") -> bool:
     """True when ``device`` multiplies bfloat16 matrices in hardware: a CUDA device that supports
     bfloat16, or a CPU with AMX or AVX512-BF16. Elsewhere bfloat16 is emulated, and far slower than
-    float32 (on a 2-core AVX2 CPU, 2026-12-07: an SAE step 48×, a SmolLM2 forward pass 5×). Native is
-    not faster: on 2 cores with AVX512-BF16 and no AMX, bfloat16 ran at float32's speed."""
+    float32 (on a 2-core AVX2 CPU, 2026-12-07: an SAE step 48×, a SmolLM2 forward pass 5×). Native need
+    not be faster: with AVX512-BF16 and no AMX (2 cores, ``benchmarks/substrate.py``), bfloat16 forward
+    passes ran 2× and SAE steps 1.2× slower than float32."""
     kind = torch.device(device).type
     if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
